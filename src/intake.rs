@@ -1,0 +1,103 @@
+//! Intake: turns requests on `<prefix>.add.<target>` into [`StoreCommand::Add`]s.
+//!
+//! Malformed requests are answered here at once and never reach the store. Well-formed ones are
+//! handed to the committer, which acknowledges them after they are durable. The committer's queue
+//! is bounded, so a flood of requests slows intake down instead of growing memory.
+
+use async_nats::{Client, Message, Subscriber};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::committer::StoreCommand;
+use crate::protocol::{self, AddLimits, ApiError};
+use crate::replies;
+use crate::time;
+
+/// Subscriptions of the intake, made before the daemon reports itself ready.
+pub struct Intake {
+    client: Client,
+    /// `<prefix>.add.`: stripped from a request's subject to leave its target.
+    add_prefix: String,
+    limits: AddLimits,
+    adds: Subscriber,
+    /// `<prefix>.add` with no target: only ever answered with an error.
+    bare: Subscriber,
+}
+
+impl Intake {
+    pub async fn subscribe(
+        client: Client,
+        prefix: &str,
+        limits: AddLimits,
+    ) -> Result<Intake, async_nats::SubscribeError> {
+        let adds = client.subscribe(format!("{prefix}.add.>")).await?;
+        let bare = client.subscribe(format!("{prefix}.add")).await?;
+        Ok(Intake {
+            client,
+            add_prefix: format!("{prefix}.add."),
+            limits,
+            adds,
+            bare,
+        })
+    }
+
+    /// Serves requests until `shutdown`; then unsubscribes and still serves what the server had
+    /// already delivered, so no request that reached natsched goes unanswered.
+    pub async fn run(
+        mut self,
+        store: tokio::sync::mpsc::Sender<StoreCommand>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(message) = self.adds.next() => self.handle(message, &store).await,
+                Some(message) = self.bare.next() => {
+                    self.refuse(message, ApiError::bad_request("empty target subject")).await;
+                }
+                else => break,
+            }
+        }
+        let _ = self.bare.unsubscribe().await;
+        if self.adds.drain().await.is_ok() {
+            while let Some(message) = self.adds.next().await {
+                self.handle(message, &store).await;
+            }
+        }
+    }
+
+    async fn handle(&self, message: Message, store: &tokio::sync::mpsc::Sender<StoreCommand>) {
+        let target = message
+            .subject
+            .strip_prefix(self.add_prefix.as_str())
+            .unwrap_or_default();
+        let parsed = protocol::parse_add(
+            target,
+            message.headers.as_ref(),
+            message.payload.clone(),
+            time::now_ms(),
+            self.limits,
+        );
+        match parsed {
+            Ok(schedule) => {
+                let add = StoreCommand::Add {
+                    schedule,
+                    reply: message.reply,
+                };
+                if store.send(add).await.is_err() {
+                    tracing::error!("store writer is gone; request dropped unacknowledged");
+                }
+            }
+            Err(error) => {
+                tracing::debug!(subject = %message.subject, %error, "refused schedule request");
+                self.refuse(message, error).await;
+            }
+        }
+    }
+
+    async fn refuse(&self, message: Message, error: ApiError) {
+        if let Some(reply) = message.reply {
+            replies::send_error(&self.client, reply, &error).await;
+        }
+    }
+}

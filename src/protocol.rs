@@ -1,0 +1,280 @@
+//! Wire protocol v1: how a NATS message becomes a [`Schedule`], and what natsched replies.
+//!
+//! This is a public contract (documented in the README); change it only compatibly.
+//!
+//! A schedule request is a message on `<prefix>.add.<target subject>` with exactly one of
+//! [`AT`] (RFC 3339 instant) or [`DELAY`] (humantime duration or bare milliseconds), an optional
+//! [`ID`], and any other headers plus the payload, which are delivered verbatim. Header names
+//! beginning with `Sched-` (any case) are natsched's: an unknown one is refused, so a typo such as
+//! `Sched-Dealy` cannot silently turn into a forwarded header.
+//!
+//! A successful request is answered, once durable, with `{"id":"…","due":"…"}`; a failed one with
+//! the NATS micro-service error convention ([`ApiError`]).
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use jiff::Timestamp;
+use serde::Serialize;
+
+use crate::record::{Delivery, Schedule};
+use crate::time::{self, UnixMs};
+
+/// Absolute due instant, RFC 3339 with any offset, e.g. `2026-11-24T18:00:00.250Z`.
+pub const AT: &str = "Sched-At";
+/// Due relative to receipt: `15m`, `1h30m`, `250ms`, or a bare integer of milliseconds.
+pub const DELAY: &str = "Sched-Delay";
+/// The caller's key for the schedule; re-adding a pending id replaces it.
+pub const ID: &str = "Sched-Id";
+/// Added on delivery: the due instant in the reply's format.
+pub const DUE: &str = "Sched-Due";
+/// Names starting with this (case-insensitively) are reserved for natsched.
+pub const RESERVED_PREFIX: &str = "sched-";
+/// The error-code header of the NATS micro-service convention.
+pub const ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
+/// The error-text header of the NATS micro-service convention.
+pub const ERROR_HEADER: &str = "Nats-Service-Error";
+/// Longest accepted `Sched-Id`.
+pub const MAX_ID_LEN: usize = 128;
+
+/// An error reply: an HTTP-like code and a human-readable description.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code} {description}")]
+pub struct ApiError {
+    pub code: u16,
+    pub description: String,
+}
+
+impl ApiError {
+    /// 400: the request is malformed.
+    pub fn bad_request(description: impl Into<String>) -> ApiError {
+        ApiError {
+            code: 400,
+            description: description.into(),
+        }
+    }
+
+    /// 413: the payload exceeds `api.max_payload`.
+    pub fn too_large(size: usize, max: usize) -> ApiError {
+        ApiError {
+            code: 413,
+            description: format!("payload of {size} bytes exceeds the limit of {max} bytes"),
+        }
+    }
+
+    /// 503: the store could not make the schedule durable.
+    pub fn unavailable(description: impl Into<String>) -> ApiError {
+        ApiError {
+            code: 503,
+            description: description.into(),
+        }
+    }
+
+    /// The reply headers of the micro-service convention.
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(ERROR_CODE_HEADER, self.code.to_string().as_str());
+        headers.insert(ERROR_HEADER, self.description.as_str());
+        headers
+    }
+
+    /// The reply body: `{"error":{"code":…,"description":"…"}}`.
+    pub fn body(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            code: u16,
+            description: &'a str,
+        }
+        let body = Body {
+            error: Inner {
+                code: self.code,
+                description: &self.description,
+            },
+        };
+        serde_json::to_vec(&body)
+            .expect("plain struct serializes")
+            .into()
+    }
+}
+
+/// The success reply to an add: `{"id":"…","due":"…"}`.
+pub fn add_reply(id: &str, due: UnixMs) -> Bytes {
+    #[derive(Serialize)]
+    struct Reply<'a> {
+        id: &'a str,
+        due: String,
+    }
+    let reply = Reply {
+        id,
+        due: time::format_ms(due),
+    };
+    serde_json::to_vec(&reply)
+        .expect("plain struct serializes")
+        .into()
+}
+
+/// Limits applied to add requests.
+#[derive(Debug, Clone, Copy)]
+pub struct AddLimits {
+    /// Largest accepted payload in bytes.
+    pub max_payload: usize,
+}
+
+/// Turns an add request for `target` (the subject after `<prefix>.add.`) into a schedule.
+///
+/// `now` is the receipt time that `Sched-Delay` counts from.
+pub fn parse_add(
+    target: &str,
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+    now: UnixMs,
+    limits: AddLimits,
+) -> Result<Schedule, ApiError> {
+    validate_target(target)?;
+    if payload.len() > limits.max_payload {
+        return Err(ApiError::too_large(payload.len(), limits.max_payload));
+    }
+    let mut at = None;
+    let mut delay = None;
+    let mut id = None;
+    let mut kept = Vec::new();
+    for (name, values) in headers.into_iter().flat_map(HeaderMap::iter) {
+        let name: &str = name.as_ref();
+        if !is_reserved(name) {
+            kept.extend(
+                values
+                    .iter()
+                    .map(|v| (name.to_owned(), v.as_str().to_owned())),
+            );
+            continue;
+        }
+        let slot = if name.eq_ignore_ascii_case(AT) {
+            &mut at
+        } else if name.eq_ignore_ascii_case(DELAY) {
+            &mut delay
+        } else if name.eq_ignore_ascii_case(ID) {
+            &mut id
+        } else {
+            return Err(ApiError::bad_request(format!(
+                "unknown header {name}: names starting with Sched- are reserved \
+                 (known: {AT}, {DELAY}, {ID})"
+            )));
+        };
+        match values.as_slice() {
+            [value] if slot.is_none() => *slot = Some(value.as_str()),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "{name} given more than once"
+                )));
+            }
+        }
+    }
+    // The map's name order is arbitrary; sorting makes what is stored (and delivered) stable.
+    // The sort is stable, so repeated values of one name keep their order.
+    kept.sort_by(|a, b| a.0.cmp(&b.0));
+
+    let due = match (at, delay) {
+        (Some(at), None) => parse_at(at)?,
+        (None, Some(delay)) => now.saturating_add(parse_delay(delay)?),
+        (None, None) => {
+            return Err(ApiError::bad_request(format!(
+                "missing {AT} or {DELAY} header"
+            )));
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(format!(
+                "give either {AT} or {DELAY}, not both"
+            )));
+        }
+    };
+    if due > time::MAX_MS {
+        return Err(ApiError::bad_request(format!(
+            "due time is after {}",
+            time::format_ms(time::MAX_MS)
+        )));
+    }
+    let id = match id {
+        Some(id) => validate_id(id)?.to_owned(),
+        None => ulid::Ulid::generate().to_string(),
+    };
+    Ok(Schedule {
+        id,
+        due,
+        subject: target.to_owned(),
+        headers: kept,
+        payload,
+        created: now,
+        delivery: Delivery::Core,
+        recurrence: None,
+    })
+}
+
+fn is_reserved(name: &str) -> bool {
+    name.len() >= RESERVED_PREFIX.len()
+        && name.as_bytes()[..RESERVED_PREFIX.len()].eq_ignore_ascii_case(RESERVED_PREFIX.as_bytes())
+}
+
+fn validate_target(target: &str) -> Result<(), ApiError> {
+    if target.is_empty() {
+        return Err(ApiError::bad_request("empty target subject"));
+    }
+    for token in target.split('.') {
+        match token {
+            "" => {
+                return Err(ApiError::bad_request(format!(
+                    "target subject {target:?} has an empty token"
+                )));
+            }
+            "*" | ">" => {
+                return Err(ApiError::bad_request(format!(
+                    "target subject {target:?} contains a wildcard"
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn validate_id(id: &str) -> Result<&str, ApiError> {
+    let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
+    if id.is_empty() || id.len() > MAX_ID_LEN || !id.chars().all(valid_char) {
+        return Err(ApiError::bad_request(format!(
+            "invalid {ID} {id:?}: use 1-{MAX_ID_LEN} characters of A-Z a-z 0-9 . _ : -"
+        )));
+    }
+    Ok(id)
+}
+
+fn parse_at(value: &str) -> Result<UnixMs, ApiError> {
+    let ts: Timestamp = value.trim().parse().map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid {AT} {value:?}: expected RFC 3339 such as 2026-11-24T18:00:00.250Z ({e})"
+        ))
+    })?;
+    Ok(time::timestamp_to_ms(ts))
+}
+
+fn parse_delay(value: &str) -> Result<UnixMs, ApiError> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return value
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("{DELAY} {value:?} is too large")));
+    }
+    let duration = humantime::parse_duration(value).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid {DELAY} {value:?}: expected e.g. 15m, 1h30m, 250ms or milliseconds ({e})"
+        ))
+    })?;
+    // Round up: a delay of 1.5 ms must not fire after 1 ms.
+    let ms = duration.as_nanos().div_ceil(1_000_000);
+    UnixMs::try_from(ms)
+        .map_err(|_| ApiError::bad_request(format!("{DELAY} {value:?} is too large")))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,156 @@
+use super::*;
+
+const NOW: UnixMs = 1_796_061_600_000;
+const LIMITS: AddLimits = AddLimits { max_payload: 16 };
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        map.append(*name, *value);
+    }
+    map
+}
+
+fn add(target: &str, pairs: &[(&str, &str)]) -> Result<Schedule, ApiError> {
+    parse_add(
+        target,
+        Some(&headers(pairs)),
+        Bytes::from_static(b"p"),
+        NOW,
+        LIMITS,
+    )
+}
+
+fn code(result: Result<Schedule, ApiError>) -> u16 {
+    result.expect_err("must be refused").code
+}
+
+#[test]
+fn delay_forms() {
+    for (delay, ms) in [
+        ("250", 250),
+        ("0", 0),
+        ("250ms", 250),
+        ("15m", 900_000),
+        ("1h30m", 5_400_000),
+        ("1h 30m", 5_400_000),
+        ("2s", 2_000),
+    ] {
+        let s = add("orders.expired", &[(DELAY, delay)]).unwrap();
+        assert_eq!(s.due, NOW + ms, "{delay}");
+        assert_eq!(s.created, NOW);
+    }
+}
+
+#[test]
+fn at_forms_and_past_times() {
+    let s = add("t", &[(AT, "2026-11-30T18:00:00.250Z")]).unwrap();
+    assert_eq!(s.due, 1_796_061_600_250);
+    let s = add("t", &[(AT, "2026-11-30T19:00:00.250+01:00")]).unwrap();
+    assert_eq!(s.due, 1_796_061_600_250);
+    let past = add("t", &[(AT, "2001-01-01T00:00:00Z")]).unwrap();
+    assert!(past.due < NOW, "a past time is accepted and simply due now");
+}
+
+#[test]
+fn keeps_other_headers_and_payload_verbatim() {
+    let s = add(
+        "orders.expired",
+        &[
+            (DELAY, "1s"),
+            ("Trace-Id", "abc"),
+            ("Multi", "1"),
+            ("Multi", "2"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(s.subject, "orders.expired");
+    assert_eq!(s.payload, Bytes::from_static(b"p"));
+    assert_eq!(
+        s.headers,
+        [
+            ("Multi".to_owned(), "1".to_owned()),
+            ("Multi".to_owned(), "2".to_owned()),
+            ("Trace-Id".to_owned(), "abc".to_owned()),
+        ]
+    );
+}
+
+#[test]
+fn ids_are_taken_or_generated() {
+    let s = add("t", &[(DELAY, "1s"), (ID, "order:42_x-y.z")]).unwrap();
+    assert_eq!(s.id, "order:42_x-y.z");
+    let a = add("t", &[(DELAY, "1s")]).unwrap();
+    let b = add("t", &[(DELAY, "1s")]).unwrap();
+    assert_ne!(a.id, b.id);
+    assert_eq!(a.id.len(), 26, "a ULID");
+    let longest = "a".repeat(MAX_ID_LEN);
+    assert_eq!(
+        add("t", &[(DELAY, "1s"), (ID, &longest)]).unwrap().id,
+        longest
+    );
+}
+
+#[test]
+fn reserved_names_match_any_case() {
+    let s = add("t", &[("sched-delay", "5"), ("SCHED-ID", "x")]).unwrap();
+    assert_eq!((s.due, s.id.as_str()), (NOW + 5, "x"));
+    assert!(s.headers.is_empty());
+}
+
+#[test]
+fn malformed_requests_are_400() {
+    let too_long = "a".repeat(MAX_ID_LEN + 1);
+    let cases: &[(&str, &[(&str, &str)])] = &[
+        ("t", &[]),
+        ("t", &[(AT, "2026-11-30T18:00:00Z"), (DELAY, "1s")]),
+        ("t", &[(AT, "tomorrow")]),
+        ("t", &[(AT, "2026-11-30T18:00:00")]),
+        ("t", &[(DELAY, "soon")]),
+        ("t", &[(DELAY, "-5")]),
+        ("t", &[(DELAY, "")]),
+        ("t", &[(DELAY, "99999999999999999999999")]),
+        ("t", &[(AT, "10000-01-01T00:00:00Z")]),
+        ("t", &[(DELAY, "1s"), ("Sched-Dealy", "1s")]),
+        ("t", &[(DELAY, "1s"), (DELAY, "2s")]),
+        ("t", &[(DELAY, "1s"), (ID, "")]),
+        ("t", &[(DELAY, "1s"), (ID, "has space")]),
+        ("t", &[(DELAY, "1s"), (ID, "slash/no")]),
+        ("t", &[(DELAY, "1s"), (ID, &too_long)]),
+        ("", &[(DELAY, "1s")]),
+        ("orders.*", &[(DELAY, "1s")]),
+        ("orders.>", &[(DELAY, "1s")]),
+        ("orders..x", &[(DELAY, "1s")]),
+    ];
+    for (target, pairs) in cases {
+        assert_eq!(code(add(target, pairs)), 400, "{target:?} {pairs:?}");
+    }
+}
+
+#[test]
+fn oversized_payload_is_413() {
+    let big = Bytes::from(vec![0; LIMITS.max_payload + 1]);
+    let err = parse_add("t", Some(&headers(&[(DELAY, "1s")])), big, NOW, LIMITS).unwrap_err();
+    assert_eq!(err.code, 413);
+    let fits = Bytes::from(vec![0; LIMITS.max_payload]);
+    assert!(parse_add("t", Some(&headers(&[(DELAY, "1s")])), fits, NOW, LIMITS).is_ok());
+}
+
+#[test]
+fn reply_bodies() {
+    assert_eq!(
+        add_reply("x", 1_796_061_600_250),
+        Bytes::from_static(br#"{"id":"x","due":"2026-11-30T18:00:00.250Z"}"#)
+    );
+    let err = ApiError::bad_request("missing \"header\"");
+    assert_eq!(
+        err.body(),
+        Bytes::from_static(br#"{"error":{"code":400,"description":"missing \"header\""}}"#)
+    );
+    let headers = err.headers();
+    assert_eq!(headers.get(ERROR_CODE_HEADER).unwrap().as_str(), "400");
+    assert_eq!(
+        headers.get(ERROR_HEADER).unwrap().as_str(),
+        "missing \"header\""
+    );
+}

@@ -1,0 +1,47 @@
+//! Answers to requests, published off the store thread so an fsync never waits on the network.
+
+use async_nats::{Client, Subject};
+use tokio::sync::mpsc;
+
+use crate::protocol::{self, ApiError};
+use crate::time::UnixMs;
+
+/// The outcome of one request that asked for a reply.
+#[derive(Debug)]
+pub struct Ack {
+    pub reply: Subject,
+    /// The stored schedule's id and due instant, or why it was refused.
+    pub result: Result<(String, UnixMs), ApiError>,
+}
+
+/// Publishes `error` as a micro-service error reply.
+pub async fn send_error(client: &Client, reply: Subject, error: &ApiError) {
+    if let Err(err) = client
+        .publish_with_headers(reply, error.headers(), error.body())
+        .await
+    {
+        tracing::warn!(error = %err, "could not send error reply");
+    }
+}
+
+/// Publishes acks as they arrive until the committer is gone, then flushes.
+pub async fn run(client: Client, mut acks: mpsc::UnboundedReceiver<Vec<Ack>>) {
+    while let Some(batch) = acks.recv().await {
+        for ack in batch {
+            match ack.result {
+                Ok((id, due)) => {
+                    if let Err(err) = client
+                        .publish(ack.reply, protocol::add_reply(&id, due))
+                        .await
+                    {
+                        tracing::warn!(error = %err, "could not send reply");
+                    }
+                }
+                Err(error) => send_error(&client, ack.reply, &error).await,
+            }
+        }
+    }
+    if let Err(err) = client.flush().await {
+        tracing::warn!(error = %err, "could not flush replies");
+    }
+}

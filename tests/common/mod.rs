@@ -1,0 +1,301 @@
+//! Test harness: a real `nats-server` per test, and natsched in-process or as its binary.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, HeaderMap, Message};
+use bytes::Bytes;
+use futures::StreamExt;
+use natsched::config::Config;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+/// Bound on every wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// The nats-server binary: `NATSCHED_NATS_SERVER`, else `PATH`, else `/usr/sbin/nats-server`.
+pub fn nats_server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("NATSCHED_NATS_SERVER") {
+        return PathBuf::from(path);
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("nats-server"))
+            .find(|candidate| candidate.is_file())
+    });
+    let path = on_path.unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"));
+    assert!(
+        path.is_file(),
+        "no nats-server found: set NATSCHED_NATS_SERVER, put it on PATH, or `apt-get install nats-server`"
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A nats-server on a free loopback port, killed on drop.
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+    pub url: String,
+    dir: TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        NatsServer::start_on(free_port(), tempfile::tempdir().unwrap())
+    }
+
+    fn start_on(port: u16, dir: TempDir) -> NatsServer {
+        let child = Command::new(nats_server_binary())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .arg("--pid")
+            .arg(dir.path().join("nats.pid"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        let url = format!("nats://127.0.0.1:{port}");
+        wait_until("nats-server to listen", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        NatsServer {
+            child,
+            port,
+            url,
+            dir,
+        }
+    }
+
+    /// Stops the server (as an outage would) and starts it again on the same port.
+    pub fn restart_after(&mut self, outage: Duration) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        std::thread::sleep(outage);
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        *self = NatsServer::start_on(self.port, dir);
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn connect(server: &NatsServer) -> Client {
+    async_nats::connect(server.url.as_str()).await.unwrap()
+}
+
+/// A config for a test daemon against `server`, storing in `store`.
+pub fn config(server: &NatsServer, store: &Path) -> Config {
+    let mut config = Config::default();
+    config.nats.url = server.url.clone();
+    config.store.path = store.to_owned();
+    config.store.cache_capacity = 16 * 1024 * 1024;
+    config
+}
+
+/// natsched running in-process.
+pub struct Daemon {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), natsched::RunError>>,
+}
+
+impl Daemon {
+    /// Starts the daemon and waits until it answers requests.
+    pub async fn start(config: Config) -> Daemon {
+        let prefix = config.api.prefix.clone();
+        let url = config.nats.url.clone();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(natsched::run(config, async {
+            let _ = stopped.await;
+        }));
+        let client = async_nats::connect(url.as_str()).await.unwrap();
+        wait_ready(&client, &prefix).await;
+        Daemon {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Graceful shutdown (as on SIGTERM); panics if the daemon reports an error.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .expect("daemon stops in time")
+            .expect("daemon task")
+            .expect("daemon exits cleanly");
+    }
+}
+
+/// Waits until a daemon answers on `prefix` (a bare `P.add` always gets a 400).
+pub async fn wait_ready(client: &Client, prefix: &str) {
+    let start = Instant::now();
+    loop {
+        let request = client.request(format!("{prefix}.add"), Bytes::new());
+        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_millis(500), request).await
+            && error_code(&reply).is_some()
+        {
+            return;
+        }
+        assert!(start.elapsed() < WAIT, "natsched did not start answering");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// natsched running as its own process (for kill -9 and signal tests).
+pub struct DaemonProcess {
+    child: Child,
+    pub config_path: PathBuf,
+}
+
+impl DaemonProcess {
+    /// Writes a config file into `dir` and starts the binary; waits until it answers.
+    pub async fn start(server: &NatsServer, store: &Path, dir: &Path) -> DaemonProcess {
+        let config_path = dir.join("natsched.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "[nats]\nurl = \"{}\"\n[api]\nprefix = \"sched\"\n[store]\npath = \"{}\"\n",
+                server.url,
+                store.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_natsched"))
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "natsched=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn natsched");
+        wait_ready(&connect(server).await, "sched").await;
+        DaemonProcess { child, config_path }
+    }
+
+    pub fn kill_9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "natsched did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The micro-service error code of a reply, if it is an error.
+pub fn error_code(reply: &Message) -> Option<u16> {
+    reply
+        .headers
+        .as_ref()?
+        .get("Nats-Service-Error-Code")?
+        .as_str()
+        .parse()
+        .ok()
+}
+
+/// Sends a schedule request and returns the reply.
+pub async fn request(
+    client: &Client,
+    subject: &str,
+    headers: &[(&str, &str)],
+    payload: &'static [u8],
+) -> Message {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        map.append(*name, *value);
+    }
+    tokio::time::timeout(
+        WAIT,
+        client.request_with_headers(subject.to_string(), map, Bytes::from_static(payload)),
+    )
+    .await
+    .expect("reply in time")
+    .expect("request")
+}
+
+/// Schedules on `sched.add.<target>` and returns the acked (id, due ms).
+pub async fn schedule(client: &Client, target: &str, headers: &[(&str, &str)]) -> (String, u64) {
+    let reply = request(client, &format!("sched.add.{target}"), headers, b"payload").await;
+    assert_eq!(error_code(&reply), None, "refused: {:?}", reply.payload);
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    let id = body["id"].as_str().unwrap().to_owned();
+    let due: jiff::Timestamp = body["due"].as_str().unwrap().parse().unwrap();
+    (id, due.as_millisecond() as u64)
+}
+
+/// Receives the next message, failing after [`WAIT`].
+pub async fn next(sub: &mut async_nats::Subscriber) -> Message {
+    tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("a message in time")
+        .expect("subscription open")
+}
+
+/// Asserts nothing arrives on `sub` within `quiet`.
+pub async fn assert_quiet(sub: &mut async_nats::Subscriber, quiet: Duration) {
+    if let Ok(Some(message)) = tokio::time::timeout(quiet, sub.next()).await {
+        panic!("unexpected message: {message:?}");
+    }
+}
+
+/// The `Sched-Id` header of a delivered message.
+pub fn sched_id(message: &Message) -> String {
+    message
+        .headers
+        .as_ref()
+        .unwrap()
+        .get("Sched-Id")
+        .unwrap()
+        .as_str()
+        .to_owned()
+}

@@ -1,0 +1,138 @@
+//! Acknowledged schedules survive restarts, `kill -9` and NATS outages; SIGTERM exits cleanly.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use natsched::time::{format_ms, now_ms};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_fires_pending_and_overdue_oldest_first() {
+    let server = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let client = connect(&server).await;
+    let mut sub = client.subscribe("t.>").await.unwrap();
+    client.flush().await.unwrap();
+
+    let daemon = Daemon::start(config(&server, store.path())).await;
+    let base = now_ms();
+    // These come due while the daemon is down; scheduled newest first to prove the order.
+    for i in (0..5u64).rev() {
+        let at = format_ms(base + 600 + i * 10);
+        schedule(
+            &client,
+            "t.overdue",
+            &[("Sched-At", &at), ("Sched-Id", &format!("o{i}"))],
+        )
+        .await;
+    }
+    // This one is still pending after the restart.
+    let (_, pending_due) = schedule(
+        &client,
+        "t.pending",
+        &[("Sched-At", &format_ms(base + 3000))],
+    )
+    .await;
+    daemon.stop().await;
+    assert_quiet(&mut sub, Duration::from_millis(900)).await; // nothing fires while down
+
+    let daemon = Daemon::start(config(&server, store.path())).await;
+    for i in 0..5 {
+        let message = next(&mut sub).await;
+        assert_eq!(message.subject.as_str(), "t.overdue");
+        assert_eq!(sched_id(&message), format!("o{i}"));
+    }
+    let message = next(&mut sub).await;
+    assert_eq!(message.subject.as_str(), "t.pending");
+    assert!(now_ms() >= pending_due);
+    assert_quiet(&mut sub, Duration::from_millis(300)).await;
+    daemon.stop().await;
+
+    // Fired schedules are gone from the store: a third start delivers nothing.
+    let daemon = Daemon::start(config(&server, store.path())).await;
+    assert_quiet(&mut sub, Duration::from_millis(500)).await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_after_acks_loses_nothing() {
+    const COUNT: usize = 500;
+    let server = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let client = connect(&server).await;
+    let mut sub = client.subscribe("orders.expired").await.unwrap();
+    client.flush().await.unwrap();
+
+    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let due = format_ms(now_ms() + 2500);
+    // Pipelined requests, as a busy client would send them, so they share fsyncs.
+    let requests = (0..COUNT).map(|i| {
+        let client = client.clone();
+        let due = due.clone();
+        async move {
+            let id = format!("order-{i}");
+            schedule(
+                &client,
+                "orders.expired",
+                &[("Sched-At", &due), ("Sched-Id", &id)],
+            )
+            .await;
+            id
+        }
+    });
+    let acked: BTreeSet<String> = futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(acked.len(), COUNT);
+    daemon.kill_9();
+
+    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let mut fired = BTreeSet::new();
+    while fired.len() < COUNT {
+        let message = next(&mut sub).await;
+        assert!(fired.insert(sched_id(&message)), "duplicate delivery");
+    }
+    assert_eq!(fired, acked);
+    assert_eq!(daemon.terminate().code(), Some(0), "SIGTERM exits 0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_zero_and_keeps_pending() {
+    let server = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let client = connect(&server).await;
+    let mut sub = client.subscribe("later").await.unwrap();
+    client.flush().await.unwrap();
+
+    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let (id, _) = schedule(&client, "later", &[("Sched-Delay", "1500ms")]).await;
+    assert_eq!(daemon.terminate().code(), Some(0));
+
+    let _daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    assert_eq!(sched_id(&next(&mut sub).await), id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn due_messages_wait_out_a_nats_outage() {
+    let mut server = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config(&server, store.path())).await;
+    let client = connect(&server).await;
+    let (id, due) = schedule(&client, "after.outage", &[("Sched-Delay", "500ms")]).await;
+    drop(client);
+
+    // The server is down when the schedule comes due.
+    server.restart_after(Duration::from_millis(1500));
+    let client = connect(&server).await;
+    let mut sub = client.subscribe("after.outage").await.unwrap();
+    client.flush().await.unwrap();
+    let message = next(&mut sub).await;
+    assert_eq!(sched_id(&message), id);
+    assert!(now_ms() > due);
+    daemon.stop().await;
+}
