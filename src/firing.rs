@@ -1,17 +1,21 @@
 //! Publishing due schedules to their target subjects.
 //!
-//! A batch is published, the client is flushed, and only then are the schedules' keys sent to
-//! the committer for deletion. A crash between publish and delete therefore means a second
-//! delivery after restart, never a lost one (at-least-once). While NATS is unreachable the
-//! flush does not complete; the batch waits, and is published again if the client reports the
-//! flush failed.
+//! A batch counts as delivered only once the server has provably processed it: after the batch
+//! natsched publishes a *fence* message to a private inbox it subscribes to, and waits for the
+//! fence to come back. The server handles a connection's messages in order, so the fence's
+//! return means every publish before it was routed. If the client reconnected meanwhile (the
+//! server's client id changed), publishes may have died with the old socket, so the batch is
+//! published again. Only then are the schedules' keys sent to the committer for deletion, so a
+//! crash or outage at any point means a second delivery, never a lost one (at-least-once).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_nats::{Client, HeaderMap};
+use async_nats::{Client, HeaderMap, Subscriber};
+use futures::StreamExt;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::committer::StoreCommand;
 use crate::protocol;
@@ -19,10 +23,15 @@ use crate::record::Schedule;
 use crate::store::DueKey;
 use crate::time;
 
-/// Most schedules published per flush.
+/// Most schedules published per fence.
 const MAX_BATCH: usize = 4096;
-/// How long a flush may take before it is reported (it keeps waiting).
-const SLOW_FLUSH: Duration = Duration::from_secs(5);
+/// How often to look for a reconnect while waiting for a fence.
+const RECONNECT_CHECK: Duration = Duration::from_millis(100);
+/// How long to wait for a fence before reporting that NATS is not confirming.
+const SLOW_FENCE: Duration = Duration::from_secs(5);
+/// How long a shutdown waits for NATS to confirm what is being delivered. Unconfirmed
+/// schedules stay in the store and fire after restart.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Pause before publishing a batch again after a failure.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
@@ -37,67 +46,146 @@ pub fn delivery_headers(schedule: &Schedule) -> HeaderMap {
     headers
 }
 
-/// Publishes batches from the scheduler until it is gone, then returns once every batch handed
-/// over has been flushed and reported to the committer.
-pub async fn run(
+/// The publisher of due schedules, with its fence subscription.
+pub struct Firing {
     client: Client,
-    mut due: mpsc::UnboundedReceiver<Vec<Schedule>>,
-    store: mpsc::Sender<StoreCommand>,
-    resident: Arc<AtomicUsize>,
-) {
-    let mut batch: Vec<Schedule> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = due.recv().await {
-        batch.extend(first);
-        while batch.len() < MAX_BATCH {
-            match due.try_recv() {
-                Ok(more) => batch.extend(more),
-                Err(_) => break,
-            }
-        }
-        publish_until_flushed(&client, &batch).await;
-        let fired = batch.len();
-        let keys = batch.drain(..).map(|s| DueKey::new(s.due, &s.id)).collect();
-        resident.fetch_sub(fired, Ordering::Relaxed);
-        tracing::trace!(fired, "published");
-        if store.send(StoreCommand::Fired(keys)).await.is_err() {
-            tracing::error!("store writer is gone; fired schedules will fire again after restart");
-        }
-    }
+    fence_subject: String,
+    fences: Subscriber,
+    fence_seq: u64,
 }
 
-async fn publish_until_flushed(client: &Client, batch: &[Schedule]) {
-    loop {
-        match publish_batch(client, batch).await {
-            Ok(()) => return,
-            Err(err) => {
-                tracing::warn!(error = %err, count = batch.len(), "publish failed; retrying");
-                tokio::time::sleep(RETRY_PAUSE).await;
+/// Which server connection a publish went out on: a reconnect changes it.
+fn session(client: &Client) -> (String, u64) {
+    let info = client.server_info();
+    (info.server_id, info.client_id)
+}
+
+impl Firing {
+    pub async fn new(client: Client) -> Result<Firing, async_nats::SubscribeError> {
+        let fence_subject = client.new_inbox();
+        let fences = client.subscribe(fence_subject.clone()).await?;
+        Ok(Firing {
+            client,
+            fence_subject,
+            fences,
+            fence_seq: 0,
+        })
+    }
+
+    /// Publishes batches from the scheduler until it is gone, then returns once every batch
+    /// handed over has been confirmed and reported to the committer — or, after `stop`, once
+    /// [`SHUTDOWN_GRACE`] has passed without confirmation (NATS down): those batches are left
+    /// in the store for the next start.
+    pub async fn run(
+        mut self,
+        mut due: mpsc::UnboundedReceiver<Vec<Schedule>>,
+        store: mpsc::Sender<StoreCommand>,
+        resident: Arc<AtomicUsize>,
+        stop: CancellationToken,
+    ) {
+        let grace_over = async {
+            stop.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::pin!(grace_over);
+        let mut abandoned = 0;
+        let mut batch: Vec<Schedule> = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = due.recv().await {
+            batch.extend(first);
+            while batch.len() < MAX_BATCH {
+                match due.try_recv() {
+                    Ok(more) => batch.extend(more),
+                    Err(_) => break,
+                }
+            }
+            let fired = batch.len();
+            let delivered = abandoned == 0
+                && tokio::select! {
+                    () = self.deliver(&batch) => true,
+                    () = &mut grace_over => false,
+                };
+            if !delivered {
+                abandoned += fired;
+                resident.fetch_sub(fired, Ordering::Relaxed);
+                batch.clear();
+                continue;
+            }
+            let keys = batch.drain(..).map(|s| DueKey::new(s.due, &s.id)).collect();
+            resident.fetch_sub(fired, Ordering::Relaxed);
+            if store.send(StoreCommand::Fired(keys)).await.is_err() {
+                tracing::error!(
+                    "store writer is gone; fired schedules will fire again after restart"
+                );
+            }
+        }
+        if abandoned > 0 {
+            tracing::warn!(
+                count = abandoned,
+                "stopped without confirmation from NATS; these fire again after restart"
+            );
+        }
+    }
+
+    /// Publishes `batch` until one attempt is confirmed by its fence on an unbroken connection.
+    async fn deliver(&mut self, batch: &[Schedule]) {
+        loop {
+            let before = session(&self.client);
+            match self.publish_with_fence(batch, &before).await {
+                Ok(()) if session(&self.client) == before => return,
+                Ok(()) => tracing::warn!(
+                    count = batch.len(),
+                    "reconnected while delivering; publishing the batch again"
+                ),
+                Err(err) => {
+                    tracing::warn!(error = %err, count = batch.len(), "publish failed; retrying");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
             }
         }
     }
-}
 
-async fn publish_batch(client: &Client, batch: &[Schedule]) -> Result<(), async_nats::Error> {
-    let now = time::now_ms();
-    for schedule in batch {
-        debug_assert!(schedule.due <= now, "never early");
-        client
-            .publish_with_headers(
-                schedule.subject.clone(),
-                delivery_headers(schedule),
-                schedule.payload.clone(),
-            )
+    /// One attempt: publish everything, then the fence, and wait for the fence (or for a
+    /// reconnect, which makes the attempt void).
+    async fn publish_with_fence(
+        &mut self,
+        batch: &[Schedule],
+        session_before: &(String, u64),
+    ) -> Result<(), async_nats::Error> {
+        let now = time::now_ms();
+        for schedule in batch {
+            debug_assert!(schedule.due <= now, "never early");
+            self.client
+                .publish_with_headers(
+                    schedule.subject.clone(),
+                    delivery_headers(schedule),
+                    schedule.payload.clone(),
+                )
+                .await?;
+        }
+        self.fence_seq += 1;
+        let seq = self.fence_seq.to_string();
+        self.client
+            .publish(self.fence_subject.clone(), seq.clone().into())
             .await?;
-    }
-    let flush = client.flush();
-    tokio::pin!(flush);
-    loop {
-        match tokio::time::timeout(SLOW_FLUSH, &mut flush).await {
-            Ok(result) => return Ok(result?),
-            Err(_) => tracing::warn!(
-                count = batch.len(),
-                "NATS flush is slow (server unreachable?); due messages are waiting"
-            ),
+        let started = tokio::time::Instant::now();
+        let mut reported = false;
+        loop {
+            match tokio::time::timeout(RECONNECT_CHECK, self.fences.next()).await {
+                Ok(Some(fence)) if fence.payload == seq.as_bytes() => return Ok(()),
+                Ok(Some(_stale)) => {} // the fence of an earlier, abandoned attempt
+                Ok(None) => return Err("fence subscription closed".into()),
+                Err(_) if session(&self.client) != *session_before => {
+                    return Ok(()); // void: the caller sees the new session and retries
+                }
+                Err(_) if !reported && started.elapsed() >= SLOW_FENCE => {
+                    reported = true;
+                    tracing::warn!(
+                        count = batch.len(),
+                        "NATS has not confirmed due messages for {SLOW_FENCE:?} (server unreachable?); waiting"
+                    );
+                }
+                Err(_) => {}
+            }
         }
     }
 }

@@ -4,6 +4,8 @@
 //! handed to the committer, which acknowledges them after they are durable. The committer's queue
 //! is bounded, so a flood of requests slows intake down instead of growing memory.
 
+use std::time::Duration;
+
 use async_nats::{Client, Message, Subscriber};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -12,6 +14,9 @@ use crate::committer::StoreCommand;
 use crate::protocol::{self, AddLimits, ApiError};
 use crate::replies;
 use crate::time;
+
+/// How long a shutdown waits to unsubscribe and serve what the server had already sent.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Subscriptions of the intake, made before the daemon reports itself ready.
 pub struct Intake {
@@ -59,10 +64,20 @@ impl Intake {
             }
         }
         let _ = self.bare.unsubscribe().await;
-        if self.adds.drain().await.is_ok() {
-            while let Some(message) = self.adds.next().await {
-                self.handle(message, &store).await;
+        // Bounded: with NATS unreachable the drain is never confirmed and the stream never ends.
+        // A request cut off here was not acknowledged, so its sender knows to retry.
+        let serve_rest = async {
+            if self.adds.drain().await.is_ok() {
+                while let Some(message) = self.adds.next().await {
+                    self.handle(message, &store).await;
+                }
             }
+        };
+        if tokio::time::timeout(DRAIN_TIMEOUT, serve_rest)
+            .await
+            .is_err()
+        {
+            tracing::warn!("NATS did not confirm the unsubscribe in time; intake stopped anyway");
         }
     }
 

@@ -55,6 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::committer::{Committer, CommitterOptions};
 use crate::config::Config;
+use crate::firing::Firing;
 use crate::intake::Intake;
 use crate::protocol::AddLimits;
 use crate::scheduler::Scheduler;
@@ -103,6 +104,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         max_payload: config.api.max_payload,
     };
     let intake = Intake::subscribe(client.clone(), &config.api.prefix, limits).await?;
+    let firing = Firing::new(client.clone()).await?;
     client.flush().await.ok();
     tracing::info!(prefix = %config.api.prefix, url = %config.nats.url, "accepting schedules");
 
@@ -134,12 +136,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let replies = tokio::spawn(replies::run(client.clone(), ack_rx));
     let scheduler =
         tokio::spawn(Scheduler::new(resident.clone()).run(wheel_rx, fire_tx, stop.clone()));
-    let firing = tokio::spawn(firing::run(
-        client.clone(),
-        fire_rx,
-        store_tx.clone(),
-        resident,
-    ));
+    let firing = tokio::spawn(firing.run(fire_rx, store_tx.clone(), resident, stop.clone()));
     let intake = tokio::spawn(intake.run(store_tx, stop.clone()));
 
     shutdown.await;
@@ -155,6 +152,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     ] {
         task.await
             .map_err(|e| RunError::Task(format!("{name}: {e}")))?;
+        tracing::debug!("{name} stopped");
     }
     tokio::task::spawn_blocking(move || committer.join())
         .await

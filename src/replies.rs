@@ -1,5 +1,7 @@
 //! Answers to requests, published off the store thread so an fsync never waits on the network.
 
+use std::time::Duration;
+
 use async_nats::{Client, Subject};
 use tokio::sync::mpsc;
 
@@ -41,7 +43,10 @@ pub async fn run(client: Client, mut acks: mpsc::UnboundedReceiver<Vec<Ack>>) {
             }
         }
     }
-    if let Err(err) = client.flush().await {
-        tracing::warn!(error = %err, "could not flush replies");
+    // Bounded: with NATS unreachable the flush would never complete.
+    match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "could not flush replies"),
+        Err(_) => tracing::warn!("NATS unreachable; last replies may not have been sent"),
     }
 }

@@ -127,12 +127,38 @@ async fn due_messages_wait_out_a_nats_outage() {
     drop(client);
 
     // The server is down when the schedule comes due.
-    server.restart_after(Duration::from_millis(1500));
+    server.go_down();
+    std::thread::sleep(Duration::from_millis(1500));
+    server.come_back();
+    // The test's subscriber connects at once; natsched reconnects after its backoff and then
+    // publishes again (its first attempt was made while the server was down).
     let client = connect(&server).await;
     let mut sub = client.subscribe("after.outage").await.unwrap();
     client.flush().await.unwrap();
     let message = next(&mut sub).await;
     assert_eq!(sched_id(&message), id);
     assert!(now_ms() > due);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_an_outage_keeps_what_was_not_delivered() {
+    let mut server = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config(&server, store.path())).await;
+    let client = connect(&server).await;
+    let (id, _) = schedule(&client, "kept", &[("Sched-Delay", "300ms")]).await;
+    drop(client);
+
+    server.go_down();
+    tokio::time::sleep(Duration::from_millis(600)).await; // due while NATS is down
+    daemon.stop().await; // bounded: does not wait for NATS forever
+
+    server.come_back();
+    let client = connect(&server).await;
+    let mut sub = client.subscribe("kept").await.unwrap();
+    client.flush().await.unwrap();
+    let daemon = Daemon::start(config(&server, store.path())).await;
+    assert_eq!(sched_id(&next(&mut sub).await), id);
     daemon.stop().await;
 }

@@ -84,11 +84,14 @@ impl NatsServer {
         }
     }
 
-    /// Stops the server (as an outage would) and starts it again on the same port.
-    pub fn restart_after(&mut self, outage: Duration) {
+    /// Stops the server, as an outage would.
+    pub fn go_down(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        std::thread::sleep(outage);
+    }
+
+    /// Starts the server again on the same port after [`NatsServer::go_down`].
+    pub fn come_back(&mut self) {
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
         *self = NatsServer::start_on(self.port, dir);
     }
@@ -128,6 +131,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon and waits until it answers requests.
     pub async fn start(config: Config) -> Daemon {
+        // Logs show with `RUST_LOG=natsched=debug cargo test -- --nocapture`.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let prefix = config.api.prefix.clone();
         let url = config.nats.url.clone();
         let (stop, stopped) = oneshot::channel();
