@@ -13,7 +13,8 @@
 //!   schedule are the same thread, no schedule can fall between the two.
 //!
 //! The wheel stays bounded: the loader stops while `wheel.max_resident` schedules are in memory
-//! and never loads past `now + wheel.lookahead`.
+//! and never loads past `now + wheel.lookahead`, and a new schedule inside the horizon that
+//! would exceed the bound stays on disk (the cursor moves back to it).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -74,6 +75,8 @@ pub struct Committer {
 struct Round {
     batch: WriteBatch,
     wheel: Vec<WheelCommand>,
+    /// How many of `wheel` are inserts.
+    inserts: usize,
     acks: Vec<(Option<Subject>, String, UnixMs)>,
     /// The id index as this round leaves it, for ids the round touched.
     ids: HashMap<String, Option<UnixMs>>,
@@ -189,31 +192,48 @@ impl Committer {
                 if let Some(previous) = self.current_due(round, &schedule.id)? {
                     let old = DueKey::new(previous, &schedule.id);
                     round.batch.remove_due_only(&old);
-                    if old < self.cursor {
-                        round.wheel.push(WheelCommand::Remove(old));
-                    }
+                    // Sent even for a key above the cursor: after a pull-back (below) the
+                    // wheel may hold keys there too. A no-op when it does not.
+                    round.wheel.push(WheelCommand::Remove(old));
                 }
                 round.batch.put(&schedule);
                 round.ids.insert(schedule.id.clone(), Some(schedule.due));
                 round.acks.push((reply, schedule.id.clone(), schedule.due));
-                if DueKey::new(schedule.due, &schedule.id) < self.cursor {
-                    round.wheel.push(WheelCommand::Insert(schedule));
+                let key = DueKey::new(schedule.due, &schedule.id);
+                if key < self.cursor {
+                    if self.memory_full(round) && schedule.due > time::now_ms() {
+                        // Keep memory bounded under a flood of near-future schedules: leave
+                        // this one on disk and pull the cursor back to it, so the loader
+                        // picks it up once there is room. Everything already popped for
+                        // firing is due by now, hence below the new cursor and never
+                        // reloaded; the wheel ignores reloads of what it already holds.
+                        self.cursor = key;
+                    } else {
+                        round.inserts += 1;
+                        round.wheel.push(WheelCommand::Insert(schedule));
+                    }
                 }
             }
             StoreCommand::Fired(keys) => {
-                for key in keys {
+                for key in &keys {
                     // A replace may have moved the id on since this copy was loaded; then only
                     // the fired copy goes and the id keeps pointing at its new schedule.
                     if self.current_due(round, key.id())? == Some(key.due()) {
                         round.ids.insert(key.id().to_owned(), None);
-                        round.batch.remove(&key);
+                        round.batch.remove(key);
                     } else {
-                        round.batch.remove_due_only(&key);
+                        round.batch.remove_due_only(key);
                     }
                 }
+                round.wheel.push(WheelCommand::Deleted(keys));
             }
         }
         Ok(())
+    }
+
+    /// Whether the wheel is at `wheel.max_resident`, counting this round's inserts.
+    fn memory_full(&self, round: &Round) -> bool {
+        self.resident.load(Ordering::Relaxed) + round.inserts >= self.options.max_resident
     }
 
     fn current_due(&self, round: &Round, id: &str) -> Result<Option<UnixMs>, StoreError> {

@@ -22,16 +22,30 @@ const MAX_COMMANDS_PER_TURN: usize = 4096;
 /// A change to the wheel's contents.
 #[derive(Debug)]
 pub enum WheelCommand {
-    /// Hold this schedule until it is due.
+    /// Hold this schedule until it is due. Ignored if the wheel already holds (or is firing)
+    /// this id at this due: the committer may load a key twice after moving its cursor back.
     Insert(Schedule),
-    /// Forget the schedule at this key (it was replaced); a no-op if it already fired.
+    /// Forget the schedule at this key (it was replaced); a no-op if it is not held or is
+    /// already being fired.
     Remove(DueKey),
+    /// These fired schedules are now deleted from the store, so can no longer be loaded again.
+    Deleted(Vec<DueKey>),
+}
+
+/// Where a schedule the scheduler knows of is.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    due: UnixMs,
+    /// Its wheel entry; `None` once it has expired and is being fired.
+    entry: Option<EntryKey>,
 }
 
 /// The wheel and an id index into it.
 pub struct Scheduler {
     wheel: Wheel<Schedule>,
-    by_id: HashMap<String, (UnixMs, EntryKey)>,
+    /// Every schedule in the wheel or being fired, by id. Firing ones stay until the store has
+    /// deleted them, which is what makes a repeated load of the same key harmless.
+    held: HashMap<String, Held>,
     /// Schedules in memory; this loop subtracts the ones it drops without firing.
     resident: Arc<AtomicUsize>,
 }
@@ -40,7 +54,7 @@ impl Scheduler {
     pub fn new(resident: Arc<AtomicUsize>) -> Scheduler {
         Scheduler {
             wheel: Wheel::new(time::now_ms()),
-            by_id: HashMap::new(),
+            held: HashMap::new(),
             resident,
         }
     }
@@ -58,7 +72,10 @@ impl Scheduler {
         loop {
             self.wheel.poll(time::now_ms(), &mut expired);
             if !expired.is_empty() {
-                let batch = expired.drain(..).map(|(_, s)| self.forget(s)).collect();
+                let batch = expired
+                    .drain(..)
+                    .map(|(_, s)| self.mark_firing(s))
+                    .collect();
                 if fire.send(batch).is_err() {
                     return;
                 }
@@ -91,23 +108,48 @@ impl Scheduler {
     fn apply(&mut self, command: WheelCommand) {
         match command {
             WheelCommand::Insert(schedule) => {
-                if let Some((_, old)) = self.by_id.remove(&schedule.id) {
-                    // The committer removes a replaced schedule before inserting its successor,
-                    // so this only guards the invariant "one entry per id".
-                    debug_assert!(false, "second wheel entry for id {}", schedule.id);
-                    self.drop_entry(old);
+                if let Some(held) = self.held.get(&schedule.id) {
+                    if held.due == schedule.due {
+                        // A reload of what is already held or firing.
+                        self.resident.fetch_sub(1, Ordering::Relaxed);
+                        return;
+                    }
+                    // The committer removes a replaced schedule before inserting its
+                    // successor, so a different due here can only be an older copy that is
+                    // already firing; the new one takes over the id.
+                    debug_assert!(
+                        held.entry.is_none(),
+                        "two wheel entries for {}",
+                        schedule.id
+                    );
+                    if let Some(entry) = held.entry {
+                        self.drop_entry(entry);
+                    }
                 }
                 let id = schedule.id.clone();
                 let due = schedule.due;
-                let key = self.wheel.insert(due, schedule);
-                self.by_id.insert(id, (due, key));
+                let entry = Some(self.wheel.insert(due, schedule));
+                self.held.insert(id, Held { due, entry });
             }
             WheelCommand::Remove(key) => {
-                if let Some(&(due, entry)) = self.by_id.get(key.id())
+                if let Some(&Held {
+                    due,
+                    entry: Some(entry),
+                }) = self.held.get(key.id())
                     && due == key.due()
                 {
-                    self.by_id.remove(key.id());
+                    self.held.remove(key.id());
                     self.drop_entry(entry);
+                }
+            }
+            WheelCommand::Deleted(keys) => {
+                for key in keys {
+                    if let Some(held) = self.held.get(key.id())
+                        && held.due == key.due()
+                        && held.entry.is_none()
+                    {
+                        self.held.remove(key.id());
+                    }
                 }
             }
         }
@@ -119,15 +161,104 @@ impl Scheduler {
         }
     }
 
-    /// Removes an expired schedule from the id index on its way out.
-    fn forget(&mut self, schedule: Schedule) -> Schedule {
-        if self
-            .by_id
-            .get(&schedule.id)
-            .is_some_and(|(due, _)| *due == schedule.due)
+    /// Marks an expired schedule as firing on its way out.
+    fn mark_firing(&mut self, schedule: Schedule) -> Schedule {
+        if let Some(held) = self.held.get_mut(&schedule.id)
+            && held.due == schedule.due
         {
-            self.by_id.remove(&schedule.id);
+            held.entry = None;
         }
         schedule
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Delivery;
+
+    fn schedule(id: &str, due: UnixMs) -> Schedule {
+        Schedule {
+            id: id.into(),
+            due,
+            subject: "t".into(),
+            headers: vec![],
+            payload: bytes::Bytes::new(),
+            created: 0,
+            delivery: Delivery::Core,
+            recurrence: None,
+        }
+    }
+
+    /// A scheduler whose resident count matches what the committer would have sent it.
+    fn scheduler() -> (Scheduler, Arc<AtomicUsize>) {
+        let resident = Arc::new(AtomicUsize::new(0));
+        (Scheduler::new(resident.clone()), resident)
+    }
+
+    fn insert(s: &mut Scheduler, resident: &AtomicUsize, schedule: Schedule) {
+        resident.fetch_add(1, Ordering::Relaxed);
+        s.apply(WheelCommand::Insert(schedule));
+    }
+
+    fn expire(s: &mut Scheduler, now: UnixMs) -> Vec<String> {
+        let mut out = Vec::new();
+        s.wheel.poll(now, &mut out);
+        out.into_iter().map(|(_, x)| s.mark_firing(x).id).collect()
+    }
+
+    #[test]
+    fn a_reloaded_key_is_held_once() {
+        let (mut s, resident) = scheduler();
+        let due = s.wheel.elapsed() + 50;
+        insert(&mut s, &resident, schedule("a", due));
+        insert(&mut s, &resident, schedule("a", due));
+        assert_eq!(s.wheel.len(), 1);
+        assert_eq!(resident.load(Ordering::Relaxed), 1);
+        assert_eq!(expire(&mut s, due), ["a"]);
+    }
+
+    #[test]
+    fn a_firing_key_is_not_reloaded_until_the_store_deleted_it() {
+        let (mut s, resident) = scheduler();
+        let due = s.wheel.elapsed() + 5;
+        insert(&mut s, &resident, schedule("a", due));
+        assert_eq!(expire(&mut s, due), ["a"]);
+
+        insert(&mut s, &resident, schedule("a", due));
+        assert!(
+            s.wheel.is_empty(),
+            "a reload while firing must not fire twice"
+        );
+        // Replacing it while it fires cannot recall it either.
+        s.apply(WheelCommand::Remove(DueKey::new(due, "a")));
+
+        s.apply(WheelCommand::Deleted(vec![DueKey::new(due, "a")]));
+        assert!(s.held.is_empty());
+        // After deletion the same id and due is a genuinely new schedule.
+        insert(&mut s, &resident, schedule("a", due));
+        assert_eq!(s.wheel.len(), 1);
+    }
+
+    #[test]
+    fn replacing_while_the_old_copy_fires_holds_the_new_one() {
+        let (mut s, resident) = scheduler();
+        let due = s.wheel.elapsed() + 5;
+        insert(&mut s, &resident, schedule("a", due));
+        expire(&mut s, due);
+        s.apply(WheelCommand::Remove(DueKey::new(due, "a")));
+        insert(&mut s, &resident, schedule("a", due + 100));
+        // The old copy's deletion must not drop the new copy's index entry.
+        s.apply(WheelCommand::Deleted(vec![DueKey::new(due, "a")]));
+        s.apply(WheelCommand::Remove(DueKey::new(due + 100, "a")));
+        assert!(
+            s.wheel.is_empty(),
+            "the new copy was still removable by its key"
+        );
+        assert_eq!(
+            resident.load(Ordering::Relaxed),
+            1,
+            "only the firing copy is left"
+        );
     }
 }

@@ -44,7 +44,8 @@ impl Harness {
         let (acks_tx, acks) = mpsc::unbounded_channel();
         let options = CommitterOptions {
             max_batch: 16,
-            lookahead: Duration::from_secs(1),
+            // Long, so that a slow test machine never sees a near-future schedule come due.
+            lookahead: Duration::from_secs(60),
             max_resident,
         };
         let resident = Arc::new(AtomicUsize::new(0));
@@ -64,6 +65,7 @@ impl Harness {
             out.push(match command {
                 WheelCommand::Insert(s) => (true, s.due, s.id),
                 WheelCommand::Remove(k) => (false, k.due(), k.id().to_owned()),
+                WheelCommand::Deleted(_) => continue,
             });
         }
         out
@@ -149,7 +151,14 @@ fn adds_inside_the_horizon_go_to_the_wheel_and_replaces_move_them() {
         ]
     );
     h.add(schedule("far", now + 50));
-    assert_eq!(h.told(), [(true, now + 50, "far".to_owned())]);
+    assert_eq!(
+        h.told(),
+        [
+            (false, now + DAY, "far".to_owned()),
+            (true, now + 50, "far".to_owned())
+        ],
+        "the remove of a disk-only key is a no-op for the wheel"
+    );
     assert_eq!(h.committer.store.due_of("far").unwrap(), Some(now + 50));
     assert_eq!(h.committer.store.get("far").unwrap().unwrap().due, now + 50);
     let everything = h
@@ -182,4 +191,33 @@ fn a_fired_copy_never_deletes_its_replacement() {
             .unwrap()
             .is_empty()
     );
+}
+
+#[test]
+fn a_full_wheel_leaves_new_near_schedules_on_disk_until_there_is_room() {
+    let now = time::now_ms();
+    let many: Vec<_> = (0..20)
+        .map(|i| schedule(&format!("s{i:02}"), now + 40_000 + i))
+        .collect();
+    let mut h = Harness::new(20, &many);
+    h.committer.load_horizon().unwrap();
+    assert_eq!(h.told().len(), 20);
+
+    // Inside the horizon, but memory is full: stored, not inserted; the cursor moves back.
+    h.add(schedule("late", now + 30_000));
+    assert!(h.told().is_empty());
+    assert_eq!(h.committer.cursor, DueKey::new(now + 30_000, "late"));
+    assert!(h.committer.store.get("late").unwrap().is_some());
+    // Something already due still goes straight to the wheel: it leaves memory at once.
+    h.add(schedule("now", now - 1));
+    assert_eq!(h.told(), [(true, now - 1, "now".to_owned())]);
+
+    // Room again: the loader resumes from the pulled-back cursor, "late" first, then keys the
+    // wheel holds already and ignores; still no more than max_resident at once.
+    h.committer.resident.store(0, Ordering::Relaxed);
+    h.committer.load_horizon().unwrap();
+    let told = h.told();
+    assert_eq!(told[0], (true, now + 30_000, "late".to_owned()));
+    assert_eq!(told[1], (true, now + 40_000, "s00".to_owned()));
+    assert_eq!(told.len(), 20);
 }

@@ -12,11 +12,15 @@
 mod keys;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 pub use keys::DueKey;
 
 use crate::record::{DecodeError, Schedule};
 use crate::time::UnixMs;
+
+/// How long opening waits for the store's lock (see [`Store::open`]).
+const LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// The version of the key layout written by this build, kept under [`keys::FORMAT_KEY`].
 pub const STORE_FORMAT: u8 = 1;
@@ -24,7 +28,7 @@ pub const STORE_FORMAT: u8 = 1;
 /// What went wrong in the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the store at {path}: {source}")]
+    #[error("cannot open the store at {path} (is another natsched using it?): {source}")]
     Open { path: PathBuf, source: sled::Error },
     #[error("store at {path} has format version {found}; this build reads version {STORE_FORMAT}")]
     Format { path: PathBuf, found: u8 },
@@ -96,11 +100,25 @@ impl Store {
             source,
         };
         std::fs::create_dir_all(&options.path).map_err(|e| open_err(e.into()))?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(&options.path)
-            .cache_capacity(options.cache_capacity)
-            .open()
-            .map_err(open_err)?;
+            .cache_capacity(options.cache_capacity);
+        // sled releases its file lock from background threads shortly after a database is
+        // dropped, so a quick restart can find it still held. Another live process holding it
+        // is a real error, reported once the wait is over.
+        let started = Instant::now();
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && started.elapsed() < LOCK_WAIT =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(err) => return Err(open_err(err)),
+            }
+        };
         let store = Store { db };
         store.check_format(&options.path)?;
         Ok(store)
