@@ -38,6 +38,7 @@ pub mod committer;
 pub mod config;
 pub mod firing;
 pub mod intake;
+pub mod loadgen;
 pub mod protocol;
 pub mod record;
 pub mod replies;

@@ -25,6 +25,8 @@ enum Command {
         #[arg(long, short, default_value = "/etc/natsched/natsched.toml")]
         config: PathBuf,
     },
+    /// Load-test a running natsched through NATS and print one JSON line of results.
+    Bench(natsched::loadgen::LoadOptions),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run { config } => run(config),
+        Command::Bench(options) => bench(options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,6 +57,19 @@ fn run(config_path: PathBuf) -> Result<(), String> {
     runtime
         .block_on(natsched::run(config, shutdown_signal()))
         .map_err(|e| format!("{e} (config {})", config_path.display()))
+}
+
+fn bench(options: natsched::loadgen::LoadOptions) -> Result<(), String> {
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let report = runtime
+        .block_on(natsched::loadgen::run(&options))
+        .map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        serde_json::to_string(&report).expect("report serializes")
+    );
+    Ok(())
 }
 
 /// Completes on SIGINT or SIGTERM.

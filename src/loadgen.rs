@@ -1,0 +1,284 @@
+//! The end-to-end load generator behind `natsched bench`.
+//!
+//! It starts nothing: it talks to a NATS server (and through it to a running natsched), drives
+//! the benchmark workload, and reports one JSON line. The workload: `count` schedules with
+//! `Sched-At` and 64-byte payloads, spread over `subjects` target subjects, due at evenly spaced
+//! instants so that they fire at `rate` per second, sent as requests with `in_flight`
+//! outstanding. Every request must be acknowledged (that is, durable) before it counts. A
+//! second connection subscribes to the targets and records each message's lateness (receipt
+//! time minus due time) in an HDR histogram.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::protocol;
+use crate::time::{self, UnixMs};
+
+/// Options of one benchmark run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadOptions {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub server: String,
+    /// natsched's API prefix.
+    #[arg(long, default_value = "sched")]
+    pub prefix: String,
+    /// Schedules to send.
+    #[arg(long, default_value_t = 100_000)]
+    pub count: u64,
+    /// Fire rate in messages per second (due times are spread to give it).
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// Requests outstanding at once.
+    #[arg(long, default_value_t = 1024)]
+    pub in_flight: usize,
+    /// Number of distinct target subjects.
+    #[arg(long, default_value_t = 64)]
+    pub subjects: u64,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// Time from the start of intake to the first due instant (default: 1 s + 10 µs per
+    /// schedule, so intake finishes before firing starts).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lead: Option<Duration>,
+    /// How long after the last due instant to wait for stragglers.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub grace: Duration,
+    /// natsched's pid, to report its memory.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// A label copied into the report.
+    #[arg(long, default_value = "")]
+    pub label: String,
+}
+
+/// Lateness percentiles in milliseconds.
+#[derive(Debug, Serialize)]
+pub struct Lateness {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+/// The result of one run, printed as one JSON line.
+#[derive(Debug, Serialize)]
+pub struct LoadReport {
+    pub label: String,
+    pub count: u64,
+    pub rate: u64,
+    pub in_flight: usize,
+    pub intake_secs: f64,
+    pub intake_per_sec: f64,
+    pub refused: u64,
+    pub fired: u64,
+    pub missing: u64,
+    pub duplicates: u64,
+    pub early: u64,
+    /// Schedules whose due instant had passed before their ack came back (intake too slow for
+    /// the chosen lead): their lateness includes intake time.
+    pub due_before_ack: u64,
+    pub lateness_ms: Lateness,
+    pub rss_mib: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Why a run could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot subscribe: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    #[error("invalid options: {0}")]
+    Options(&'static str),
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs the workload once.
+pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
+    if options.count == 0 || options.rate == 0 || options.in_flight == 0 || options.subjects == 0 {
+        return Err(LoadError::Options(
+            "count, rate, in-flight and subjects must be > 0",
+        ));
+    }
+    let connect = |name: &'static str| {
+        async_nats::ConnectOptions::new()
+            .name(name)
+            .subscription_capacity(1 << 20)
+            .connect(options.server.as_str())
+    };
+    let connect_err = |source| LoadError::Connect {
+        url: options.server.clone(),
+        source,
+    };
+    let sender = connect("natsched-bench-intake")
+        .await
+        .map_err(connect_err)?;
+    let receiver = connect("natsched-bench-receive")
+        .await
+        .map_err(connect_err)?;
+
+    let run_id = ulid::Ulid::generate().to_string().to_lowercase();
+    let mut deliveries = receiver.subscribe(format!("bench.{run_id}.>")).await?;
+    receiver.flush().await.ok();
+
+    let lead = options
+        .lead
+        .unwrap_or(Duration::from_secs(1) + Duration::from_micros(10 * options.count));
+    let first_due = time::now_ms() + lead.as_millis() as u64;
+    let count = options.count;
+    let rate = options.rate;
+    let due_of = move |i: u64| -> UnixMs { first_due + i * 1000 / rate };
+    let last_due = due_of(count - 1);
+
+    // Receive concurrently with intake: nothing is due before `lead`, but be ready anyway.
+    let grace = options.grace;
+    let receive = tokio::spawn(async move {
+        let mut seen = vec![false; count as usize];
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).unwrap();
+        let (mut fired, mut duplicates, mut early) = (0u64, 0u64, 0u64);
+        let deadline = tokio::time::Instant::now() + time::until(last_due, time::now_ms()) + grace;
+        while fired < count {
+            let message = match tokio::time::timeout_at(deadline, deliveries.next()).await {
+                Ok(Some(message)) => message,
+                _ => break,
+            };
+            let received = now_micros();
+            let index = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(protocol::ID))
+                .and_then(|id| id.as_str().rsplit('-').next()?.parse::<u64>().ok());
+            let Some(i) = index.filter(|i| *i < count) else {
+                continue;
+            };
+            if std::mem::replace(&mut seen[i as usize], true) {
+                duplicates += 1;
+                continue;
+            }
+            fired += 1;
+            let due = due_of(i) * 1000;
+            if received < due {
+                early += 1;
+            }
+            histogram.saturating_record(received.saturating_sub(due).max(1));
+        }
+        (fired, duplicates, early, histogram)
+    });
+
+    let payload = Bytes::from(vec![b'x'; options.payload]);
+    let next = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let due_before_ack = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..options.in_flight)
+        .map(|_| {
+            let (client, next, refused, late) = (
+                sender.clone(),
+                next.clone(),
+                refused.clone(),
+                due_before_ack.clone(),
+            );
+            let payload = payload.clone();
+            let (prefix, subjects, run_id) =
+                (options.prefix.clone(), options.subjects, run_id.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        break;
+                    }
+                    let due = due_of(i);
+                    let mut headers = HeaderMap::new();
+                    headers.insert(protocol::AT, time::format_ms(due).as_str());
+                    headers.insert(protocol::ID, format!("b{run_id}-{i}").as_str());
+                    let subject = format!("{prefix}.add.bench.{run_id}.{}", i % subjects);
+                    let reply = client
+                        .request_with_headers(subject, headers, payload.clone())
+                        .await;
+                    let ok = reply.is_ok_and(|r| {
+                        r.headers
+                            .as_ref()
+                            .is_none_or(|h| h.get(protocol::ERROR_CODE_HEADER).is_none())
+                    });
+                    if !ok {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    } else if time::now_ms() >= due {
+                        late.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.await;
+    }
+    let intake_secs = started.elapsed().as_secs_f64();
+
+    let (fired, duplicates, early, histogram) = receive.await.expect("receiver task");
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let (rss_mib, peak_rss_mib) = options.pid.map(process_memory).unwrap_or((None, None));
+    Ok(LoadReport {
+        label: options.label.clone(),
+        count,
+        rate,
+        in_flight: options.in_flight,
+        intake_secs,
+        intake_per_sec: count as f64 / intake_secs,
+        refused: refused.load(Ordering::Relaxed),
+        fired,
+        missing: count - fired,
+        duplicates,
+        early,
+        due_before_ack: due_before_ack.load(Ordering::Relaxed),
+        lateness_ms: Lateness {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: histogram.max() as f64 / 1000.0,
+        },
+        rss_mib,
+        peak_rss_mib,
+    })
+}
+
+/// Current and peak resident memory of a process, from `/proc/<pid>/status`, in MiB.
+pub fn process_memory(pid: u32) -> (Option<f64>, Option<f64>) {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return (None, None);
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .map(|kib| kib / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
