@@ -4,38 +4,48 @@
 //! One OS thread owns every mutation of the store, which is what keeps three things simple:
 //!
 //! * **Group commit.** Requests queue up while an fsync runs; the next round takes all of them
-//!   (up to `store.max_batch`), applies them as one atomic batch, fsyncs once, and only then
-//!   acknowledges each of them.
-//! * **Replace by id** is a read-modify-write of the id index that no other writer can interleave.
-//! * **The horizon.** The store's due keys split at a cursor: every schedule keyed below it has
-//!   been handed to the wheel, everything at or above it is only on disk. Because the loader
-//!   that advances the cursor and the intake that decides "wheel or disk only" for a new
-//!   schedule are the same thread, no schedule can fall between the two.
+//!   (up to `store.max_batch`), writes them as one segment per time bucket in one atomic batch,
+//!   fsyncs once, and only then acknowledges each of them.
+//! * **Replace by id** is a read-modify-write (find the old copy, rewrite its segment without
+//!   it) that no other writer can interleave.
+//! * **The horizon.** Segment keys split at a cursor: every segment below it has been handed to
+//!   the wheel, everything at or above it is only on disk. Because the loader that advances the
+//!   cursor and the intake that decides "wheel or disk only" for a new segment are the same
+//!   thread, no schedule can fall between the two.
 //!
-//! The wheel stays bounded: the loader stops while `wheel.max_resident` schedules are in memory
-//! and never loads past `now + wheel.lookahead`, and a new schedule inside the horizon that
+//! Memory stays bounded: the loader stops while `wheel.max_resident` schedules are in memory
+//! and never loads past `now + wheel.lookahead`, and a new segment inside the horizon that
 //! would exceed the bound stays on disk (the cursor moves back to it).
+//!
+//! Fired schedules are removed from their segments in bulk every [`FIRED_FLUSH`]: deletions
+//! need no fsync of their own (a crash only means a second delivery), and batching them turns
+//! many small segment rewrites into few.
+
+mod round;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::Subject;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
-use crate::protocol::ApiError;
 use crate::record::Schedule;
 use crate::replies::Ack;
-use crate::scheduler::WheelCommand;
-use crate::store::{DueKey, Store, StoreError, WriteBatch};
-use crate::time::{self, UnixMs};
+use crate::scheduler::{DueKey, Resident, WheelCommand};
+use crate::store::{BUCKET_MS, SegmentKey, Store, StoreError, bucket_of};
+use crate::time;
+
+use round::Round;
 
 /// How often an idle committer checks whether the horizon needs loading.
-const IDLE_TICK: Duration = Duration::from_millis(50);
+const IDLE_TICK: Duration = Duration::from_millis(20);
 /// Most schedules loaded from disk per round, so loading never stalls group commits for long.
-const LOAD_CHUNK: usize = 8192;
+const LOAD_CHUNK: usize = 16_384;
+/// How long fired schedules may wait before they are removed from the store.
+const FIRED_FLUSH: Duration = Duration::from_millis(100);
 
 /// What the committer is asked to do.
 #[derive(Debug)]
@@ -45,8 +55,8 @@ pub enum StoreCommand {
         schedule: Schedule,
         reply: Option<Subject>,
     },
-    /// These schedules were published and flushed: delete them.
-    Fired(Vec<DueKey>),
+    /// These schedules were published and confirmed: delete them.
+    Fired(Vec<Resident>),
 }
 
 /// Tuning of the committer.
@@ -66,20 +76,14 @@ pub struct Committer {
     acks: mpsc::UnboundedSender<Vec<Ack>>,
     /// Schedules in memory: in the wheel, on their way to it, or being published.
     resident: Arc<AtomicUsize>,
-    /// Every due key below this has been handed to the wheel.
-    cursor: DueKey,
-}
-
-/// The result of staging one round of commands.
-#[derive(Default)]
-struct Round {
-    batch: WriteBatch,
-    wheel: Vec<WheelCommand>,
-    /// How many of `wheel` are inserts.
-    inserts: usize,
-    acks: Vec<(Option<Subject>, String, UnixMs)>,
-    /// The id index as this round leaves it, for ids the round touched.
-    ids: HashMap<String, Option<UnixMs>>,
+    /// Every segment below this has been handed to the wheel.
+    cursor: SegmentKey,
+    /// The sequence number of the next segment written.
+    next_seq: u64,
+    /// Fired schedules still in the store, by segment (with whether their id is indexed), and
+    /// since when the oldest waits.
+    fired: HashMap<SegmentKey, Vec<(DueKey, bool)>>,
+    fired_since: Option<Instant>,
 }
 
 impl Committer {
@@ -90,16 +94,19 @@ impl Committer {
         wheel: mpsc::UnboundedSender<WheelCommand>,
         acks: mpsc::UnboundedSender<Vec<Ack>>,
         resident: Arc<AtomicUsize>,
-    ) -> Committer {
-        Committer {
+    ) -> Result<Committer, StoreError> {
+        Ok(Committer {
+            next_seq: store.next_seq()?,
             store,
             options,
             commands,
             wheel,
             acks,
             resident,
-            cursor: DueKey::start_of(0),
-        }
+            cursor: SegmentKey::start_of(0),
+            fired: HashMap::new(),
+            fired_since: None,
+        })
     }
 
     /// Runs on the calling (non-runtime) thread until every command sender is gone, then makes
@@ -114,152 +121,153 @@ impl Committer {
                 IDLE_TICK
             };
             let received = runtime.block_on(async {
-                tokio::time::timeout(
-                    wait,
-                    self.commands
-                        .recv_many(&mut commands, self.options.max_batch),
-                )
-                .await
+                let recv = self
+                    .commands
+                    .recv_many(&mut commands, self.options.max_batch);
+                tokio::time::timeout(wait, recv).await
             });
-            match received {
-                Ok(0) => break,
-                Ok(_) => self.apply(commands.drain(..)),
-                Err(_elapsed) => {}
+            let closed = received == Ok(0);
+            let flush_fired = closed
+                || self
+                    .fired_since
+                    .is_some_and(|since| since.elapsed() >= FIRED_FLUSH);
+            if !commands.is_empty() || flush_fired {
+                self.round(commands.drain(..), flush_fired);
+            }
+            if closed {
+                break;
             }
         }
         self.store.flush()
     }
 
-    /// Applies one round: stage, commit atomically, fsync if anything awaits an ack, then tell
-    /// the wheel and the requesters.
-    fn apply(&mut self, commands: impl Iterator<Item = StoreCommand>) {
+    /// Applies one round of commands atomically; see [`Round`].
+    fn round(&mut self, commands: impl Iterator<Item = StoreCommand>, flush_fired: bool) {
         let mut round = Round::default();
         let mut failed = None;
         for command in commands {
-            if failed.is_none() {
-                if let Err(err) = self.stage(&mut round, command) {
-                    failed = Some(err);
+            match command {
+                StoreCommand::Fired(residents) => self.note_fired(residents),
+                StoreCommand::Add { schedule, reply } if failed.is_none() => {
+                    if let Err(err) = round.add(&self.store, schedule, reply) {
+                        failed = Some(err);
+                    }
                 }
-            } else if let StoreCommand::Add { schedule, reply } = command {
-                round.acks.push((reply, schedule.id, schedule.due));
+                StoreCommand::Add { schedule, reply } => round.refuse(schedule, reply),
             }
         }
-        let needs_fsync = !round.acks.is_empty();
+        if flush_fired && failed.is_none() {
+            let fired = std::mem::take(&mut self.fired);
+            self.fired_since = None;
+            if let Err(err) = round.remove_fired(&self.store, fired) {
+                failed = Some(err);
+            }
+        }
         let result = match failed {
             Some(err) => Err(err),
-            None => self.store.commit(round.batch).and_then(|()| {
-                // The batch is in sled now whether or not the fsync succeeds, so the wheel
-                // must hear about it either way; only the acks depend on the fsync.
-                let inserts = round
-                    .wheel
-                    .iter()
-                    .filter(|c| matches!(c, WheelCommand::Insert(_)));
-                self.resident.fetch_add(inserts.count(), Ordering::Relaxed);
-                for command in round.wheel.drain(..) {
-                    let _ = self.wheel.send(command);
-                }
-                if needs_fsync {
-                    self.store.flush()
-                } else {
-                    Ok(())
-                }
-            }),
+            None => self.commit(&mut round),
         };
         if let Err(err) = &result {
             tracing::error!(error = %err, "store write failed");
         }
-        let acks: Vec<Ack> = round
-            .acks
-            .into_iter()
-            .filter_map(|(reply, id, due)| {
-                let reply = reply?;
-                let result = match &result {
-                    Ok(()) => Ok((id, due)),
-                    Err(err) => Err(ApiError::unavailable(format!("store unavailable: {err}"))),
-                };
-                Some(Ack { reply, result })
-            })
-            .collect();
+        let acks = round.acks(result.as_ref().err());
         if !acks.is_empty() {
             let _ = self.acks.send(acks);
         }
     }
 
-    /// Adds one command's writes to the round.
-    fn stage(&mut self, round: &mut Round, command: StoreCommand) -> Result<(), StoreError> {
-        match command {
-            StoreCommand::Add { schedule, reply } => {
-                if let Some(previous) = self.current_due(round, &schedule.id)? {
-                    let old = DueKey::new(previous, &schedule.id);
-                    round.batch.remove_due_only(&old);
-                    // Sent even for a key above the cursor: after a pull-back (below) the
-                    // wheel may hold keys there too. A no-op when it does not.
-                    round.wheel.push(WheelCommand::Remove(old));
-                }
-                round.batch.put(&schedule);
-                round.ids.insert(schedule.id.clone(), Some(schedule.due));
-                round.acks.push((reply, schedule.id.clone(), schedule.due));
-                let key = DueKey::new(schedule.due, &schedule.id);
-                if key < self.cursor {
-                    if self.memory_full(round) && schedule.due > time::now_ms() {
-                        // Keep memory bounded under a flood of near-future schedules: leave
-                        // this one on disk and pull the cursor back to it, so the loader
-                        // picks it up once there is room. Everything already popped for
-                        // firing is due by now, hence below the new cursor and never
-                        // reloaded; the wheel ignores reloads of what it already holds.
-                        self.cursor = key;
-                    } else {
-                        round.inserts += 1;
-                        round.wheel.push(WheelCommand::Insert(schedule));
-                    }
-                }
+    fn note_fired(&mut self, residents: Vec<Resident>) {
+        if self.fired_since.is_none() {
+            self.fired_since = Some(Instant::now());
+        }
+        for Resident { segment, schedule } in residents {
+            let key = DueKey {
+                due: schedule.due,
+                id: schedule.id,
+            };
+            self.fired
+                .entry(segment)
+                .or_default()
+                .push((key, schedule.caller_id));
+        }
+    }
+
+    /// Writes the round's new segments, commits, tells the wheel, and fsyncs if anyone waits
+    /// for an ack.
+    fn commit(&mut self, round: &mut Round) -> Result<(), StoreError> {
+        let now = time::now_ms();
+        let mut inserts = Vec::new();
+        for (bucket, schedules) in round.new_segments() {
+            let key = SegmentKey {
+                bucket,
+                seq: self.next_seq,
+            };
+            self.next_seq += 1;
+            round.write_segment(key, &schedules);
+            if key >= self.cursor {
+                continue; // the loader will bring it in
             }
-            StoreCommand::Fired(keys) => {
-                for key in &keys {
-                    // A replace may have moved the id on since this copy was loaded; then only
-                    // the fired copy goes and the id keeps pointing at its new schedule.
-                    if self.current_due(round, key.id())? == Some(key.due()) {
-                        round.ids.insert(key.id().to_owned(), None);
-                        round.batch.remove(key);
-                    } else {
-                        round.batch.remove_due_only(key);
-                    }
-                }
-                round.wheel.push(WheelCommand::Deleted(keys));
+            let full = self.resident.load(Ordering::Relaxed) + inserts.len() + schedules.len()
+                > self.options.max_resident;
+            if full && bucket > now {
+                // Keep memory bounded under a flood of near-future schedules: leave the segment
+                // on disk and pull the cursor back to it; the loader brings it in once there is
+                // room. Everything already popped for firing is due by now, so it sits in
+                // earlier buckets and is never loaded again; the wheel ignores reloads of what
+                // it already holds.
+                self.cursor = key;
+            } else {
+                inserts.extend(schedules.into_iter().map(|schedule| Resident {
+                    segment: key,
+                    schedule,
+                }));
             }
+        }
+        let (batch, mut wheel_commands) = round.finish(self.next_seq);
+        self.store.commit(batch)?;
+        // The batch is in sled now whether or not the fsync succeeds, so the wheel must hear
+        // about it either way; only the acks depend on the fsync.
+        self.resident.fetch_add(inserts.len(), Ordering::Relaxed);
+        wheel_commands.extend(inserts.into_iter().map(WheelCommand::Insert));
+        for command in wheel_commands {
+            let _ = self.wheel.send(command);
+        }
+        if round.awaits_ack() {
+            self.store.flush()?;
         }
         Ok(())
-    }
-
-    /// Whether the wheel is at `wheel.max_resident`, counting this round's inserts.
-    fn memory_full(&self, round: &Round) -> bool {
-        self.resident.load(Ordering::Relaxed) + round.inserts >= self.options.max_resident
-    }
-
-    fn current_due(&self, round: &Round, id: &str) -> Result<Option<UnixMs>, StoreError> {
-        match round.ids.get(id) {
-            Some(due) => Ok(*due),
-            None => self.store.due_of(id),
-        }
     }
 
     /// Moves the cursor forward by up to one chunk. Returns whether more is waiting to load now.
     fn load_horizon(&mut self) -> Result<bool, StoreError> {
         let horizon = time::now_ms().saturating_add(self.options.lookahead.as_millis() as u64);
+        let horizon_end = bucket_of(horizon).saturating_add(BUCKET_MS);
         let resident = self.resident.load(Ordering::Relaxed);
-        if self.cursor.due() >= horizon || resident >= self.options.max_resident {
+        if self.cursor.bucket >= horizon_end || resident >= self.options.max_resident {
             return Ok(false);
         }
         let limit = LOAD_CHUNK.min(self.options.max_resident - resident);
-        let loaded = self.store.scan(&self.cursor, horizon, limit)?;
-        let full = loaded.len() == limit;
+        let loaded = self.store.scan(self.cursor, horizon_end, limit)?;
+        let count: usize = loaded.iter().map(|(_, s)| s.len()).sum();
+        let full = count >= limit;
         self.cursor = match loaded.last() {
             Some((last, _)) if full => last.successor(),
-            _ => DueKey::start_of(horizon),
+            _ => SegmentKey::start_of(horizon_end),
         };
-        self.resident.fetch_add(loaded.len(), Ordering::Relaxed);
-        for (_, schedule) in loaded {
-            let _ = self.wheel.send(WheelCommand::Insert(schedule));
+        let mut residents: Vec<Resident> = loaded
+            .into_iter()
+            .flat_map(|(segment, schedules)| {
+                schedules
+                    .into_iter()
+                    .map(move |schedule| Resident { segment, schedule })
+            })
+            .collect();
+        // Overdue schedules fire in the order they reach the wheel, so hand them over oldest
+        // first (the scan returned whole buckets, so nothing earlier is left behind).
+        residents.sort_by_key(|r| r.schedule.due);
+        self.resident.fetch_add(count, Ordering::Relaxed);
+        for resident in residents {
+            let _ = self.wheel.send(WheelCommand::Insert(resident));
         }
         Ok(full)
     }

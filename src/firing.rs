@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::committer::StoreCommand;
 use crate::protocol;
 use crate::record::Schedule;
-use crate::store::DueKey;
+use crate::scheduler::Resident;
 use crate::time;
 
 /// Most schedules published per fence.
@@ -78,7 +78,7 @@ impl Firing {
     /// in the store for the next start.
     pub async fn run(
         mut self,
-        mut due: mpsc::UnboundedReceiver<Vec<Schedule>>,
+        mut due: mpsc::UnboundedReceiver<Vec<Resident>>,
         store: mpsc::Sender<StoreCommand>,
         resident: Arc<AtomicUsize>,
         stop: CancellationToken,
@@ -89,7 +89,7 @@ impl Firing {
         };
         tokio::pin!(grace_over);
         let mut abandoned = 0;
-        let mut batch: Vec<Schedule> = Vec::with_capacity(MAX_BATCH);
+        let mut batch: Vec<Resident> = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = due.recv().await {
             batch.extend(first);
             while batch.len() < MAX_BATCH {
@@ -110,9 +110,12 @@ impl Firing {
                 batch.clear();
                 continue;
             }
-            let keys = batch.drain(..).map(|s| DueKey::new(s.due, &s.id)).collect();
             resident.fetch_sub(fired, Ordering::Relaxed);
-            if store.send(StoreCommand::Fired(keys)).await.is_err() {
+            if store
+                .send(StoreCommand::Fired(batch.split_off(0)))
+                .await
+                .is_err()
+            {
                 tracing::error!(
                     "store writer is gone; fired schedules will fire again after restart"
                 );
@@ -127,7 +130,7 @@ impl Firing {
     }
 
     /// Publishes `batch` until one attempt is confirmed by its fence on an unbroken connection.
-    async fn deliver(&mut self, batch: &[Schedule]) {
+    async fn deliver(&mut self, batch: &[Resident]) {
         loop {
             let before = session(&self.client);
             match self.publish_with_fence(batch, &before).await {
@@ -148,11 +151,11 @@ impl Firing {
     /// reconnect, which makes the attempt void).
     async fn publish_with_fence(
         &mut self,
-        batch: &[Schedule],
+        batch: &[Resident],
         session_before: &(String, u64),
     ) -> Result<(), async_nats::Error> {
         let now = time::now_ms();
-        for schedule in batch {
+        for Resident { schedule, .. } in batch {
             debug_assert!(schedule.due <= now, "never early");
             self.client
                 .publish_with_headers(

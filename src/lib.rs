@@ -127,7 +127,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         wheel_tx,
         ack_tx,
         resident.clone(),
-    );
+    )?;
     let runtime = tokio::runtime::Handle::current();
     let committer = std::thread::Builder::new()
         .name("natsched-store".into())

@@ -196,9 +196,10 @@ pub fn parse_add(
             time::format_ms(time::MAX_MS)
         )));
     }
+    let caller_id = id.is_some();
     let id = match id {
         Some(id) => validate_id(id)?.to_owned(),
-        None => ulid::Ulid::generate().to_string(),
+        None => generated_id(due),
     };
     Ok(Schedule {
         id,
@@ -209,7 +210,20 @@ pub fn parse_add(
         created: now,
         delivery: Delivery::Core,
         recurrence: None,
+        caller_id,
     })
+}
+
+/// A new unique id for a schedule due at `due`: a ULID whose timestamp is the due instant, so
+/// the store can find the schedule from its id without indexing it.
+pub fn generated_id(due: UnixMs) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(due);
+    ulid::Ulid::from_datetime(at).to_string()
+}
+
+/// The due instant encoded in an id natsched generated (any 26-character ULID parses).
+pub fn due_of_generated_id(id: &str) -> Option<UnixMs> {
+    ulid::Ulid::from_string(id).ok().map(|u| u.timestamp_ms())
 }
 
 fn is_reserved(name: &str) -> bool {

@@ -1,6 +1,7 @@
 //! A schedule: the message natsched holds until it is due, and its versioned on-disk encoding.
 //!
-//! The id and due instant live in the store *key* (see [`crate::store`]); the value holds the rest.
+//! The id and due instant are kept beside the value in the store's segment entry (see
+//! [`crate::store`]); the value holds the rest.
 //! Value layout, format version 1 (all integers big-endian):
 //!
 //! | field        | encoding                                             |
@@ -50,6 +51,10 @@ pub struct Schedule {
     pub delivery: Delivery,
     /// Reserved for recurring schedules (a cron or interval rule); `None` for one-shot schedules.
     pub recurrence: Option<String>,
+    /// Whether the caller chose the id (`Sched-Id`). Caller ids are indexed in the store;
+    /// generated ones are found from the due instant they encode. Kept in the store's
+    /// segment entry, not in the value.
+    pub caller_id: bool,
 }
 
 /// Why a stored value could not be read back.
@@ -142,6 +147,7 @@ impl Schedule {
             created,
             delivery,
             recurrence,
+            caller_id: false,
         })
     }
 }
@@ -203,6 +209,7 @@ mod tests {
             created: 1_796_061_000_000,
             delivery: Delivery::Core,
             recurrence: None,
+            caller_id: false,
         }
     }
 
@@ -261,6 +268,7 @@ mod tests {
                 created,
                 delivery: Delivery::Core,
                 recurrence: rule,
+                caller_id: false,
             };
             prop_assert_eq!(Schedule::decode("id".into(), 7, &s.encode_value()).unwrap(), s);
         }

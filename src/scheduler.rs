@@ -12,19 +12,43 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::record::Schedule;
-use crate::store::DueKey;
+use crate::store::SegmentKey;
 use crate::time::{self, UnixMs};
 use crate::wheel::{EntryKey, Wheel};
 
 /// Most commands taken per wake-up, so a burst of inserts cannot delay firing for long.
 const MAX_COMMANDS_PER_TURN: usize = 4096;
 
+/// A schedule's identity in memory: its id and due instant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DueKey {
+    pub due: UnixMs,
+    pub id: String,
+}
+
+impl DueKey {
+    pub fn new(due: UnixMs, id: &str) -> DueKey {
+        DueKey {
+            due,
+            id: id.to_owned(),
+        }
+    }
+}
+
+/// A schedule held in memory, with the store segment it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resident {
+    pub segment: SegmentKey,
+    pub schedule: Schedule,
+}
+
 /// A change to the wheel's contents.
 #[derive(Debug)]
 pub enum WheelCommand {
     /// Hold this schedule until it is due. Ignored if the wheel already holds (or is firing)
-    /// this id at this due: the committer may load a key twice after moving its cursor back.
-    Insert(Schedule),
+    /// this id at this due: the committer may load a segment twice after moving its cursor
+    /// back.
+    Insert(Resident),
     /// Forget the schedule at this key (it was replaced); a no-op if it is not held or is
     /// already being fired.
     Remove(DueKey),
@@ -42,7 +66,7 @@ struct Held {
 
 /// The wheel and an id index into it.
 pub struct Scheduler {
-    wheel: Wheel<Schedule>,
+    wheel: Wheel<Resident>,
     /// Every schedule in the wheel or being fired, by id. Firing ones stay until the store has
     /// deleted them, which is what makes a repeated load of the same key harmless.
     held: HashMap<String, Held>,
@@ -64,7 +88,7 @@ impl Scheduler {
     pub async fn run(
         mut self,
         mut commands: mpsc::UnboundedReceiver<WheelCommand>,
-        fire: mpsc::UnboundedSender<Vec<Schedule>>,
+        fire: mpsc::UnboundedSender<Vec<Resident>>,
         shutdown: CancellationToken,
     ) {
         let mut received = Vec::with_capacity(MAX_COMMANDS_PER_TURN);
@@ -107,7 +131,8 @@ impl Scheduler {
 
     fn apply(&mut self, command: WheelCommand) {
         match command {
-            WheelCommand::Insert(schedule) => {
+            WheelCommand::Insert(resident) => {
+                let schedule = &resident.schedule;
                 if let Some(held) = self.held.get(&schedule.id) {
                     if held.due == schedule.due {
                         // A reload of what is already held or firing.
@@ -128,27 +153,27 @@ impl Scheduler {
                 }
                 let id = schedule.id.clone();
                 let due = schedule.due;
-                let entry = Some(self.wheel.insert(due, schedule));
+                let entry = Some(self.wheel.insert(due, resident));
                 self.held.insert(id, Held { due, entry });
             }
             WheelCommand::Remove(key) => {
                 if let Some(&Held {
                     due,
                     entry: Some(entry),
-                }) = self.held.get(key.id())
-                    && due == key.due()
+                }) = self.held.get(&key.id)
+                    && due == key.due
                 {
-                    self.held.remove(key.id());
+                    self.held.remove(&key.id);
                     self.drop_entry(entry);
                 }
             }
             WheelCommand::Deleted(keys) => {
                 for key in keys {
-                    if let Some(held) = self.held.get(key.id())
-                        && held.due == key.due()
+                    if let Some(held) = self.held.get(&key.id)
+                        && held.due == key.due
                         && held.entry.is_none()
                     {
-                        self.held.remove(key.id());
+                        self.held.remove(&key.id);
                     }
                 }
             }
@@ -162,13 +187,14 @@ impl Scheduler {
     }
 
     /// Marks an expired schedule as firing on its way out.
-    fn mark_firing(&mut self, schedule: Schedule) -> Schedule {
+    fn mark_firing(&mut self, resident: Resident) -> Resident {
+        let schedule = &resident.schedule;
         if let Some(held) = self.held.get_mut(&schedule.id)
             && held.due == schedule.due
         {
             held.entry = None;
         }
-        schedule
+        resident
     }
 }
 
@@ -177,16 +203,20 @@ mod tests {
     use super::*;
     use crate::record::Delivery;
 
-    fn schedule(id: &str, due: UnixMs) -> Schedule {
-        Schedule {
-            id: id.into(),
-            due,
-            subject: "t".into(),
-            headers: vec![],
-            payload: bytes::Bytes::new(),
-            created: 0,
-            delivery: Delivery::Core,
-            recurrence: None,
+    fn schedule(id: &str, due: UnixMs) -> Resident {
+        Resident {
+            segment: SegmentKey::start_of(0),
+            schedule: Schedule {
+                id: id.into(),
+                due,
+                subject: "t".into(),
+                headers: vec![],
+                payload: bytes::Bytes::new(),
+                created: 0,
+                delivery: Delivery::Core,
+                recurrence: None,
+                caller_id: true,
+            },
         }
     }
 
@@ -196,7 +226,7 @@ mod tests {
         (Scheduler::new(resident.clone()), resident)
     }
 
-    fn insert(s: &mut Scheduler, resident: &AtomicUsize, schedule: Schedule) {
+    fn insert(s: &mut Scheduler, resident: &AtomicUsize, schedule: Resident) {
         resident.fetch_add(1, Ordering::Relaxed);
         s.apply(WheelCommand::Insert(schedule));
     }
@@ -204,7 +234,9 @@ mod tests {
     fn expire(s: &mut Scheduler, now: UnixMs) -> Vec<String> {
         let mut out = Vec::new();
         s.wheel.poll(now, &mut out);
-        out.into_iter().map(|(_, x)| s.mark_firing(x).id).collect()
+        out.into_iter()
+            .map(|(_, x)| s.mark_firing(x).schedule.id)
+            .collect()
     }
 
     #[test]

@@ -1,9 +1,11 @@
 use super::*;
+use crate::protocol;
 use crate::record::Delivery;
-use crate::store::StoreOptions;
+use crate::store::{StoreOptions, WriteBatch};
 use bytes::Bytes;
 
 const DAY: UnixMs = 86_400_000;
+use crate::time::UnixMs;
 
 fn schedule(id: &str, due: UnixMs) -> Schedule {
     Schedule {
@@ -15,6 +17,7 @@ fn schedule(id: &str, due: UnixMs) -> Schedule {
         created: 0,
         delivery: Delivery::Core,
         recurrence: None,
+        caller_id: true,
     }
 }
 
@@ -27,6 +30,7 @@ struct Harness {
 }
 
 impl Harness {
+    /// A committer over a store that already holds `existing` (one segment each).
     fn new(max_resident: usize, existing: &[Schedule]) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&StoreOptions {
@@ -35,9 +39,15 @@ impl Harness {
         })
         .unwrap();
         let mut batch = WriteBatch::default();
-        for s in existing {
-            batch.put(s);
+        for (seq, s) in existing.iter().enumerate() {
+            let key = SegmentKey {
+                bucket: bucket_of(s.due),
+                seq: seq as u64 + 1,
+            };
+            batch.put_segment(key, [s]);
+            batch.index(&s.id, key);
         }
+        batch.set_next_seq(existing.len() as u64 + 1);
         store.commit(batch).unwrap();
         let (commands_tx, commands) = mpsc::channel(16);
         let (wheel_tx, wheel) = mpsc::unbounded_channel();
@@ -49,8 +59,10 @@ impl Harness {
             max_resident,
         };
         let resident = Arc::new(AtomicUsize::new(0));
+        let committer =
+            Committer::new(store, options, commands, wheel_tx, acks_tx, resident).unwrap();
         Harness {
-            committer: Committer::new(store, options, commands, wheel_tx, acks_tx, resident),
+            committer,
             wheel,
             _acks: acks,
             _commands: commands_tx,
@@ -58,13 +70,14 @@ impl Harness {
         }
     }
 
-    /// What the committer has told the wheel since the last call, as (insert?, due, id).
+    /// What the committer told the wheel since the last call, as (insert?, due, id); the
+    /// `Deleted` notices are left out.
     fn told(&mut self) -> Vec<(bool, UnixMs, String)> {
         let mut out = Vec::new();
         while let Ok(command) = self.wheel.try_recv() {
             out.push(match command {
-                WheelCommand::Insert(s) => (true, s.due, s.id),
-                WheelCommand::Remove(k) => (false, k.due(), k.id().to_owned()),
+                WheelCommand::Insert(r) => (true, r.schedule.due, r.schedule.id),
+                WheelCommand::Remove(k) => (false, k.due, k.id),
                 WheelCommand::Deleted(_) => continue,
             });
         }
@@ -76,7 +89,27 @@ impl Harness {
             schedule,
             reply: None,
         };
-        self.committer.apply(std::iter::once(add));
+        self.committer.round(std::iter::once(add), false);
+    }
+
+    fn fire(&mut self, residents: Vec<Resident>) {
+        let fired = StoreCommand::Fired(residents);
+        self.committer.round(std::iter::once(fired), true);
+    }
+
+    fn stored(&self) -> Vec<(UnixMs, String)> {
+        let segments = self
+            .committer
+            .store
+            .scan(SegmentKey::start_of(0), UnixMs::MAX, 1000);
+        let mut all: Vec<_> = segments
+            .unwrap()
+            .into_iter()
+            .flat_map(|(_, s)| s)
+            .map(|s| (s.due, s.id))
+            .collect();
+        all.sort();
+        all
     }
 }
 
@@ -93,8 +126,7 @@ fn loads_overdue_and_near_schedules_but_leaves_the_far_future_on_disk() {
         ],
     );
     assert!(!h.committer.load_horizon().unwrap());
-    let told = h.told();
-    let ids: Vec<_> = told.iter().map(|(_, _, id)| id.as_str()).collect();
+    let ids: Vec<_> = h.told().into_iter().map(|(_, _, id)| id).collect();
     assert_eq!(
         ids,
         ["older", "overdue", "near"],
@@ -102,7 +134,7 @@ fn loads_overdue_and_near_schedules_but_leaves_the_far_future_on_disk() {
     );
     assert_eq!(h.committer.resident.load(Ordering::Relaxed), 3);
     // The cursor now sits at the horizon: nothing more to load until time moves on.
-    assert!(h.committer.cursor.due() > now + 100);
+    assert!(h.committer.cursor.bucket > now + 100);
     assert!(!h.committer.load_horizon().unwrap());
     assert!(h.told().is_empty());
 }
@@ -111,7 +143,7 @@ fn loads_overdue_and_near_schedules_but_leaves_the_far_future_on_disk() {
 fn never_holds_more_than_max_resident() {
     let now = time::now_ms();
     let many: Vec<_> = (0..50)
-        .map(|i| schedule(&format!("s{i:02}"), now + i))
+        .map(|i| schedule(&format!("s{i:02}"), now + 1000 * i))
         .collect();
     let mut h = Harness::new(20, &many);
     assert!(
@@ -159,14 +191,29 @@ fn adds_inside_the_horizon_go_to_the_wheel_and_replaces_move_them() {
         ],
         "the remove of a disk-only key is a no-op for the wheel"
     );
-    assert_eq!(h.committer.store.due_of("far").unwrap(), Some(now + 50));
     assert_eq!(h.committer.store.get("far").unwrap().unwrap().due, now + 50);
-    let everything = h
-        .committer
-        .store
-        .scan(&DueKey::start_of(0), UnixMs::MAX, 10)
-        .unwrap();
-    assert_eq!(everything.len(), 2, "replaced copies are gone");
+    assert_eq!(
+        h.stored(),
+        [(now + 50, "far".to_owned()), (now + 300, "a".to_owned())],
+        "replaced copies are gone"
+    );
+}
+
+#[test]
+fn a_generated_id_given_back_as_sched_id_replaces_it() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[]);
+    let id = protocol::generated_id(now + DAY);
+    h.add(Schedule {
+        caller_id: false,
+        ..schedule(&id, now + DAY)
+    });
+    h.add(schedule(&id, now + 2 * DAY));
+    assert_eq!(h.stored(), [(now + 2 * DAY, id.clone())]);
+    assert_eq!(
+        h.committer.store.get(&id).unwrap().unwrap().due,
+        now + 2 * DAY
+    );
 }
 
 #[test]
@@ -174,23 +221,61 @@ fn a_fired_copy_never_deletes_its_replacement() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[schedule("x", now - 10)]);
     h.committer.load_horizon().unwrap();
+    let Some(WheelCommand::Insert(old)) = h.wheel.try_recv().ok() else {
+        panic!("x was loaded");
+    };
     // x fired at its old time while a replacement arrived; the old copy's deletion comes later.
     h.add(schedule("x", now + DAY));
-    let fired = StoreCommand::Fired(vec![DueKey::new(now - 10, "x")]);
-    h.committer.apply(std::iter::once(fired));
-    assert_eq!(h.committer.store.due_of("x").unwrap(), Some(now + DAY));
-    assert!(h.committer.store.get("x").unwrap().is_some());
+    h.fire(vec![old]);
+    assert_eq!(h.committer.store.get("x").unwrap().unwrap().due, now + DAY);
+    assert_eq!(h.stored(), [(now + DAY, "x".to_owned())]);
 
-    let fired = StoreCommand::Fired(vec![DueKey::new(now + DAY, "x")]);
-    h.committer.apply(std::iter::once(fired));
-    assert_eq!(h.committer.store.due_of("x").unwrap(), None);
-    assert!(
-        h.committer
-            .store
-            .scan(&DueKey::start_of(0), UnixMs::MAX, 10)
-            .unwrap()
-            .is_empty()
-    );
+    let segment = h.committer.store.locate("x").unwrap().unwrap();
+    let new = Resident {
+        segment,
+        schedule: schedule("x", now + DAY),
+    };
+    h.fire(vec![new]);
+    assert_eq!(h.committer.store.get("x").unwrap(), None);
+    assert!(h.stored().is_empty());
+}
+
+#[test]
+fn fired_schedules_leave_their_segment_and_it_goes_when_empty() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[]);
+    h.committer.load_horizon().unwrap();
+    // One round, one bucket: one segment of three.
+    let adds = ["a", "b", "c"].map(|id| StoreCommand::Add {
+        schedule: schedule(id, now + 20_000),
+        reply: None,
+    });
+    h.committer.round(adds.into_iter(), false);
+    let residents: Vec<Resident> = std::iter::from_fn(|| match h.wheel.try_recv() {
+        Ok(WheelCommand::Insert(r)) => Some(r),
+        _ => None,
+    })
+    .collect();
+    assert_eq!(residents.len(), 3);
+    assert!(residents.iter().all(|r| r.segment == residents[0].segment));
+
+    // Fired notices wait for the periodic flush; then only the fired ones go.
+    let fired = StoreCommand::Fired(residents[..2].to_vec());
+    h.committer.round(std::iter::once(fired), false);
+    assert_eq!(h.stored().len(), 3, "not yet flushed");
+    h.committer.round(std::iter::empty(), true);
+    assert_eq!(h.stored(), [(now + 20_000, "c".to_owned())]);
+    assert_eq!(h.committer.store.get("a").unwrap(), None);
+    assert!(h.committer.store.get("c").unwrap().is_some());
+
+    h.fire(residents[2..].to_vec());
+    assert!(h.stored().is_empty());
+    let raw = h
+        .committer
+        .store
+        .scan(SegmentKey::start_of(0), UnixMs::MAX, 10)
+        .unwrap();
+    assert!(raw.is_empty(), "the emptied segment is deleted");
 }
 
 #[test]
@@ -206,18 +291,18 @@ fn a_full_wheel_leaves_new_near_schedules_on_disk_until_there_is_room() {
     // Inside the horizon, but memory is full: stored, not inserted; the cursor moves back.
     h.add(schedule("late", now + 30_000));
     assert!(h.told().is_empty());
-    assert_eq!(h.committer.cursor, DueKey::new(now + 30_000, "late"));
+    assert_eq!(h.committer.cursor.bucket, bucket_of(now + 30_000));
     assert!(h.committer.store.get("late").unwrap().is_some());
     // Something already due still goes straight to the wheel: it leaves memory at once.
-    h.add(schedule("now", now - 1));
-    assert_eq!(h.told(), [(true, now - 1, "now".to_owned())]);
+    h.add(schedule("now", now - 1000));
+    assert_eq!(h.told(), [(true, now - 1000, "now".to_owned())]);
 
-    // Room again: the loader resumes from the pulled-back cursor, "late" first, then keys the
-    // wheel holds already and ignores; still no more than max_resident at once.
+    // Room again: the loader resumes from the pulled-back cursor, "late" first, then segments
+    // the wheel holds already and ignores (the scan completes the bucket it stops in).
     h.committer.resident.store(0, Ordering::Relaxed);
     h.committer.load_horizon().unwrap();
     let told = h.told();
     assert_eq!(told[0], (true, now + 30_000, "late".to_owned()));
     assert_eq!(told[1], (true, now + 40_000, "s00".to_owned()));
-    assert_eq!(told.len(), 20);
+    assert_eq!(told.len(), 21);
 }

@@ -1,79 +1,76 @@
-//! The store's key layout: one sled tree, three key spaces told apart by their first byte.
+//! The store's key layout: one sled tree, key spaces told apart by their first byte.
 //!
-//! | key                                   | value                          | why                                     |
-//! |---------------------------------------|--------------------------------|-----------------------------------------|
-//! | `d` · due (`u64` BE Unix ms) · id     | encoded [`Schedule`] value      | byte order = due order: "what is due next" is a range scan from a cursor |
-//! | `i` · id                              | due (`u64` BE)                 | find a schedule by id (replace, cancel)  |
-//! | `m` · name                            | metadata (e.g. format version) |                                          |
+//! | key                                          | value                                  |
+//! |----------------------------------------------|----------------------------------------|
+//! | `s` · bucket (`u64` BE Unix ms) · seq (`u64` BE) | a [segment](super::segment): the schedules of one commit round due in that bucket |
+//! | `i` · id                                     | the segment key holding that id        |
+//! | `m` · name                                   | metadata: format version, next segment seq |
 //!
-//! Both index entries of a schedule are written and removed in one atomic sled batch, so they can
-//! never disagree after a crash.
+//! Schedules are stored in *segments*, not one key each: a commit round writes one value per
+//! [`BUCKET_MS`]-wide time bucket its schedules fall in. That makes intake, loading and
+//! deletion cost per segment instead of per schedule (sled copies a whole leaf node on every
+//! key it inserts). Byte order of segment keys is bucket order, so "what is due next" is a
+//! range scan from a cursor.
 //!
-//! [`Schedule`]: crate::record::Schedule
+//! Only ids given by callers (`Sched-Id`) are indexed under `i`. Ids natsched generates are
+//! ULIDs whose timestamp is the due instant, so their bucket, and from it their segment, can be
+//! found without an index entry.
 
 use crate::time::UnixMs;
 
-const DUE_PREFIX: u8 = b'd';
+/// Width of a time bucket.
+pub const BUCKET_MS: UnixMs = 100;
+
+const SEGMENT_PREFIX: u8 = b's';
 const ID_PREFIX: u8 = b'i';
 /// Where the store's format version is kept.
 pub(crate) const FORMAT_KEY: &[u8] = b"mformat";
+/// Where the next segment sequence number is kept.
+pub(crate) const NEXT_SEQ_KEY: &[u8] = b"mnextseq";
 
-/// A position in the due-ordered key space: the key of one schedule, or a boundary between keys.
-///
-/// Ordering is byte order, which is (due, id) order.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DueKey(Vec<u8>);
+/// The start of the bucket `due` falls in.
+pub fn bucket_of(due: UnixMs) -> UnixMs {
+    due - due % BUCKET_MS
+}
 
-impl DueKey {
-    /// The key of the schedule `id` due at `due`.
-    pub fn new(due: UnixMs, id: &str) -> DueKey {
-        let mut key = Vec::with_capacity(9 + id.len());
-        key.push(DUE_PREFIX);
-        key.extend_from_slice(&due.to_be_bytes());
-        key.extend_from_slice(id.as_bytes());
-        DueKey(key)
-    }
+/// The key of a segment, or a boundary between segment keys. Ordered as (bucket, seq).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegmentKey {
+    /// Start of the bucket the segment's schedules are due in.
+    pub bucket: UnixMs,
+    /// Unique, increasing per segment written.
+    pub seq: u64,
+}
 
-    /// The boundary before every schedule due at or after `due`.
-    pub fn start_of(due: UnixMs) -> DueKey {
-        DueKey::new(due, "")
-    }
-
-    /// The boundary after every due key: the end of the key space.
-    pub fn end() -> DueKey {
-        DueKey(vec![DUE_PREFIX + 1])
+impl SegmentKey {
+    /// The boundary before every segment of `bucket` and later.
+    pub fn start_of(bucket: UnixMs) -> SegmentKey {
+        SegmentKey { bucket, seq: 0 }
     }
 
     /// The smallest key greater than this one.
-    pub fn successor(&self) -> DueKey {
-        let mut key = self.0.clone();
-        key.push(0);
-        DueKey(key)
-    }
-
-    /// Wraps raw key bytes read from the store, if they are a due key.
-    pub fn from_bytes(bytes: &[u8]) -> Option<DueKey> {
-        (bytes.len() >= 9 && bytes[0] == DUE_PREFIX).then(|| DueKey(bytes.to_vec()))
-    }
-
-    /// The due instant of the key (for a boundary: the due it starts).
-    pub fn due(&self) -> UnixMs {
-        match self.0.get(1..9) {
-            Some(bytes) => u64::from_be_bytes(bytes.try_into().expect("8 bytes")),
-            None => UnixMs::MAX,
+    pub fn successor(self) -> SegmentKey {
+        match self.seq.checked_add(1) {
+            Some(seq) => SegmentKey { seq, ..self },
+            None => SegmentKey::start_of(self.bucket.saturating_add(1)),
         }
     }
 
-    /// The id part of the key (empty for a boundary).
-    pub fn id(&self) -> &str {
-        self.0
-            .get(9..)
-            .and_then(|bytes| std::str::from_utf8(bytes).ok())
-            .unwrap_or("")
+    pub fn to_bytes(self) -> [u8; 17] {
+        let mut key = [0; 17];
+        key[0] = SEGMENT_PREFIX;
+        key[1..9].copy_from_slice(&self.bucket.to_be_bytes());
+        key[9..].copy_from_slice(&self.seq.to_be_bytes());
+        key
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+    /// Parses a segment key read from the store (or an id-index value).
+    pub fn from_bytes(bytes: &[u8]) -> Option<SegmentKey> {
+        let bytes: &[u8; 17] = bytes.try_into().ok()?;
+        (bytes[0] == SEGMENT_PREFIX).then(|| SegmentKey {
+            bucket: u64::from_be_bytes(bytes[1..9].try_into().expect("8 bytes")),
+            seq: u64::from_be_bytes(bytes[9..].try_into().expect("8 bytes")),
+        })
     }
 }
 
@@ -90,31 +87,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn byte_order_is_due_then_id_order() {
+    fn byte_order_is_bucket_then_seq_order() {
         let keys = [
-            DueKey::start_of(0),
-            DueKey::new(0, "a"),
-            DueKey::new(1, ""),
-            DueKey::new(1, "a"),
-            DueKey::new(1, "a").successor(),
-            DueKey::new(1, "b"),
-            DueKey::new(255, "a"),
-            DueKey::new(256, "a"),
-            DueKey::new(u64::MAX, "zzz"),
-            DueKey::end(),
+            SegmentKey::start_of(0),
+            SegmentKey { bucket: 0, seq: 1 },
+            SegmentKey {
+                bucket: 0,
+                seq: 256,
+            },
+            SegmentKey::start_of(100),
+            SegmentKey {
+                bucket: 100,
+                seq: u64::MAX,
+            },
+            SegmentKey::start_of(25_600),
+            SegmentKey {
+                bucket: u64::MAX - 15,
+                seq: 3,
+            },
         ];
         for pair in keys.windows(2) {
             assert!(pair[0] < pair[1], "{pair:?}");
+            assert!(pair[0].to_bytes() < pair[1].to_bytes(), "{pair:?}");
+            assert!(pair[0].successor() <= pair[1], "{pair:?}");
         }
+        // Index and metadata keys sort before every segment key, so no segment range scan
+        // can run into them.
+        assert!(id_key("~~~~").as_slice() < SegmentKey::start_of(0).to_bytes().as_slice());
+        assert!(NEXT_SEQ_KEY < SegmentKey::start_of(0).to_bytes().as_slice());
     }
 
     #[test]
-    fn parts_round_trip() {
-        let key = DueKey::new(1_796_061_600_250, "order-42");
-        assert_eq!(key.due(), 1_796_061_600_250);
-        assert_eq!(key.id(), "order-42");
-        assert_eq!(DueKey::from_bytes(key.as_bytes()), Some(key));
-        assert_eq!(DueKey::from_bytes(&id_key("x")), None);
-        assert!(id_key("x").as_slice() > DueKey::end().as_bytes());
+    fn round_trips_and_rejects_other_keys() {
+        let key = SegmentKey {
+            bucket: 1_796_061_600_200,
+            seq: 42,
+        };
+        assert_eq!(SegmentKey::from_bytes(&key.to_bytes()), Some(key));
+        assert_eq!(SegmentKey::from_bytes(&id_key("0123456789abcdef")), None);
+        assert_eq!(SegmentKey::from_bytes(b"s"), None);
+    }
+
+    #[test]
+    fn buckets() {
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(99), 0);
+        assert_eq!(bucket_of(100), 100);
+        assert_eq!(bucket_of(1_796_061_600_250), 1_796_061_600_200);
     }
 }

@@ -7,15 +7,19 @@
 //! caller decides when to flush, which is what lets intake acknowledge a whole group of requests
 //! per fsync (group commit).
 //!
-//! The key layout is in [`keys`]; the value format in [`crate::record`].
+//! Schedules live in time-bucketed *segments*, one value per commit round and bucket; the key
+//! layout is in [`keys`], the segment format in [`segment`], a schedule's value in
+//! [`crate::record`].
 
 mod keys;
+pub mod segment;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use keys::DueKey;
+pub use keys::{BUCKET_MS, SegmentKey, bucket_of};
 
+use crate::protocol;
 use crate::record::{DecodeError, Schedule};
 use crate::time::UnixMs;
 
@@ -34,8 +38,11 @@ pub enum StoreError {
     Format { path: PathBuf, found: u8 },
     #[error("store I/O failed: {0}")]
     Io(#[from] sled::Error),
-    #[error("stored schedule {key:?} is unreadable: {source}")]
-    Corrupt { key: DueKey, source: DecodeError },
+    #[error("stored segment {key:?} is unreadable: {source}")]
+    Corrupt {
+        key: SegmentKey,
+        source: DecodeError,
+    },
 }
 
 /// Tuning for [`Store::open`].
@@ -61,29 +68,37 @@ pub struct WriteBatch {
 }
 
 impl WriteBatch {
-    /// Stores `schedule` under its due key and indexes its id.
-    pub fn put(&mut self, schedule: &Schedule) {
-        let key = DueKey::new(schedule.due, &schedule.id);
-        self.batch.insert(key.as_bytes(), schedule.encode_value());
-        self.batch
-            .insert(keys::id_key(&schedule.id), &schedule.due.to_be_bytes());
+    /// Writes the segment `key` holding `schedules`, or removes it when there are none.
+    pub fn put_segment<'a>(
+        &mut self,
+        key: SegmentKey,
+        schedules: impl IntoIterator<Item = &'a Schedule>,
+    ) {
+        let mut schedules = schedules.into_iter().peekable();
+        if schedules.peek().is_none() {
+            self.batch.remove(&key.to_bytes());
+        } else {
+            self.batch
+                .insert(&key.to_bytes(), segment::encode(schedules));
+        }
         self.len += 1;
     }
 
-    /// Removes the schedule at `key` and its id entry.
-    ///
-    /// Only use this when the id entry is known to point at `key`; otherwise use
-    /// [`WriteBatch::remove_due_only`].
-    pub fn remove(&mut self, key: &DueKey) {
-        self.batch.remove(key.as_bytes());
-        self.batch.remove(keys::id_key(key.id()));
+    /// Points the caller-chosen `id` at the segment holding it.
+    pub fn index(&mut self, id: &str, key: SegmentKey) {
+        self.batch.insert(keys::id_key(id), &key.to_bytes());
         self.len += 1;
     }
 
-    /// Removes the schedule at `key` but leaves its id entry, which already points at a newer
-    /// schedule with the same id.
-    pub fn remove_due_only(&mut self, key: &DueKey) {
-        self.batch.remove(key.as_bytes());
+    /// Removes the index entry of `id`.
+    pub fn unindex(&mut self, id: &str) {
+        self.batch.remove(keys::id_key(id));
+        self.len += 1;
+    }
+
+    /// Records the next free segment sequence number.
+    pub fn set_next_seq(&mut self, seq: u64) {
+        self.batch.insert(keys::NEXT_SEQ_KEY, &seq.to_be_bytes());
         self.len += 1;
     }
 
@@ -139,6 +154,15 @@ impl Store {
         }
     }
 
+    /// The next free segment sequence number (kept up to date by the writer's batches).
+    pub fn next_seq(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .get(keys::NEXT_SEQ_KEY)?
+            .and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)))
+            .unwrap_or(1))
+    }
+
     /// Applies `batch` atomically (not yet durable: see [`Store::flush`]).
     pub fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
         if !batch.is_empty() {
@@ -153,45 +177,82 @@ impl Store {
         Ok(())
     }
 
-    /// The due instant of the pending schedule `id`, if any.
-    pub fn due_of(&self, id: &str) -> Result<Option<UnixMs>, StoreError> {
-        Ok(self.db.get(keys::id_key(id))?.and_then(|v| {
-            let bytes: [u8; 8] = v.as_ref().try_into().ok()?;
-            Some(u64::from_be_bytes(bytes))
-        }))
+    /// The segment holding the pending schedule `id`, if any.
+    ///
+    /// A caller-chosen id is looked up in the index. Otherwise, if `id` has the form of an id
+    /// natsched generates, the segments of the bucket its due instant falls in are searched.
+    pub fn locate(&self, id: &str) -> Result<Option<SegmentKey>, StoreError> {
+        if let Some(value) = self.db.get(keys::id_key(id))? {
+            return Ok(SegmentKey::from_bytes(&value));
+        }
+        let Some(due) = protocol::due_of_generated_id(id) else {
+            return Ok(None);
+        };
+        let bucket = bucket_of(due);
+        let from = SegmentKey::start_of(bucket).to_bytes();
+        let to = SegmentKey::start_of(bucket + BUCKET_MS).to_bytes();
+        for item in self.db.range(from..to) {
+            let (key, value) = item?;
+            let key = SegmentKey::from_bytes(&key).expect("range stays among segment keys");
+            let found = segment::holds_generated_id(&value, id)
+                .map_err(|source| StoreError::Corrupt { key, source })?;
+            if found {
+                return Ok(Some(key));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The schedules of segment `key` (empty if it does not exist).
+    pub fn segment(&self, key: SegmentKey) -> Result<Vec<Schedule>, StoreError> {
+        match self.db.get(key.to_bytes())? {
+            Some(value) => {
+                segment::decode(&value).map_err(|source| StoreError::Corrupt { key, source })
+            }
+            None => Ok(Vec::new()),
+        }
     }
 
     /// The pending schedule `id`, if any.
     pub fn get(&self, id: &str) -> Result<Option<Schedule>, StoreError> {
-        let Some(due) = self.due_of(id)? else {
+        let Some(key) = self.locate(id)? else {
             return Ok(None);
         };
-        let key = DueKey::new(due, id);
-        match self.db.get(key.as_bytes())? {
-            Some(value) => decode(&key, &value).map(Some),
-            None => Ok(None),
-        }
+        Ok(self.segment(key)?.into_iter().find(|s| s.id == id))
     }
 
-    /// Up to `limit` schedules with keys in `from..` and due before `due_before`, in key order.
-    ///
-    /// Costs what it returns plus one seek: it never looks past `due_before`.
+    /// Whole segments with keys in `from..` and buckets starting before `bucket_before`, in key
+    /// order, until they hold at least `max_schedules` schedules. The bucket of the last
+    /// segment is completed (up to twice `max_schedules`), so that callers can order what they
+    /// get by due time without a later scan bringing something earlier. Costs what it returns
+    /// plus one seek.
     pub fn scan(
         &self,
-        from: &DueKey,
-        due_before: UnixMs,
-        limit: usize,
-    ) -> Result<Vec<(DueKey, Schedule)>, StoreError> {
-        let end = DueKey::start_of(due_before).min(DueKey::end());
-        let mut out = Vec::new();
-        if *from >= end {
+        from: SegmentKey,
+        bucket_before: UnixMs,
+        max_schedules: usize,
+    ) -> Result<Vec<(SegmentKey, Vec<Schedule>)>, StoreError> {
+        let mut out: Vec<(SegmentKey, Vec<Schedule>)> = Vec::new();
+        let mut total = 0;
+        let end = SegmentKey::start_of(bucket_before);
+        if from >= end || max_schedules == 0 {
             return Ok(out);
         }
-        for item in self.db.range(from.as_bytes()..end.as_bytes()).take(limit) {
+        for item in self.db.range(from.to_bytes()..end.to_bytes()) {
             let (key, value) = item?;
-            let key = DueKey::from_bytes(&key).expect("range stays inside the due key space");
-            let schedule = decode(&key, &value)?;
-            out.push((key, schedule));
+            let key = SegmentKey::from_bytes(&key).expect("range stays among segment keys");
+            if total >= max_schedules {
+                let same_bucket = out
+                    .last()
+                    .is_some_and(|(last, _)| last.bucket == key.bucket);
+                if !same_bucket || total >= 2 * max_schedules {
+                    break;
+                }
+            }
+            let schedules =
+                segment::decode(&value).map_err(|source| StoreError::Corrupt { key, source })?;
+            total += schedules.len();
+            out.push((key, schedules));
         }
         Ok(out)
     }
@@ -202,104 +263,5 @@ impl Store {
     }
 }
 
-fn decode(key: &DueKey, value: &[u8]) -> Result<Schedule, StoreError> {
-    Schedule::decode(key.id().to_owned(), key.due(), value).map_err(|source| StoreError::Corrupt {
-        key: key.clone(),
-        source,
-    })
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::record::Delivery;
-    use bytes::Bytes;
-
-    fn schedule(id: &str, due: UnixMs) -> Schedule {
-        Schedule {
-            id: id.into(),
-            due,
-            subject: "t".into(),
-            headers: vec![],
-            payload: Bytes::from_static(b"p"),
-            created: 0,
-            delivery: Delivery::Core,
-            recurrence: None,
-        }
-    }
-
-    fn open(dir: &Path) -> Store {
-        Store::open(&StoreOptions {
-            path: dir.to_owned(),
-            cache_capacity: 1 << 20,
-        })
-        .unwrap()
-    }
-
-    #[test]
-    fn put_get_remove_and_scan_in_due_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        let mut batch = WriteBatch::default();
-        for (id, due) in [("c", 30), ("a", 10), ("b", 20), ("a2", 10)] {
-            batch.put(&schedule(id, due));
-        }
-        store.commit(batch).unwrap();
-        assert_eq!(store.due_of("b").unwrap(), Some(20));
-        assert_eq!(store.get("c").unwrap(), Some(schedule("c", 30)));
-
-        let all = store.scan(&DueKey::start_of(0), u64::MAX, 10).unwrap();
-        let ids: Vec<_> = all.iter().map(|(k, s)| (k.due(), s.id.as_str())).collect();
-        assert_eq!(ids, [(10, "a"), (10, "a2"), (20, "b"), (30, "c")]);
-
-        // The bound is exclusive, the limit counts, and the cursor resumes after a key.
-        let before_20 = store.scan(&DueKey::start_of(0), 20, 10).unwrap();
-        assert_eq!(before_20.len(), 2);
-        let first = store.scan(&DueKey::start_of(0), u64::MAX, 1).unwrap();
-        let rest = store.scan(&first[0].0.successor(), u64::MAX, 10).unwrap();
-        assert_eq!(rest.len(), 3);
-
-        let mut batch = WriteBatch::default();
-        batch.remove(&DueKey::new(20, "b"));
-        store.commit(batch).unwrap();
-        assert_eq!(store.get("b").unwrap(), None);
-        assert_eq!(
-            store
-                .scan(&DueKey::start_of(0), u64::MAX, 10)
-                .unwrap()
-                .len(),
-            3
-        );
-    }
-
-    #[test]
-    fn survives_reopen_after_flush() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = open(dir.path());
-            let mut batch = WriteBatch::default();
-            batch.put(&schedule("x", 5));
-            store.commit(batch).unwrap();
-            store.flush().unwrap();
-        }
-        let store = open(dir.path());
-        assert_eq!(store.get("x").unwrap(), Some(schedule("x", 5)));
-    }
-
-    #[test]
-    fn refuses_an_unknown_format() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let db = sled::open(dir.path()).unwrap();
-            db.insert(keys::FORMAT_KEY, &[9]).unwrap();
-            db.flush().unwrap();
-        }
-        let err = Store::open(&StoreOptions {
-            path: dir.path().to_owned(),
-            cache_capacity: 1 << 20,
-        })
-        .err()
-        .expect("format 9 must be refused");
-        assert!(matches!(err, StoreError::Format { found: 9, .. }), "{err}");
-    }
-}
+mod tests;

@@ -1,0 +1,175 @@
+//! One commit round: the changes of a batch of commands, staged so they apply atomically.
+
+use std::collections::{BTreeMap, HashMap};
+
+use async_nats::Subject;
+
+use crate::protocol::ApiError;
+use crate::record::Schedule;
+use crate::replies::Ack;
+use crate::scheduler::{DueKey, WheelCommand};
+use crate::store::{SegmentKey, Store, StoreError, WriteBatch, bucket_of};
+use crate::time::UnixMs;
+
+/// Where an id the round touched is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// In the new segment of this bucket, written at the end of the round.
+    New(UnixMs),
+    /// In a stored segment.
+    Stored(SegmentKey),
+    /// Nowhere: removed by this round.
+    Gone,
+}
+
+/// The staged changes of one round.
+#[derive(Default)]
+pub struct Round {
+    batch: WriteBatch,
+    /// New schedules by bucket: each becomes one segment.
+    new: BTreeMap<UnixMs, Vec<Schedule>>,
+    /// Stored segments this round changes, with what they will hold.
+    rewrites: HashMap<SegmentKey, Vec<Schedule>>,
+    /// Ids this round touched.
+    places: HashMap<String, Place>,
+    /// Wheel changes to send once committed (removals; inserts are added by the committer).
+    wheel: Vec<WheelCommand>,
+    acks: Vec<(Option<Subject>, String, UnixMs)>,
+}
+
+impl Round {
+    /// Stages a new schedule, removing the pending copy of its id, if any.
+    pub fn add(
+        &mut self,
+        store: &Store,
+        schedule: Schedule,
+        reply: Option<Subject>,
+    ) -> Result<(), StoreError> {
+        // A generated id is new by construction; only a caller's id can already be pending.
+        if schedule.caller_id {
+            match self.place_of(store, &schedule.id)? {
+                Place::New(bucket) => {
+                    let schedules = self.new.get_mut(&bucket).expect("placed there");
+                    schedules.retain(|s| s.id != schedule.id);
+                }
+                Place::Stored(key) => {
+                    let remaining = self.rewrite(store, key)?;
+                    if let Some(at) = remaining.iter().position(|s| s.id == schedule.id) {
+                        let old = remaining.remove(at);
+                        self.wheel
+                            .push(WheelCommand::Remove(DueKey::new(old.due, &old.id)));
+                    }
+                }
+                Place::Gone => {}
+            }
+        }
+        let bucket = bucket_of(schedule.due);
+        self.places.insert(schedule.id.clone(), Place::New(bucket));
+        self.acks.push((reply, schedule.id.clone(), schedule.due));
+        self.new.entry(bucket).or_default().push(schedule);
+        Ok(())
+    }
+
+    /// Records a request that could not be staged (an earlier one failed): it gets a 503.
+    pub fn refuse(&mut self, schedule: Schedule, reply: Option<Subject>) {
+        self.acks.push((reply, schedule.id, schedule.due));
+    }
+
+    /// Removes fired schedules from their segments, and their ids from the index unless the
+    /// id has moved on to a newer schedule.
+    pub fn remove_fired(
+        &mut self,
+        store: &Store,
+        fired: HashMap<SegmentKey, Vec<(DueKey, bool)>>,
+    ) -> Result<(), StoreError> {
+        let mut deleted = Vec::new();
+        for (key, schedules) in fired {
+            let remaining = self.rewrite(store, key)?;
+            remaining.retain(|s| {
+                !schedules
+                    .iter()
+                    .any(|(f, _)| f.id == s.id && f.due == s.due)
+            });
+            for (fired, caller_id) in schedules {
+                if caller_id && self.place_of(store, &fired.id)? == Place::Stored(key) {
+                    self.places.insert(fired.id.clone(), Place::Gone);
+                    self.batch.unindex(&fired.id);
+                }
+                deleted.push(fired);
+            }
+        }
+        if !deleted.is_empty() {
+            self.wheel.push(WheelCommand::Deleted(deleted));
+        }
+        Ok(())
+    }
+
+    /// The new segments to write, by bucket (taken out of the round).
+    pub fn new_segments(&mut self) -> Vec<(UnixMs, Vec<Schedule>)> {
+        std::mem::take(&mut self.new)
+            .into_iter()
+            .filter(|(_, schedules)| !schedules.is_empty())
+            .collect()
+    }
+
+    /// Stages the write of a new segment and the index entries of its caller ids.
+    pub fn write_segment(&mut self, key: SegmentKey, schedules: &[Schedule]) {
+        self.batch.put_segment(key, schedules);
+        for schedule in schedules.iter().filter(|s| s.caller_id) {
+            self.batch.index(&schedule.id, key);
+        }
+    }
+
+    /// The batch to commit and the wheel changes to send after it.
+    pub fn finish(&mut self, next_seq: u64) -> (WriteBatch, Vec<WheelCommand>) {
+        for (key, remaining) in self.rewrites.drain() {
+            self.batch.put_segment(key, &remaining);
+        }
+        self.batch.set_next_seq(next_seq);
+        (
+            std::mem::take(&mut self.batch),
+            std::mem::take(&mut self.wheel),
+        )
+    }
+
+    /// Whether any request of this round waits for its ack (which needs the fsync).
+    pub fn awaits_ack(&self) -> bool {
+        !self.acks.is_empty()
+    }
+
+    /// The replies of the round's requests, given how the round ended.
+    pub fn acks(&mut self, failure: Option<&StoreError>) -> Vec<Ack> {
+        self.acks
+            .drain(..)
+            .filter_map(|(reply, id, due)| {
+                let result = match failure {
+                    None => Ok((id, due)),
+                    Some(err) => Err(ApiError::unavailable(format!("store unavailable: {err}"))),
+                };
+                Some(Ack {
+                    reply: reply?,
+                    result,
+                })
+            })
+            .collect()
+    }
+
+    fn place_of(&self, store: &Store, id: &str) -> Result<Place, StoreError> {
+        if let Some(place) = self.places.get(id) {
+            return Ok(*place);
+        }
+        Ok(store.locate(id)?.map_or(Place::Gone, Place::Stored))
+    }
+
+    /// The staged contents of stored segment `key`, read on first use.
+    fn rewrite(
+        &mut self,
+        store: &Store,
+        key: SegmentKey,
+    ) -> Result<&mut Vec<Schedule>, StoreError> {
+        Ok(match self.rewrites.entry(key) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(store.segment(key)?),
+        })
+    }
+}

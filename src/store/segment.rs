@@ -1,0 +1,149 @@
+//! A segment: the schedules of one commit round that are due in one time bucket, stored as one
+//! value.
+//!
+//! Layout (integers big-endian):
+//!
+//! | field    | encoding                                                              |
+//! |----------|-----------------------------------------------------------------------|
+//! | version  | `u8` = 1                                                              |
+//! | count    | `u32`                                                                 |
+//! | records  | per schedule: `u8` flags (bit 0: the id was given by the caller and is indexed), `u64` due, `u16` id length + id, `u32` value length + [record value](crate::record) |
+
+use crate::record::{DecodeError, Schedule};
+
+const SEGMENT_FORMAT: u8 = 1;
+const FLAG_CALLER_ID: u8 = 1;
+
+/// Encodes `schedules` as one segment value.
+pub fn encode<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> Vec<u8> {
+    let mut out = vec![SEGMENT_FORMAT, 0, 0, 0, 0];
+    let mut count: u32 = 0;
+    for schedule in schedules {
+        count += 1;
+        out.push(if schedule.caller_id {
+            FLAG_CALLER_ID
+        } else {
+            0
+        });
+        out.extend_from_slice(&schedule.due.to_be_bytes());
+        out.extend_from_slice(&(schedule.id.len() as u16).to_be_bytes());
+        out.extend_from_slice(schedule.id.as_bytes());
+        let value = schedule.encode_value();
+        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        out.extend_from_slice(&value);
+    }
+    out[1..5].copy_from_slice(&count.to_be_bytes());
+    out
+}
+
+/// Decodes every schedule of a segment value.
+pub fn decode(bytes: &[u8]) -> Result<Vec<Schedule>, DecodeError> {
+    let mut out = Vec::new();
+    for_each(bytes, |flags, due, id, value| {
+        let mut schedule = Schedule::decode(utf8(id)?, due, value)?;
+        schedule.caller_id = flags & FLAG_CALLER_ID != 0;
+        out.push(schedule);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Whether the segment holds a schedule with this id that was *not* indexed (a generated id).
+pub fn holds_generated_id(bytes: &[u8], wanted: &str) -> Result<bool, DecodeError> {
+    let mut found = false;
+    for_each(bytes, |flags, _, id, _| {
+        found |= flags & FLAG_CALLER_ID == 0 && id == wanted.as_bytes();
+        Ok(())
+    })?;
+    Ok(found)
+}
+
+fn utf8(bytes: &[u8]) -> Result<String, DecodeError> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::NotUtf8)
+}
+
+fn for_each(
+    bytes: &[u8],
+    mut visit: impl FnMut(u8, u64, &[u8], &[u8]) -> Result<(), DecodeError>,
+) -> Result<(), DecodeError> {
+    let mut rest = bytes;
+    let mut take = |n: usize| -> Result<&[u8], DecodeError> {
+        if rest.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Ok(head)
+    };
+    let version = take(1)?[0];
+    if version != SEGMENT_FORMAT {
+        return Err(DecodeError::UnknownVersion(version));
+    }
+    let count = u32::from_be_bytes(take(4)?.try_into().expect("4 bytes"));
+    for _ in 0..count {
+        let flags = take(1)?[0];
+        let due = u64::from_be_bytes(take(8)?.try_into().expect("8 bytes"));
+        let id_len = u16::from_be_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+        let id = take(id_len)?;
+        let value_len = u32::from_be_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+        let value = take(value_len)?;
+        visit(flags, due, id, value)?;
+    }
+    if !rest.is_empty() {
+        return Err(DecodeError::TrailingBytes(rest.len()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Delivery;
+    use bytes::Bytes;
+
+    fn schedule(id: &str, due: u64, caller_id: bool) -> Schedule {
+        Schedule {
+            id: id.into(),
+            due,
+            subject: "orders.expired".into(),
+            headers: vec![("H".into(), "v".into())],
+            payload: Bytes::from_static(b"{}"),
+            created: 5,
+            delivery: Delivery::Core,
+            recurrence: None,
+            caller_id,
+        }
+    }
+
+    #[test]
+    fn round_trips_with_flags() {
+        let all = [
+            schedule("a", 10, true),
+            schedule("b", 11, false),
+            schedule("c", 11, true),
+        ];
+        let bytes = encode(&all);
+        assert_eq!(decode(&bytes).unwrap(), all);
+        assert!(holds_generated_id(&bytes, "b").unwrap());
+        assert!(
+            !holds_generated_id(&bytes, "a").unwrap(),
+            "caller ids are found via the index"
+        );
+        assert!(!holds_generated_id(&bytes, "zz").unwrap());
+        assert_eq!(decode(&encode(&[])).unwrap(), []);
+    }
+
+    #[test]
+    fn refuses_damage() {
+        let bytes = encode(&[schedule("a", 10, true)]);
+        for cut in 0..bytes.len() {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(decode(&long), Err(DecodeError::TrailingBytes(1)));
+        let mut other = bytes;
+        other[0] = 9;
+        assert_eq!(decode(&other), Err(DecodeError::UnknownVersion(9)));
+    }
+}
