@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 
 use crate::record::Schedule;
 use crate::replies::Ack;
-use crate::scheduler::{DueKey, Resident, WheelCommand};
+use crate::scheduler::{Resident, ScheduleRef, WheelCommand};
 use crate::store::{BUCKET_MS, SegmentKey, Store, StoreError, bucket_of};
 use crate::time;
 
@@ -82,7 +82,7 @@ pub struct Committer {
     next_seq: u64,
     /// Fired schedules still in the store, by segment (with whether their id is indexed), and
     /// since when the oldest waits.
-    fired: HashMap<SegmentKey, Vec<(DueKey, bool)>>,
+    fired: HashMap<SegmentKey, Vec<(ScheduleRef, bool)>>,
     fired_since: Option<Instant>,
 }
 
@@ -181,14 +181,11 @@ impl Committer {
             self.fired_since = Some(Instant::now());
         }
         for Resident { segment, schedule } in residents {
-            let key = DueKey {
-                due: schedule.due,
-                id: schedule.id,
-            };
+            let copy = ScheduleRef::of(segment, &schedule);
             self.fired
                 .entry(segment)
                 .or_default()
-                .push((key, schedule.caller_id));
+                .push((copy, schedule.caller_id));
         }
     }
 

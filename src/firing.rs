@@ -35,6 +35,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Pause before publishing a batch again after a failure.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
+fn is_permanent(err: &async_nats::PublishError) -> bool {
+    use async_nats::client::PublishErrorKind;
+    matches!(
+        err.kind(),
+        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::InvalidSubject
+    )
+}
+
 /// The message a schedule is delivered as: its own headers plus `Sched-Id` and `Sched-Due`.
 pub fn delivery_headers(schedule: &Schedule) -> HeaderMap {
     let mut headers = HeaderMap::new();
@@ -154,16 +162,33 @@ impl Firing {
         batch: &[Resident],
         session_before: &(String, u64),
     ) -> Result<(), async_nats::Error> {
-        let now = time::now_ms();
+        // The wheel hands out nothing before its due, but if the wall clock was stepped back
+        // since, "due" may be in the future again: never publish early.
+        let latest = batch.iter().map(|r| r.schedule.due).max().unwrap_or(0);
+        if time::now_ms() < latest {
+            tokio::time::sleep_until(time::instant_of(latest).into()).await;
+        }
         for Resident { schedule, .. } in batch {
-            debug_assert!(schedule.due <= now, "never early");
-            self.client
+            let published = self
+                .client
                 .publish_with_headers(
                     schedule.subject.clone(),
                     delivery_headers(schedule),
                     schedule.payload.clone(),
                 )
-                .await?;
+                .await;
+            match published {
+                Ok(()) => {}
+                // Intake refuses what cannot be delivered, but the server's limit can shrink
+                // later. Retrying would block every schedule behind this one forever.
+                Err(err) if is_permanent(&err) => tracing::error!(
+                    id = %schedule.id,
+                    subject = %schedule.subject,
+                    error = %err,
+                    "schedule can never be published; dropping it"
+                ),
+                Err(err) => return Err(err.into()),
+            }
         }
         self.fence_seq += 1;
         let seq = self.fence_seq.to_string();

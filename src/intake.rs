@@ -23,7 +23,8 @@ pub struct Intake {
     client: Client,
     /// `<prefix>.add.`: stripped from a request's subject to leave its target.
     add_prefix: String,
-    limits: AddLimits,
+    /// `api.max_payload`.
+    max_payload: usize,
     adds: Subscriber,
     /// `<prefix>.add` with no target: only ever answered with an error.
     bare: Subscriber,
@@ -33,14 +34,14 @@ impl Intake {
     pub async fn subscribe(
         client: Client,
         prefix: &str,
-        limits: AddLimits,
+        max_payload: usize,
     ) -> Result<Intake, async_nats::SubscribeError> {
         let adds = client.subscribe(format!("{prefix}.add.>")).await?;
         let bare = client.subscribe(format!("{prefix}.add")).await?;
         Ok(Intake {
             client,
             add_prefix: format!("{prefix}.add."),
-            limits,
+            max_payload,
             adds,
             bare,
         })
@@ -63,10 +64,11 @@ impl Intake {
                 else => break,
             }
         }
-        let _ = self.bare.unsubscribe().await;
-        // Bounded: with NATS unreachable the drain is never confirmed and the stream never ends.
-        // A request cut off here was not acknowledged, so its sender knows to retry.
+        // Bounded: with NATS unreachable the client stops taking commands once its queue is
+        // full, the drain is never confirmed and the stream never ends. A request cut off here
+        // was not acknowledged, so its sender knows to retry.
         let serve_rest = async {
+            let _ = self.bare.unsubscribe().await;
             if self.adds.drain().await.is_ok() {
                 while let Some(message) = self.adds.next().await {
                     self.handle(message, &store).await;
@@ -91,7 +93,11 @@ impl Intake {
             message.headers.as_ref(),
             message.payload.clone(),
             time::now_ms(),
-            self.limits,
+            AddLimits {
+                max_payload: self.max_payload,
+                // Read per request: it is the server's, and can change on reconnect.
+                server_max_payload: self.client.max_payload(),
+            },
         );
         match parsed {
             Ok(schedule) => {

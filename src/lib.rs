@@ -51,14 +51,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
-use tokio::sync::mpsc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::committer::{Committer, CommitterOptions};
 use crate::config::Config;
 use crate::firing::Firing;
 use crate::intake::Intake;
-use crate::protocol::AddLimits;
 use crate::scheduler::Scheduler;
 use crate::store::{Store, StoreError, StoreOptions};
 
@@ -101,10 +102,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!(path = %config.store.path.display(), "store open");
 
     let client = connect(&config).await?;
-    let limits = AddLimits {
-        max_payload: config.api.max_payload,
-    };
-    let intake = Intake::subscribe(client.clone(), &config.api.prefix, limits).await?;
+    let intake =
+        Intake::subscribe(client.clone(), &config.api.prefix, config.api.max_payload).await?;
     let firing = Firing::new(client.clone()).await?;
     client.flush().await.ok();
     tracing::info!(prefix = %config.api.prefix, url = %config.nats.url, "accepting schedules");
@@ -129,41 +128,89 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         resident.clone(),
     )?;
     let runtime = tokio::runtime::Handle::current();
-    let committer = std::thread::Builder::new()
+    let (store_done_tx, mut store_done) = oneshot::channel();
+    std::thread::Builder::new()
         .name("natsched-store".into())
-        .spawn(move || committer.run(runtime))
+        .spawn(move || {
+            // Reported through a channel so the runtime can wait for it without blocking.
+            let _ = store_done_tx.send(committer.run(runtime));
+        })
         .map_err(|e| RunError::Task(format!("cannot start the store thread: {e}")))?;
 
-    let replies = tokio::spawn(replies::run(client.clone(), ack_rx));
-    let scheduler =
+    let mut replies = tokio::spawn(replies::run(client.clone(), ack_rx));
+    let mut scheduler =
         tokio::spawn(Scheduler::new(resident.clone()).run(wheel_rx, fire_tx, stop.clone()));
-    let firing = tokio::spawn(firing.run(fire_rx, store_tx.clone(), resident, stop.clone()));
-    let intake = tokio::spawn(intake.run(store_tx, stop.clone()));
+    let mut firing = tokio::spawn(firing.run(fire_rx, store_tx.clone(), resident, stop.clone()));
+    let mut intake = tokio::spawn(intake.run(store_tx, stop.clone()));
 
-    shutdown.await;
-    tracing::info!("shutting down: intake stops, in-flight work finishes");
+    // Until asked to stop, watch for a part that stopped by itself (a store failure, a panic):
+    // the daemon then shuts down and reports it rather than running on half-dead.
+    let failure = tokio::select! {
+        () = shutdown => None,
+        result = &mut store_done => Some(match result {
+            Ok(Err(err)) => RunError::Store(err),
+            _ => RunError::Task("the store writer stopped".into()),
+        }),
+        result = &mut intake => Some(stopped("intake", result)),
+        result = &mut scheduler => Some(stopped("scheduler", result)),
+        result = &mut firing => Some(stopped("firing", result)),
+        result = &mut replies => Some(stopped("replies", result)),
+    };
+    match &failure {
+        None => tracing::info!("shutting down: intake stops, in-flight work finishes"),
+        Some(err) => tracing::error!("{err}; shutting down"),
+    }
     stop.cancel();
     // Order matters: intake and the scheduler stop first; firing then drains what it was handed
     // and drops the last handle to the committer, which commits, fsyncs and exits; its acks
-    // then drain through `replies`.
+    // then drain through `replies`. Every wait is bounded, so shutdown is too.
     for (name, task) in [
-        ("intake", intake),
-        ("scheduler", scheduler),
-        ("firing", firing),
+        ("intake", &mut intake),
+        ("scheduler", &mut scheduler),
+        ("firing", &mut firing),
     ] {
-        task.await
-            .map_err(|e| RunError::Task(format!("{name}: {e}")))?;
-        tracing::debug!("{name} stopped");
+        join_bounded(name, task).await;
     }
-    tokio::task::spawn_blocking(move || committer.join())
-        .await
-        .map_err(|e| RunError::Task(e.to_string()))?
-        .map_err(|_| RunError::Task("store thread panicked".into()))??;
-    replies
-        .await
-        .map_err(|e| RunError::Task(format!("replies: {e}")))?;
+    let store_result = match tokio::time::timeout(SHUTDOWN_STEP, &mut store_done).await {
+        Ok(Ok(result)) => result.map_err(RunError::Store),
+        Ok(Err(_)) => Ok(()), // its end was already reported above
+        Err(_) => Err(RunError::Task(
+            "the store writer did not finish in time".into(),
+        )),
+    };
+    join_bounded("replies", &mut replies).await;
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    store_result?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// How long each shutdown step may take before it is given up.
+const SHUTDOWN_STEP: Duration = Duration::from_secs(10);
+
+fn stopped(name: &str, result: Result<(), tokio::task::JoinError>) -> RunError {
+    match result {
+        Ok(()) => RunError::Task(format!("{name} stopped unexpectedly")),
+        Err(err) => RunError::Task(format!("{name} failed: {err}")),
+    }
+}
+
+/// Waits for a task that is stopping, giving up (and aborting it) after [`SHUTDOWN_STEP`].
+async fn join_bounded(name: &str, task: &mut tokio::task::JoinHandle<()>) {
+    if task.is_finished() {
+        // Possibly already awaited by the watch above; a finished handle is not polled again.
+        return;
+    }
+    match tokio::time::timeout(SHUTDOWN_STEP, &mut *task).await {
+        Ok(Ok(())) => tracing::debug!("{name} stopped"),
+        Ok(Err(err)) => tracing::error!("{name} failed: {err}"),
+        Err(_) => {
+            tracing::warn!("{name} did not stop in time; aborting it");
+            task.abort();
+        }
+    }
 }
 
 async fn connect(config: &Config) -> Result<async_nats::Client, RunError> {

@@ -2,7 +2,7 @@
 //!
 //! It starts nothing: it talks to a NATS server (and through it to a running natsched), drives
 //! the benchmark workload, and reports one JSON line. The workload: `count` schedules with
-//! `Sched-At` and 64-byte payloads, spread over `subjects` target subjects, due at evenly spaced
+//! `Sched-At` and 64-byte payloads (starting with the schedule's index), spread over `subjects` target subjects, due at evenly spaced
 //! instants so that they fire at `rate` per second, sent as requests with `in_flight`
 //! outstanding. Every request must be acknowledged (that is, durable) before it counts. A
 //! second connection subscribes to the targets and records each message's lateness (receipt
@@ -52,6 +52,9 @@ pub struct LoadOptions {
     /// How long after the last due instant to wait for stragglers.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     pub grace: Duration,
+    /// Give every request a `Sched-Id` (exercises the id index; the standard workload has none).
+    #[arg(long)]
+    pub with_id: bool,
     /// natsched's pid, to report its memory.
     #[arg(long)]
     pub pid: Option<u32>,
@@ -163,11 +166,12 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
                 _ => break,
             };
             let received = now_micros();
+            // The payload starts with the schedule's index.
             let index = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(protocol::ID))
-                .and_then(|id| id.as_str().rsplit('-').next()?.parse::<u64>().ok());
+                .payload
+                .split(|b| *b == b' ')
+                .next()
+                .and_then(|digits| std::str::from_utf8(digits).ok()?.parse::<u64>().ok());
             let Some(i) = index.filter(|i| *i < count) else {
                 continue;
             };
@@ -185,7 +189,8 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         (fired, duplicates, early, histogram)
     });
 
-    let payload = Bytes::from(vec![b'x'; options.payload]);
+    let payload_size = options.payload;
+    let with_id = options.with_id;
     let next = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let due_before_ack = Arc::new(AtomicU64::new(0));
@@ -198,7 +203,6 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
                 refused.clone(),
                 due_before_ack.clone(),
             );
-            let payload = payload.clone();
             let (prefix, subjects, run_id) =
                 (options.prefix.clone(), options.subjects, run_id.clone());
             tokio::spawn(async move {
@@ -210,10 +214,14 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
                     let due = due_of(i);
                     let mut headers = HeaderMap::new();
                     headers.insert(protocol::AT, time::format_ms(due).as_str());
-                    headers.insert(protocol::ID, format!("b{run_id}-{i}").as_str());
+                    if with_id {
+                        headers.insert(protocol::ID, format!("b{run_id}-{i}").as_str());
+                    }
+                    let mut payload = format!("{i} ").into_bytes();
+                    payload.resize(payload_size.max(payload.len()), b'x');
                     let subject = format!("{prefix}.add.bench.{run_id}.{}", i % subjects);
                     let reply = client
-                        .request_with_headers(subject, headers, payload.clone())
+                        .request_with_headers(subject, headers, Bytes::from(payload))
                         .await;
                     let ok = reply.is_ok_and(|r| {
                         r.headers

@@ -119,8 +119,29 @@ pub fn add_reply(id: &str, due: UnixMs) -> Bytes {
 /// Limits applied to add requests.
 #[derive(Debug, Clone, Copy)]
 pub struct AddLimits {
-    /// Largest accepted payload in bytes.
+    /// Largest accepted payload in bytes (`api.max_payload`).
     pub max_payload: usize,
+    /// The server's `max_payload`: the delivered message, headers included, must fit in it.
+    pub server_max_payload: usize,
+}
+
+/// Longest target subject or header name accepted (the store keeps their lengths in 16 bits).
+pub const MAX_NAME_LEN: usize = u16::MAX as usize;
+/// Most headers accepted on one request (the store keeps the count in 16 bits).
+pub const MAX_HEADERS: usize = u16::MAX as usize;
+
+/// Bytes the delivered message counts against the server's `max_payload`: the header block,
+/// with natsched's `Sched-Id` and `Sched-Due` added, plus the payload.
+pub fn delivered_size(schedule: &Schedule) -> usize {
+    const LINE: usize = ": \r\n".len();
+    let headers: usize = schedule
+        .headers
+        .iter()
+        .map(|(n, v)| n.len() + v.len() + LINE)
+        .sum();
+    let ours =
+        ID.len() + schedule.id.len() + LINE + DUE.len() + "2026-11-24T18:00:00.250Z".len() + LINE;
+    "NATS/1.0\r\n".len() + headers + ours + "\r\n".len() + schedule.payload.len()
 }
 
 /// Turns an add request for `target` (the subject after `<prefix>.add.`) into a schedule.
@@ -134,6 +155,9 @@ pub fn parse_add(
     limits: AddLimits,
 ) -> Result<Schedule, ApiError> {
     validate_target(target)?;
+    if target.len() > MAX_NAME_LEN {
+        return Err(ApiError::bad_request("target subject is too long"));
+    }
     if payload.len() > limits.max_payload {
         return Err(ApiError::too_large(payload.len(), limits.max_payload));
     }
@@ -143,6 +167,9 @@ pub fn parse_add(
     let mut kept = Vec::new();
     for (name, values) in headers.into_iter().flat_map(HeaderMap::iter) {
         let name: &str = name.as_ref();
+        if name.len() > MAX_NAME_LEN {
+            return Err(ApiError::bad_request("header name is too long"));
+        }
         if !is_reserved(name) {
             kept.extend(
                 values
@@ -171,6 +198,11 @@ pub fn parse_add(
                 )));
             }
         }
+    }
+    if kept.len() > MAX_HEADERS {
+        return Err(ApiError::bad_request(format!(
+            "more than {MAX_HEADERS} headers"
+        )));
     }
     // The map's name order is arbitrary; sorting makes what is stored (and delivered) stable.
     // The sort is stable, so repeated values of one name keep their order.
@@ -201,7 +233,7 @@ pub fn parse_add(
         Some(id) => validate_id(id)?.to_owned(),
         None => generated_id(due),
     };
-    Ok(Schedule {
+    let schedule = Schedule {
         id,
         due,
         subject: target.to_owned(),
@@ -211,7 +243,20 @@ pub fn parse_add(
         delivery: Delivery::Core,
         recurrence: None,
         caller_id,
-    })
+    };
+    // Refused now rather than accepted and never deliverable.
+    let size = delivered_size(&schedule);
+    if size > limits.server_max_payload {
+        return Err(ApiError {
+            code: 413,
+            description: format!(
+                "the delivered message ({size} bytes with headers, Sched-Id and Sched-Due) \
+                 exceeds the server's max_payload of {} bytes",
+                limits.server_max_payload
+            ),
+        });
+    }
+    Ok(schedule)
 }
 
 /// A new unique id for a schedule due at `due`: a ULID whose timestamp is the due instant, so

@@ -19,18 +19,21 @@ use crate::wheel::{EntryKey, Wheel};
 /// Most commands taken per wake-up, so a burst of inserts cannot delay firing for long.
 const MAX_COMMANDS_PER_TURN: usize = 4096;
 
-/// A schedule's identity in memory: its id and due instant.
+/// One stored copy of a schedule: its id, due instant and segment. A replacement always lands
+/// in a new segment, so this tells two copies of an id apart even when their dues are equal.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DueKey {
+pub struct ScheduleRef {
+    pub segment: SegmentKey,
     pub due: UnixMs,
     pub id: String,
 }
 
-impl DueKey {
-    pub fn new(due: UnixMs, id: &str) -> DueKey {
-        DueKey {
-            due,
-            id: id.to_owned(),
+impl ScheduleRef {
+    pub fn of(segment: SegmentKey, schedule: &Schedule) -> ScheduleRef {
+        ScheduleRef {
+            segment,
+            due: schedule.due,
+            id: schedule.id.clone(),
         }
     }
 }
@@ -46,22 +49,27 @@ pub struct Resident {
 #[derive(Debug)]
 pub enum WheelCommand {
     /// Hold this schedule until it is due. Ignored if the wheel already holds (or is firing)
-    /// this id at this due: the committer may load a segment twice after moving its cursor
-    /// back.
+    /// this very copy: the committer may load a segment twice after moving its cursor back.
     Insert(Resident),
-    /// Forget the schedule at this key (it was replaced); a no-op if it is not held or is
-    /// already being fired.
-    Remove(DueKey),
-    /// These fired schedules are now deleted from the store, so can no longer be loaded again.
-    Deleted(Vec<DueKey>),
+    /// Forget this copy (it was replaced); a no-op if it is not held or is already being fired.
+    Remove(ScheduleRef),
+    /// These fired copies are now deleted from the store, so can no longer be loaded again.
+    Deleted(Vec<ScheduleRef>),
 }
 
 /// Where a schedule the scheduler knows of is.
 #[derive(Debug, Clone, Copy)]
 struct Held {
     due: UnixMs,
+    segment: SegmentKey,
     /// Its wheel entry; `None` once it has expired and is being fired.
     entry: Option<EntryKey>,
+}
+
+impl Held {
+    fn is(&self, copy: &ScheduleRef) -> bool {
+        self.due == copy.due && self.segment == copy.segment
+    }
 }
 
 /// The wheel and an id index into it.
@@ -134,14 +142,14 @@ impl Scheduler {
             WheelCommand::Insert(resident) => {
                 let schedule = &resident.schedule;
                 if let Some(held) = self.held.get(&schedule.id) {
-                    if held.due == schedule.due {
-                        // A reload of what is already held or firing.
+                    if held.due == schedule.due && held.segment == resident.segment {
+                        // A reload of the copy already held or firing.
                         self.resident.fetch_sub(1, Ordering::Relaxed);
                         return;
                     }
-                    // The committer removes a replaced schedule before inserting its
-                    // successor, so a different due here can only be an older copy that is
-                    // already firing; the new one takes over the id.
+                    // The committer removes a replaced copy before inserting its successor, so
+                    // a different copy here can only be an older one that is already firing;
+                    // the new one takes over the id.
                     debug_assert!(
                         held.entry.is_none(),
                         "two wheel entries for {}",
@@ -152,28 +160,33 @@ impl Scheduler {
                     }
                 }
                 let id = schedule.id.clone();
-                let due = schedule.due;
+                let (due, segment) = (schedule.due, resident.segment);
                 let entry = Some(self.wheel.insert(due, resident));
-                self.held.insert(id, Held { due, entry });
+                self.held.insert(
+                    id,
+                    Held {
+                        due,
+                        segment,
+                        entry,
+                    },
+                );
             }
-            WheelCommand::Remove(key) => {
-                if let Some(&Held {
-                    due,
-                    entry: Some(entry),
-                }) = self.held.get(&key.id)
-                    && due == key.due
+            WheelCommand::Remove(copy) => {
+                if let Some(held) = self.held.get(&copy.id).copied()
+                    && held.is(&copy)
+                    && let Some(entry) = held.entry
                 {
-                    self.held.remove(&key.id);
+                    self.held.remove(&copy.id);
                     self.drop_entry(entry);
                 }
             }
-            WheelCommand::Deleted(keys) => {
-                for key in keys {
-                    if let Some(held) = self.held.get(&key.id)
-                        && held.due == key.due
+            WheelCommand::Deleted(copies) => {
+                for copy in copies {
+                    if let Some(held) = self.held.get(&copy.id)
+                        && held.is(&copy)
                         && held.entry.is_none()
                     {
-                        self.held.remove(&key.id);
+                        self.held.remove(&copy.id);
                     }
                 }
             }
@@ -188,9 +201,8 @@ impl Scheduler {
 
     /// Marks an expired schedule as firing on its way out.
     fn mark_firing(&mut self, resident: Resident) -> Resident {
-        let schedule = &resident.schedule;
-        if let Some(held) = self.held.get_mut(&schedule.id)
-            && held.due == schedule.due
+        if let Some(held) = self.held.get_mut(&resident.schedule.id)
+            && held.is(&ScheduleRef::of(resident.segment, &resident.schedule))
         {
             held.entry = None;
         }
@@ -263,9 +275,15 @@ mod tests {
             "a reload while firing must not fire twice"
         );
         // Replacing it while it fires cannot recall it either.
-        s.apply(WheelCommand::Remove(DueKey::new(due, "a")));
+        s.apply(WheelCommand::Remove(ScheduleRef::of(
+            SegmentKey::start_of(0),
+            &schedule("a", due).schedule,
+        )));
 
-        s.apply(WheelCommand::Deleted(vec![DueKey::new(due, "a")]));
+        s.apply(WheelCommand::Deleted(vec![ScheduleRef::of(
+            SegmentKey::start_of(0),
+            &schedule("a", due).schedule,
+        )]));
         assert!(s.held.is_empty());
         // After deletion the same id and due is a genuinely new schedule.
         insert(&mut s, &resident, schedule("a", due));
@@ -278,11 +296,20 @@ mod tests {
         let due = s.wheel.elapsed() + 5;
         insert(&mut s, &resident, schedule("a", due));
         expire(&mut s, due);
-        s.apply(WheelCommand::Remove(DueKey::new(due, "a")));
+        s.apply(WheelCommand::Remove(ScheduleRef::of(
+            SegmentKey::start_of(0),
+            &schedule("a", due).schedule,
+        )));
         insert(&mut s, &resident, schedule("a", due + 100));
         // The old copy's deletion must not drop the new copy's index entry.
-        s.apply(WheelCommand::Deleted(vec![DueKey::new(due, "a")]));
-        s.apply(WheelCommand::Remove(DueKey::new(due + 100, "a")));
+        s.apply(WheelCommand::Deleted(vec![ScheduleRef::of(
+            SegmentKey::start_of(0),
+            &schedule("a", due).schedule,
+        )]));
+        s.apply(WheelCommand::Remove(ScheduleRef::of(
+            SegmentKey::start_of(0),
+            &schedule("a", due + 100).schedule,
+        )));
         assert!(
             s.wheel.is_empty(),
             "the new copy was still removable by its key"
@@ -291,6 +318,34 @@ mod tests {
             resident.load(Ordering::Relaxed),
             1,
             "only the firing copy is left"
+        );
+    }
+
+    #[test]
+    fn a_same_due_replacement_while_the_old_copy_fires_is_held() {
+        let (mut s, resident) = scheduler();
+        let due = s.wheel.elapsed() + 5;
+        let old = schedule("a", due);
+        let new = Resident {
+            segment: SegmentKey { bucket: 0, seq: 9 },
+            ..schedule("a", due)
+        };
+        insert(&mut s, &resident, old.clone());
+        expire(&mut s, due);
+        s.apply(WheelCommand::Remove(ScheduleRef::of(
+            old.segment,
+            &old.schedule,
+        )));
+        insert(&mut s, &resident, new.clone());
+        assert_eq!(s.wheel.len(), 1, "same id and due, but a new copy: held");
+        s.apply(WheelCommand::Deleted(vec![ScheduleRef::of(
+            old.segment,
+            &old.schedule,
+        )]));
+        assert_eq!(
+            expire(&mut s, due + 1),
+            ["a"],
+            "the old copy's deletion left it alone"
         );
     }
 }

@@ -162,3 +162,25 @@ async fn shutdown_during_an_outage_keeps_what_was_not_delivered() {
     assert_eq!(sched_id(&next(&mut sub).await), id);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_with_many_due_during_an_outage() {
+    let mut server = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config(&server, store.path())).await;
+    let client = connect(&server).await;
+    // More due at once than the client's command queue holds while it cannot reach NATS.
+    let at = format_ms(now_ms() + 1500);
+    for _ in 0..5000 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Sched-At", at.as_str());
+        client
+            .publish_with_headers("sched.add.t", headers, "x".into())
+            .await
+            .unwrap();
+    }
+    schedule(&client, "t", &[("Sched-At", &at)]).await; // all earlier ones are in by now
+    server.go_down();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    daemon.stop().await; // panics unless it stops cleanly within the harness's bound
+}

@@ -121,3 +121,47 @@ async fn assert_quiet_except_api(sub: &mut async_nats::Subscriber, quiet: Durati
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_big_to_deliver_is_refused_and_blocks_nothing() {
+    let server = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config(&server, store.path())).await;
+    let client = connect(&server).await;
+    let mut sub = client.subscribe("t.>").await.unwrap();
+    client.flush().await.unwrap();
+
+    // Fits the server's max_payload as a request, but not once Sched-Id and Sched-Due are
+    // added on delivery: refused up front instead of wedging firing later.
+    let max = client.server_info().max_payload;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Sched-Delay", "100");
+    let payload = vec![b'x'; max - 40];
+    let reply = client
+        .request_with_headers("sched.add.t.big", headers, payload.into())
+        .await
+        .unwrap();
+    assert_eq!(error_code(&reply), Some(413), "{:?}", reply.payload);
+
+    let (small, _) = schedule(&client, "t.small", &[("Sched-Delay", "200")]).await;
+    assert_eq!(sched_id(&next(&mut sub).await), small);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_names_longer_than_the_store_allows_are_refused() {
+    let server = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config(&server, store.path())).await;
+    let client = connect(&server).await;
+    let long = "X".repeat(70_000);
+    let reply = request(
+        &client,
+        "sched.add.t",
+        &[("Sched-Delay", "1s"), (&long, "v")],
+        b"",
+    )
+    .await;
+    assert_eq!(error_code(&reply), Some(400));
+    daemon.stop().await;
+}

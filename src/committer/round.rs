@@ -7,7 +7,7 @@ use async_nats::Subject;
 use crate::protocol::ApiError;
 use crate::record::Schedule;
 use crate::replies::Ack;
-use crate::scheduler::{DueKey, WheelCommand};
+use crate::scheduler::{ScheduleRef, WheelCommand};
 use crate::store::{SegmentKey, Store, StoreError, WriteBatch, bucket_of};
 use crate::time::UnixMs;
 
@@ -57,7 +57,7 @@ impl Round {
                     if let Some(at) = remaining.iter().position(|s| s.id == schedule.id) {
                         let old = remaining.remove(at);
                         self.wheel
-                            .push(WheelCommand::Remove(DueKey::new(old.due, &old.id)));
+                            .push(WheelCommand::Remove(ScheduleRef::of(key, &old)));
                     }
                 }
                 Place::Gone => {}
@@ -80,7 +80,7 @@ impl Round {
     pub fn remove_fired(
         &mut self,
         store: &Store,
-        fired: HashMap<SegmentKey, Vec<(DueKey, bool)>>,
+        fired: HashMap<SegmentKey, Vec<(ScheduleRef, bool)>>,
     ) -> Result<(), StoreError> {
         let mut deleted = Vec::new();
         for (key, schedules) in fired {

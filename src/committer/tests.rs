@@ -306,3 +306,38 @@ fn a_full_wheel_leaves_new_near_schedules_on_disk_until_there_is_room() {
     assert_eq!(told[1], (true, now + 40_000, "s00".to_owned()));
     assert_eq!(told.len(), 21);
 }
+
+#[test]
+fn a_same_due_replacement_survives_the_old_copy_firing() {
+    let now = time::now_ms();
+    let due = now - 10;
+    let mut h = Harness::new(1000, &[schedule("x", due)]);
+    h.committer.load_horizon().unwrap();
+    let Some(WheelCommand::Insert(old)) = h.wheel.try_recv().ok() else {
+        panic!("x was loaded");
+    };
+    let new = Schedule {
+        payload: Bytes::from_static(b"NEW"),
+        ..schedule("x", due)
+    };
+    h.add(new);
+    let told: Vec<_> = std::iter::from_fn(|| h.wheel.try_recv().ok()).collect();
+    let inserted = told.iter().find_map(|c| match c {
+        WheelCommand::Insert(r) => Some(r.clone()),
+        _ => None,
+    });
+    let inserted = inserted.expect("the new copy goes to the wheel");
+    assert_ne!(
+        inserted.segment, old.segment,
+        "a new copy lives in a new segment"
+    );
+
+    h.fire(vec![old]);
+    let kept = h
+        .committer
+        .store
+        .get("x")
+        .unwrap()
+        .expect("the new copy is kept");
+    assert_eq!(kept.payload, Bytes::from_static(b"NEW"));
+}

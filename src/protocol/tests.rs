@@ -1,7 +1,10 @@
 use super::*;
 
 const NOW: UnixMs = 1_796_061_600_000;
-const LIMITS: AddLimits = AddLimits { max_payload: 16 };
+const LIMITS: AddLimits = AddLimits {
+    max_payload: 16,
+    server_max_payload: 1024 * 1024,
+};
 
 fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
     let mut map = HeaderMap::new();
@@ -153,4 +156,51 @@ fn reply_bodies() {
         headers.get(ERROR_HEADER).unwrap().as_str(),
         "missing \"header\""
     );
+}
+
+#[test]
+fn a_message_too_big_to_deliver_is_413() {
+    // The payload passes api.max_payload but not with the headers added on delivery.
+    let limits = AddLimits {
+        max_payload: 1000,
+        server_max_payload: 200,
+    };
+    let fits = parse_add(
+        "t",
+        Some(&headers(&[(DELAY, "1s")])),
+        Bytes::new(),
+        NOW,
+        limits,
+    )
+    .unwrap();
+    let room = limits.server_max_payload - delivered_size(&fits);
+    let just = Bytes::from(vec![0; room]);
+    let s = parse_add("t", Some(&headers(&[(DELAY, "1s")])), just, NOW, limits).unwrap();
+    assert_eq!(delivered_size(&s), limits.server_max_payload);
+    let over = Bytes::from(vec![0; room + 1]);
+    let err = parse_add("t", Some(&headers(&[(DELAY, "1s")])), over, NOW, limits).unwrap_err();
+    assert_eq!(err.code, 413);
+}
+
+#[test]
+fn delivered_size_matches_what_async_nats_sends() {
+    let s = add("t", &[(DELAY, "1s"), ("A", "bc")]).unwrap();
+    let mut wire = HeaderMap::new();
+    wire.insert("A", "bc");
+    wire.insert(ID, s.id.as_str());
+    wire.insert(DUE, time::format_ms(s.due).as_str());
+    // "NATS/1.0\r\n" + each "name: value\r\n" + "\r\n", as the NATS header block is framed.
+    let block: usize = 10
+        + wire
+            .iter()
+            .map(|(n, v)| AsRef::<str>::as_ref(n).len() + 4 + v[0].as_str().len())
+            .sum::<usize>()
+        + 2;
+    assert_eq!(delivered_size(&s), block + s.payload.len());
+}
+
+#[test]
+fn oversized_names_are_400() {
+    let long = "h".repeat(MAX_NAME_LEN + 1);
+    assert_eq!(code(add("t", &[(DELAY, "1s"), (&long, "v")])), 400);
 }

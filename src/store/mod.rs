@@ -249,10 +249,15 @@ impl Store {
                     break;
                 }
             }
-            let schedules =
-                segment::decode(&value).map_err(|source| StoreError::Corrupt { key, source })?;
-            total += schedules.len();
-            out.push((key, schedules));
+            match segment::decode(&value) {
+                Ok(schedules) => {
+                    total += schedules.len();
+                    out.push((key, schedules));
+                }
+                // One damaged value must not stop every later schedule from firing: it stays
+                // on disk for inspection, and the scan goes on.
+                Err(error) => tracing::error!(?key, %error, "skipping an unreadable segment"),
+            }
         }
         Ok(out)
     }

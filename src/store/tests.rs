@@ -130,3 +130,27 @@ fn refuses_an_unknown_format() {
     .expect("format 9 must be refused");
     assert!(matches!(err, StoreError::Format { found: 9, .. }), "{err}");
 }
+
+#[test]
+fn an_unreadable_segment_is_skipped_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut batch = WriteBatch::default();
+    batch.put_segment(key(100, 1), &[schedule("a", 150, true)]);
+    batch.put_segment(key(300, 3), &[schedule("c", 350, true)]);
+    store.commit(batch).unwrap();
+    store
+        .db
+        .insert(key(200, 2).to_bytes(), b"garbage".as_slice())
+        .unwrap();
+
+    let found = store
+        .scan(SegmentKey::start_of(0), UnixMs::MAX, 100)
+        .unwrap();
+    let keys: Vec<_> = found.iter().map(|(k, _)| *k).collect();
+    assert_eq!(keys, [key(100, 1), key(300, 3)]);
+    assert!(
+        store.db.get(key(200, 2).to_bytes()).unwrap().is_some(),
+        "left for inspection"
+    );
+}
