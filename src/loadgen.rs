@@ -9,7 +9,6 @@
 //! time minus due time) in an HDR histogram.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
@@ -82,7 +81,10 @@ pub struct LoadReport {
     pub in_flight: usize,
     pub intake_secs: f64,
     pub intake_per_sec: f64,
+    /// Requests answered with an error.
     pub refused: u64,
+    /// Requests with no reply within a minute.
+    pub unanswered: u64,
     pub fired: u64,
     pub missing: u64,
     pub duplicates: u64,
@@ -189,57 +191,77 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         (fired, duplicates, early, histogram)
     });
 
-    let payload_size = options.payload;
-    let with_id = options.with_id;
-    let next = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
-    let due_before_ack = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..options.in_flight)
-        .map(|_| {
-            let (client, next, refused, late) = (
-                sender.clone(),
-                next.clone(),
-                refused.clone(),
-                due_before_ack.clone(),
-            );
-            let (prefix, subjects, run_id) =
-                (options.prefix.clone(), options.subjects, run_id.clone());
-            tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count {
-                        break;
+    // Requests are pipelined by hand: published with a reply subject under one wildcard
+    // subscription, `in_flight` at a time. (A `request()` per schedule would cost the client
+    // more CPU than the daemon, on cores they share.)
+    let inbox = format!("_INBOX.natsched-bench.{run_id}");
+    let mut replies = sender.subscribe(format!("{inbox}.*")).await?;
+    sender.flush().await.ok();
+    let permits = Arc::new(tokio::sync::Semaphore::new(options.in_flight));
+    let acked = {
+        let permits = permits.clone();
+        tokio::spawn(async move {
+            let (mut acked, mut refused, mut late) = (0u64, 0u64, 0u64);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60) + lead;
+            while acked + refused < count {
+                let Ok(Some(reply)) = tokio::time::timeout_at(deadline, replies.next()).await
+                else {
+                    break;
+                };
+                permits.add_permits(1);
+                let refused_reply = reply
+                    .headers
+                    .as_ref()
+                    .is_some_and(|h| h.get(protocol::ERROR_CODE_HEADER).is_some());
+                let index = reply
+                    .subject
+                    .rsplit('.')
+                    .next()
+                    .and_then(|i| i.parse::<u64>().ok());
+                match index {
+                    _ if refused_reply => refused += 1,
+                    Some(i) if time::now_ms() >= due_of(i) => {
+                        acked += 1;
+                        late += 1;
                     }
-                    let due = due_of(i);
-                    let mut headers = HeaderMap::new();
-                    headers.insert(protocol::AT, time::format_ms(due).as_str());
-                    if with_id {
-                        headers.insert(protocol::ID, format!("b{run_id}-{i}").as_str());
-                    }
-                    let mut payload = format!("{i} ").into_bytes();
-                    payload.resize(payload_size.max(payload.len()), b'x');
-                    let subject = format!("{prefix}.add.bench.{run_id}.{}", i % subjects);
-                    let reply = client
-                        .request_with_headers(subject, headers, Bytes::from(payload))
-                        .await;
-                    let ok = reply.is_ok_and(|r| {
-                        r.headers
-                            .as_ref()
-                            .is_none_or(|h| h.get(protocol::ERROR_CODE_HEADER).is_none())
-                    });
-                    if !ok {
-                        refused.fetch_add(1, Ordering::Relaxed);
-                    } else if time::now_ms() >= due {
-                        late.fetch_add(1, Ordering::Relaxed);
-                    }
+                    _ => acked += 1,
                 }
-            })
+            }
+            (acked, refused, late)
         })
-        .collect();
-    for worker in workers {
-        let _ = worker.await;
+    };
+    let started = Instant::now();
+    let mut payload = Vec::with_capacity(options.payload);
+    for i in 0..count {
+        permits.acquire().await.expect("never closed").forget();
+        let mut headers = HeaderMap::new();
+        headers.insert(protocol::AT, time::format_ms(due_of(i)).as_str());
+        if options.with_id {
+            headers.insert(protocol::ID, format!("b{run_id}-{i}").as_str());
+        }
+        payload.clear();
+        payload.extend_from_slice(format!("{i} ").as_bytes());
+        payload.resize(options.payload.max(payload.len()), b'x');
+        let subject = format!(
+            "{}.add.bench.{run_id}.{}",
+            options.prefix,
+            i % options.subjects
+        );
+        let reply = format!("{inbox}.{i}");
+        if sender
+            .publish_with_reply_and_headers(
+                subject,
+                reply,
+                headers,
+                Bytes::copy_from_slice(&payload),
+            )
+            .await
+            .is_err()
+        {
+            break;
+        }
     }
+    let (acked, refused, due_before_ack) = acked.await.expect("reply task");
     let intake_secs = started.elapsed().as_secs_f64();
 
     let (fired, duplicates, early, histogram) = receive.await.expect("receiver task");
@@ -252,12 +274,13 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         in_flight: options.in_flight,
         intake_secs,
         intake_per_sec: count as f64 / intake_secs,
-        refused: refused.load(Ordering::Relaxed),
+        refused,
+        unanswered: count - acked - refused,
         fired,
         missing: count - fired,
         duplicates,
         early,
-        due_before_ack: due_before_ack.load(Ordering::Relaxed),
+        due_before_ack,
         lateness_ms: Lateness {
             p50: ms(0.5),
             p90: ms(0.9),

@@ -50,11 +50,10 @@ pub fn timestamp_to_ms(ts: Timestamp) -> UnixMs {
 /// Formats a due instant the way every reply and header carries it: RFC 3339, UTC, exactly three
 /// fractional digits, `Z` (e.g. `2026-11-24T18:00:00.250Z`).
 pub fn format_ms(ms: UnixMs) -> String {
-    let ts = i64::try_from(ms)
-        .ok()
-        .and_then(|ms| Timestamp::from_millisecond(ms).ok())
-        .unwrap_or(Timestamp::MAX);
-    ts.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    // humantime's formatter writes exactly this form and is several times faster than a
+    // strftime pattern; it is on the path of every ack and every delivery.
+    let at = UNIX_EPOCH + Duration::from_millis(ms.min(MAX_MS));
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 /// The latest instant the protocol can express, `9999-12-30T22:00:00.999Z` (the end of the

@@ -11,6 +11,21 @@ use crate::scheduler::{ScheduleRef, WheelCommand};
 use crate::store::{SegmentKey, Store, StoreError, WriteBatch, bucket_of};
 use crate::time::UnixMs;
 
+/// Largest segment written, roughly. sled 0.34 writes a page over 128 KiB as a separate blob
+/// file, which costs far more than a few more keys; a segment of 32 KiB leaves room for
+/// several in one leaf page.
+pub const MAX_SEGMENT_BYTES: usize = 32 * 1024;
+
+/// Roughly what a schedule takes in a segment.
+fn approximate_size(schedule: &Schedule) -> usize {
+    let headers: usize = schedule
+        .headers
+        .iter()
+        .map(|(n, v)| 6 + n.len() + v.len())
+        .sum();
+    40 + schedule.id.len() + schedule.subject.len() + headers + schedule.payload.len()
+}
+
 /// Where an id the round touched is now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Place {
@@ -104,12 +119,27 @@ impl Round {
         Ok(())
     }
 
-    /// The new segments to write, by bucket (taken out of the round).
+    /// The new segments to write, by bucket, each at most about [`MAX_SEGMENT_BYTES`] (taken
+    /// out of the round).
     pub fn new_segments(&mut self) -> Vec<(UnixMs, Vec<Schedule>)> {
-        std::mem::take(&mut self.new)
-            .into_iter()
-            .filter(|(_, schedules)| !schedules.is_empty())
-            .collect()
+        let mut out = Vec::new();
+        for (bucket, schedules) in std::mem::take(&mut self.new) {
+            let mut segment = Vec::new();
+            let mut bytes = 0;
+            for schedule in schedules {
+                let size = approximate_size(&schedule);
+                if bytes + size > MAX_SEGMENT_BYTES && !segment.is_empty() {
+                    out.push((bucket, std::mem::take(&mut segment)));
+                    bytes = 0;
+                }
+                bytes += size;
+                segment.push(schedule);
+            }
+            if !segment.is_empty() {
+                out.push((bucket, segment));
+            }
+        }
+        out
     }
 
     /// Stages the write of a new segment and the index entries of its caller ids.
