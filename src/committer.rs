@@ -72,7 +72,7 @@ pub struct Committer {
     store: Store,
     options: CommitterOptions,
     commands: mpsc::Receiver<StoreCommand>,
-    wheel: mpsc::UnboundedSender<WheelCommand>,
+    wheel: std::sync::mpsc::Sender<WheelCommand>,
     acks: mpsc::UnboundedSender<Vec<Ack>>,
     /// Schedules in memory: in the wheel, on their way to it, or being published.
     resident: Arc<AtomicUsize>,
@@ -91,7 +91,7 @@ impl Committer {
         store: Store,
         options: CommitterOptions,
         commands: mpsc::Receiver<StoreCommand>,
-        wheel: mpsc::UnboundedSender<WheelCommand>,
+        wheel: std::sync::mpsc::Sender<WheelCommand>,
         acks: mpsc::UnboundedSender<Vec<Ack>>,
         resident: Arc<AtomicUsize>,
     ) -> Result<Committer, StoreError> {

@@ -109,7 +109,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!(prefix = %config.api.prefix, url = %config.nats.url, "accepting schedules");
 
     let (store_tx, store_rx) = mpsc::channel(INTAKE_QUEUE);
-    let (wheel_tx, wheel_rx) = mpsc::unbounded_channel();
+    let (wheel_tx, wheel_rx) = std::sync::mpsc::channel();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let (fire_tx, fire_rx) = mpsc::unbounded_channel();
     let resident = Arc::new(AtomicUsize::new(0));
@@ -128,31 +128,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         resident.clone(),
     )?;
     let runtime = tokio::runtime::Handle::current();
-    let (store_done_tx, mut store_done) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("natsched-store".into())
-        .spawn(move || {
-            // Reported through a channel so the runtime can wait for it without blocking.
-            let _ = store_done_tx.send(committer.run(runtime));
-        })
-        .map_err(|e| RunError::Task(format!("cannot start the store thread: {e}")))?;
+    let mut store_done = spawn_thread("natsched-store", move || committer.run(runtime))?;
+    let scheduler = Scheduler::new(resident.clone());
+    let timer_stop = stop.clone();
+    let mut scheduler = spawn_thread("natsched-timer", move || {
+        scheduler.run(wheel_rx, fire_tx, timer_stop)
+    })?;
 
     let mut replies = tokio::spawn(replies::run(client.clone(), ack_rx));
-    let mut scheduler =
-        tokio::spawn(Scheduler::new(resident.clone()).run(wheel_rx, fire_tx, stop.clone()));
     let mut firing = tokio::spawn(firing.run(fire_rx, store_tx.clone(), resident, stop.clone()));
     let mut intake = tokio::spawn(intake.run(store_tx, stop.clone()));
 
     // Until asked to stop, watch for a part that stopped by itself (a store failure, a panic):
     // the daemon then shuts down and reports it rather than running on half-dead.
+    let mut store_finished = false;
+    let mut timer_finished = false;
     let failure = tokio::select! {
         () = shutdown => None,
-        result = &mut store_done => Some(match result {
-            Ok(Err(err)) => RunError::Store(err),
-            _ => RunError::Task("the store writer stopped".into()),
-        }),
+        result = &mut store_done => {
+            store_finished = true;
+            Some(match result {
+                Ok(Err(err)) => RunError::Store(err),
+                _ => RunError::Task("the store writer stopped".into()),
+            })
+        }
         result = &mut intake => Some(stopped("intake", result)),
-        result = &mut scheduler => Some(stopped("scheduler", result)),
+        _ = &mut scheduler => {
+            timer_finished = true;
+            Some(RunError::Task("the timer thread stopped".into()))
+        }
         result = &mut firing => Some(stopped("firing", result)),
         result = &mut replies => Some(stopped("replies", result)),
     };
@@ -161,22 +165,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(err) => tracing::error!("{err}; shutting down"),
     }
     stop.cancel();
-    // Order matters: intake and the scheduler stop first; firing then drains what it was handed
+    // Order matters: intake and the timer stop first; firing then drains what it was handed
     // and drops the last handle to the committer, which commits, fsyncs and exits; its acks
-    // then drain through `replies`. Every wait is bounded, so shutdown is too.
-    for (name, task) in [
-        ("intake", &mut intake),
-        ("scheduler", &mut scheduler),
-        ("firing", &mut firing),
-    ] {
-        join_bounded(name, task).await;
+    // then drain through `replies`. Every wait is bounded, so shutdown is too. (A finished
+    // oneshot must not be polled again, hence the flags.)
+    join_bounded("intake", &mut intake).await;
+    if !timer_finished {
+        // It notices the cancellation within its idle wait.
+        let _ = tokio::time::timeout(SHUTDOWN_STEP, &mut scheduler).await;
     }
-    let store_result = match tokio::time::timeout(SHUTDOWN_STEP, &mut store_done).await {
-        Ok(Ok(result)) => result.map_err(RunError::Store),
-        Ok(Err(_)) => Ok(()), // its end was already reported above
-        Err(_) => Err(RunError::Task(
-            "the store writer did not finish in time".into(),
-        )),
+    join_bounded("firing", &mut firing).await;
+    let store_result = if store_finished {
+        Ok(()) // its end is the failure reported above
+    } else {
+        match tokio::time::timeout(SHUTDOWN_STEP, &mut store_done).await {
+            Ok(Ok(result)) => result.map_err(RunError::Store),
+            Ok(Err(_)) => Err(RunError::Task("the store writer panicked".into())),
+            Err(_) => Err(RunError::Task(
+                "the store writer did not finish in time".into(),
+            )),
+        }
     };
     join_bounded("replies", &mut replies).await;
     if let Some(err) = failure {
@@ -189,6 +197,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
 /// How long each shutdown step may take before it is given up.
 const SHUTDOWN_STEP: Duration = Duration::from_secs(10);
+
+/// Runs `work` on a named OS thread; the receiver yields its result (or an error if it
+/// panicked) without blocking the runtime.
+fn spawn_thread<R: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> R + Send + 'static,
+) -> Result<oneshot::Receiver<R>, RunError> {
+    let (done, result) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = done.send(work());
+        })
+        .map_err(|e| RunError::Task(format!("cannot start thread {name}: {e}")))?;
+    Ok(result)
+}
 
 fn stopped(name: &str, result: Result<(), tokio::task::JoinError>) -> RunError {
     match result {

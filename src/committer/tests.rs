@@ -23,7 +23,7 @@ fn schedule(id: &str, due: UnixMs) -> Schedule {
 
 struct Harness {
     committer: Committer,
-    wheel: mpsc::UnboundedReceiver<WheelCommand>,
+    wheel: std::sync::mpsc::Receiver<WheelCommand>,
     _acks: mpsc::UnboundedReceiver<Vec<Ack>>,
     _commands: mpsc::Sender<StoreCommand>,
     _dir: tempfile::TempDir,
@@ -50,7 +50,7 @@ impl Harness {
         batch.set_next_seq(existing.len() as u64 + 1);
         store.commit(batch).unwrap();
         let (commands_tx, commands) = mpsc::channel(16);
-        let (wheel_tx, wheel) = mpsc::unbounded_channel();
+        let (wheel_tx, wheel) = std::sync::mpsc::channel();
         let (acks_tx, acks) = mpsc::unbounded_channel();
         let options = CommitterOptions {
             max_batch: 16,
