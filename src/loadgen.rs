@@ -54,12 +54,30 @@ pub struct LoadOptions {
     /// Give every request a `Sched-Id` (exercises the id index; the standard workload has none).
     #[arg(long)]
     pub with_id: bool,
+    /// What to do: schedule and receive (default), only schedule (then print the run id and
+    /// first due for a later `receive`), or only receive an earlier run's deliveries.
+    #[arg(long, value_enum, default_value_t = Stage::Both)]
+    pub stage: Stage,
+    /// The run to receive (with `--stage receive`), as printed by the schedule stage.
+    #[arg(long)]
+    pub run_id: Option<String>,
+    /// The first due instant (Unix ms) of the run to receive (with `--stage receive`).
+    #[arg(long)]
+    pub first_due: Option<u64>,
     /// natsched's pid, to report its memory.
     #[arg(long)]
     pub pid: Option<u32>,
     /// A label copied into the report.
     #[arg(long, default_value = "")]
     pub label: String,
+}
+
+/// Which half of the workload a run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    Both,
+    Schedule,
+    Receive,
 }
 
 /// Lateness percentiles in milliseconds.
@@ -76,6 +94,9 @@ pub struct Lateness {
 #[derive(Debug, Serialize)]
 pub struct LoadReport {
     pub label: String,
+    pub run_id: String,
+    /// Unix ms of the first due instant.
+    pub first_due: u64,
     pub count: u64,
     pub rate: u64,
     pub in_flight: usize,
@@ -93,6 +114,10 @@ pub struct LoadReport {
     /// the chosen lead): their lateness includes intake time.
     pub due_before_ack: u64,
     pub lateness_ms: Lateness,
+    /// Unix ms at which the first delivery arrived.
+    pub first_receipt_ms: Option<u64>,
+    /// Deliveries per second between the first and the last one.
+    pub fire_per_sec: Option<f64>,
     pub rss_mib: Option<f64>,
     pub peak_rss_mib: Option<f64>,
 }
@@ -142,14 +167,19 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         .await
         .map_err(connect_err)?;
 
-    let run_id = ulid::Ulid::generate().to_string().to_lowercase();
+    let run_id = options
+        .run_id
+        .clone()
+        .unwrap_or_else(|| ulid::Ulid::generate().to_string().to_lowercase());
     let mut deliveries = receiver.subscribe(format!("bench.{run_id}.>")).await?;
     receiver.flush().await.ok();
 
     let lead = options
         .lead
         .unwrap_or(Duration::from_secs(1) + Duration::from_micros(10 * options.count));
-    let first_due = time::now_ms() + lead.as_millis() as u64;
+    let first_due = options
+        .first_due
+        .unwrap_or_else(|| time::now_ms() + lead.as_millis() as u64);
     let count = options.count;
     let rate = options.rate;
     let due_of = move |i: u64| -> UnixMs { first_due + i * 1000 / rate };
@@ -157,17 +187,21 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
 
     // Receive concurrently with intake: nothing is due before `lead`, but be ready anyway.
     let grace = options.grace;
+    let receiving = options.stage != Stage::Schedule;
     let receive = tokio::spawn(async move {
         let mut seen = vec![false; count as usize];
         let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).unwrap();
         let (mut fired, mut duplicates, mut early) = (0u64, 0u64, 0u64);
+        let (mut first, mut last) = (None, 0);
         let deadline = tokio::time::Instant::now() + time::until(last_due, time::now_ms()) + grace;
-        while fired < count {
+        while receiving && fired < count {
             let message = match tokio::time::timeout_at(deadline, deliveries.next()).await {
                 Ok(Some(message)) => message,
                 _ => break,
             };
             let received = now_micros();
+            first.get_or_insert(received);
+            last = received;
             // The payload starts with the schedule's index.
             let index = message
                 .payload
@@ -188,7 +222,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
             }
             histogram.saturating_record(received.saturating_sub(due).max(1));
         }
-        (fired, duplicates, early, histogram)
+        (fired, duplicates, early, histogram, first, last)
     });
 
     // Requests are pipelined by hand: published with a reply subject under one wildcard
@@ -198,12 +232,17 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
     let mut replies = sender.subscribe(format!("{inbox}.*")).await?;
     sender.flush().await.ok();
     let permits = Arc::new(tokio::sync::Semaphore::new(options.in_flight));
+    let to_send = if options.stage == Stage::Receive {
+        0
+    } else {
+        count
+    };
     let acked = {
         let permits = permits.clone();
         tokio::spawn(async move {
             let (mut acked, mut refused, mut late) = (0u64, 0u64, 0u64);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60) + lead;
-            while acked + refused < count {
+            while acked + refused < to_send {
                 let Ok(Some(reply)) = tokio::time::timeout_at(deadline, replies.next()).await
                 else {
                     break;
@@ -232,7 +271,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
     };
     let started = Instant::now();
     let mut payload = Vec::with_capacity(options.payload);
-    for i in 0..count {
+    for i in 0..to_send {
         permits.acquire().await.expect("never closed").forget();
         let mut headers = HeaderMap::new();
         headers.insert(protocol::AT, time::format_ms(due_of(i)).as_str());
@@ -264,18 +303,23 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
     let (acked, refused, due_before_ack) = acked.await.expect("reply task");
     let intake_secs = started.elapsed().as_secs_f64();
 
-    let (fired, duplicates, early, histogram) = receive.await.expect("receiver task");
+    let (fired, duplicates, early, histogram, first, last) = receive.await.expect("receiver task");
+    let fire_per_sec = first
+        .filter(|first| last > *first)
+        .map(|first| fired as f64 / ((last - first) as f64 / 1e6));
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     let (rss_mib, peak_rss_mib) = options.pid.map(process_memory).unwrap_or((None, None));
     Ok(LoadReport {
         label: options.label.clone(),
+        run_id,
+        first_due,
         count,
         rate,
         in_flight: options.in_flight,
         intake_secs,
-        intake_per_sec: count as f64 / intake_secs,
+        intake_per_sec: to_send as f64 / intake_secs,
         refused,
-        unanswered: count - acked - refused,
+        unanswered: to_send - acked - refused,
         fired,
         missing: count - fired,
         duplicates,
@@ -288,6 +332,8 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
             p999: ms(0.999),
             max: histogram.max() as f64 / 1000.0,
         },
+        first_receipt_ms: first.map(|us| us / 1000),
+        fire_per_sec,
         rss_mib,
         peak_rss_mib,
     })

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Runs the performance targets end to end and writes benches/results.md.
+#
+#   benches/run.sh            # every target (about 10 minutes on 2 cores)
+#   benches/run.sh quick      # targets 1-3 only, smaller counts
+#
+# It starts its own nats-server (from NATSCHED_NATS_SERVER, PATH or /usr/sbin) on a free
+# loopback port and natsched (release build) on a temporary store, and drives them with
+# `natsched bench`, the load generator, which talks to them only through NATS. Client, server
+# and daemon share the machine's cores, as on a sidecar host. Needs python3 for the JSON.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-full}
+
+cargo build --release --quiet
+BIN=$PWD/target/release/natsched
+NATS=${NATSCHED_NATS_SERVER:-$(command -v nats-server || echo /usr/sbin/nats-server)}
+WORK=$(mktemp -d)
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+URL=nats://127.0.0.1:$PORT
+OUT=benches/results.md
+NATSCHED_PID=
+NATS_PID=
+
+cleanup() {
+  [ -n "$NATSCHED_PID" ] && kill -9 "$NATSCHED_PID" 2>/dev/null || true
+  [ -n "$NATS_PID" ] && kill "$NATS_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$NATS" -a 127.0.0.1 -p "$PORT" >"$WORK/nats.log" 2>&1 &
+NATS_PID=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
+
+now_ms() { date +%s%3N; }
+json() { python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, d))" "$1" "$2"; }
+
+start_natsched() { # start_natsched STORE_DIR
+  printf '[nats]\nurl = "%s"\n[store]\npath = "%s"\n' "$URL" "$1" >"$WORK/natsched.toml"
+  RUST_LOG=warn "$BIN" run --config "$WORK/natsched.toml" 2>>"$WORK/natsched.log" &
+  NATSCHED_PID=$!
+}
+stop_natsched() {
+  kill -TERM "$NATSCHED_PID"
+  wait "$NATSCHED_PID" || true
+  NATSCHED_PID=
+}
+bench() { "$BIN" bench --server "$URL" "$@" 2>/dev/null | tail -n 1; }
+ready() { bench --count 1 --rate 1 --lead 200ms --grace 10s >/dev/null; }
+
+rows=()
+row() { rows+=("| $1 | $2 | $3 | $4 |"); echo "$1: $2 (goal $3) $4" >&2; }
+verdict() { python3 -c "import sys; print('met' if $1 else 'not met')"; }
+
+# Targets 1 and 2: intake and lateness at 10 000 fires/s, then lateness at 100 000 fires/s.
+COUNT_10K=$([ "$MODE" = quick ] && echo 200000 || echo 600000)
+COUNT_100K=$([ "$MODE" = quick ] && echo 500000 || echo 2000000)
+start_natsched "$WORK/store1"; ready
+r=$(bench --count "$COUNT_10K" --rate 10000 --pid "$NATSCHED_PID" --label 10k)
+echo "$r" >"$WORK/10k.json"
+intake=$(json "$r" 'round(intake_per_sec)')
+row "1. durable intake, acked after fsync (schedules/s)" "$intake" "≥ 150 000" "$(verdict "$intake >= 150000")"
+l=$(json "$r" 'lateness_ms')
+p50=$(json "$r" 'lateness_ms["p50"]'); p99=$(json "$r" 'lateness_ms["p99"]'); p999=$(json "$r" 'lateness_ms["p999"]')
+row "2a. lateness at 10 000 fires/s, p50 / p99 / p99.9 (ms)" "$p50 / $p99 / $p999 (max $(json "$r" 'lateness_ms["max"]'); fired $(json "$r" 'fired'), missing $(json "$r" 'missing'), duplicates $(json "$r" 'duplicates'))" "≤ 1 / 5 / 10" "$(verdict "$p50 <= 1 and $p99 <= 5 and $p999 <= 10")"
+r=$(bench --count "$COUNT_100K" --rate 100000 --pid "$NATSCHED_PID" --label 100k)
+echo "$r" >"$WORK/100k.json"
+p99=$(json "$r" 'lateness_ms["p99"]')
+row "2b. lateness at 100 000 fires/s, p50 / p99 (ms)" "$(json "$r" 'lateness_ms["p50"]') / $p99 (intake $(json "$r" 'round(intake_per_sec)')/s; missing $(json "$r" 'missing'), duplicates $(json "$r" 'duplicates'))" "p99 ≤ 25" "$(verdict "$p99 <= 25")"
+stop_natsched
+
+# Target 3: a backlog of overdue schedules when natsched starts.
+BACKLOG=$([ "$MODE" = quick ] && echo 300000 || echo 1000000)
+start_natsched "$WORK/store3"; ready
+lead=$(( BACKLOG / 40000 + 5 ))s
+r=$(bench --stage schedule --count "$BACKLOG" --rate 1000000 --lead "$lead")
+run=$(json "$r" 'run_id'); first=$(json "$r" 'first_due')
+stop_natsched
+while [ "$(now_ms)" -lt $(( first + 1500 )) ]; do sleep 0.2; done
+bench --stage receive --run-id "$run" --first-due "$first" --count "$BACKLOG" --rate 1000000 --grace 120s >"$WORK/backlog.json" &
+RECV=$!
+sleep 1
+t0=$(now_ms)
+start_natsched "$WORK/store3"
+wait $RECV
+r=$(cat "$WORK/backlog.json")
+rate=$(json "$r" 'round(fire_per_sec or 0)')
+row "3. backlog drain, $BACKLOG overdue at start (fires/s)" "$rate (first fire $(( $(json "$r" 'first_receipt_ms') - t0 )) ms after start; missing $(json "$r" 'missing'))" "≥ 300 000" "$(verdict "$rate >= 300000")"
+stop_natsched
+
+if [ "$MODE" != quick ]; then
+  # Target 4: 10 million pending over the next 30 days.
+  PENDING=10000000
+  start_natsched "$WORK/store4"; ready
+  r=$(bench --stage schedule --count "$PENDING" --rate 4 --lead 1h --pid "$NATSCHED_PID")
+  rss=$(json "$r" 'round(peak_rss_mib)')
+  stop_natsched
+  size=$(( $(du -sb "$WORK/store4" | cut -f1) / 1048576 ))
+  t0=$(now_ms); start_natsched "$WORK/store4"
+  r=$(bench --count 1 --rate 1 --lead 100ms --grace 30s)
+  first_fire=$(( $(json "$r" 'first_receipt_ms') - t0 ))
+  rss_after=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$NATSCHED_PID/status")
+  row "4. 10 M pending over 30 days: peak RSS / store / restart to first fire" "$rss MiB (after restart $rss_after MiB) / $size MiB / $first_fire ms (incl. a 100 ms delay)" "≤ 512 MiB / ≤ 2048 MiB / ≤ 5 s" "$(verdict "$rss <= 512 and $size <= 2048 and $first_fire <= 5000")"
+  stop_natsched
+
+  # Target 5: store size over 10 cycles of 1 M schedules in and fired out.
+  start_natsched "$WORK/store5"; ready
+  sizes=()
+  for cycle in $(seq 10); do
+    bench --count 1000000 --rate 200000 --grace 20s >/dev/null
+    sleep 1.5 # fired schedules leave the store every 100 ms; sled flushes every 500 ms
+    sizes+=($(( $(du -sb "$WORK/store5" | cut -f1) / 1048576 )))
+  done
+  row "5. store size after each of 10 cycles of 1 M in and out (MiB)" "${sizes[*]}" "near its floor" "$(verdict "${sizes[9]} <= 2 * ${sizes[0]} + 64")"
+  stop_natsched
+fi
+
+{
+  echo "Measured $(date -u +%Y-%m-%d) by \`benches/run.sh $MODE\` on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem/ {print $2}') GiB;"
+  echo "nats-server $("$NATS" --version | awk '{print $2}'), client, server and natsched on the same machine."
+  echo
+  echo "| target | measured | goal | |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+} | tee "$OUT"
