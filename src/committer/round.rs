@@ -79,7 +79,10 @@ impl Round {
             }
         }
         let bucket = bucket_of(schedule.due);
-        self.places.insert(schedule.id.clone(), Place::New(bucket));
+        if schedule.caller_id {
+            // Only a caller's id can come again in this round; a generated one is unique.
+            self.places.insert(schedule.id.clone(), Place::New(bucket));
+        }
         self.acks.push((reply, schedule.id.clone(), schedule.due));
         self.new.entry(bucket).or_default().push(schedule);
         Ok(())
