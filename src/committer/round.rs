@@ -1,6 +1,6 @@
 //! One commit round: the changes of a batch of commands, staged so they apply atomically.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use async_nats::Subject;
 
@@ -8,7 +8,7 @@ use crate::protocol::ApiError;
 use crate::record::Schedule;
 use crate::replies::Ack;
 use crate::scheduler::{ScheduleRef, WheelCommand};
-use crate::store::{SegmentKey, Store, StoreError, WriteBatch, bucket_of};
+use crate::store::{SegmentKey, Store, StoreError, WriteBatch, bucket_of, segment};
 use crate::time::UnixMs;
 
 /// Largest segment written, roughly. sled 0.34 writes a page over 128 KiB as a separate blob
@@ -102,12 +102,17 @@ impl Round {
     ) -> Result<(), StoreError> {
         let mut deleted = Vec::new();
         for (key, schedules) in fired {
-            let remaining = self.rewrite(store, key)?;
-            remaining.retain(|s| {
-                !schedules
-                    .iter()
-                    .any(|(f, _)| f.id == s.id && f.due == s.due)
-            });
+            // An id is unique within a segment, so the id alone names the fired copy.
+            let gone: HashSet<&str> = schedules.iter().map(|(f, _)| f.id.as_str()).collect();
+            if let Some(remaining) = self.rewrites.get_mut(&key) {
+                remaining.retain(|s| !gone.contains(s.id.as_str()));
+            } else if let Some(raw) = store.raw_segment(key)? {
+                // The common case, on the firing hot path: filter the encoded segment without
+                // decoding its schedules; a fully fired one is removed.
+                let kept = segment::without(raw.as_ref(), |id| gone.contains(id))
+                    .map_err(|source| StoreError::Corrupt { key, source })?;
+                self.batch.put_raw_segment(key, kept);
+            }
             for (fired, caller_id) in schedules {
                 if caller_id && self.place_of(store, &fired.id)? == Place::Stored(key) {
                     self.places.insert(fired.id.clone(), Place::Gone);

@@ -84,6 +84,16 @@ impl WriteBatch {
         self.len += 1;
     }
 
+    /// Writes an already encoded segment (see [`segment::without`]), or removes the segment
+    /// when `value` is `None`.
+    pub fn put_raw_segment(&mut self, key: SegmentKey, value: Option<Vec<u8>>) {
+        match value {
+            Some(value) => self.batch.insert(&key.to_bytes(), value),
+            None => self.batch.remove(&key.to_bytes()),
+        }
+        self.len += 1;
+    }
+
     /// Points the caller-chosen `id` at the segment holding it.
     pub fn index(&mut self, id: &str, key: SegmentKey) {
         self.batch.insert(keys::id_key(id), &key.to_bytes());
@@ -211,6 +221,14 @@ impl Store {
             }
             None => Ok(Vec::new()),
         }
+    }
+
+    /// The encoded segment `key`, if it exists.
+    pub fn raw_segment(
+        &self,
+        key: SegmentKey,
+    ) -> Result<Option<impl AsRef<[u8]> + use<>>, StoreError> {
+        Ok(self.db.get(key.to_bytes())?)
     }
 
     /// The pending schedule `id`, if any.

@@ -58,6 +58,26 @@ pub fn holds_generated_id(bytes: &[u8], wanted: &str) -> Result<bool, DecodeErro
     Ok(found)
 }
 
+/// The segment `bytes` without the schedules whose id `drop` matches, still encoded; `None`
+/// if nothing is left.
+pub fn without(bytes: &[u8], drop: impl Fn(&str) -> bool) -> Result<Option<Vec<u8>>, DecodeError> {
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&[SEGMENT_FORMAT, 0, 0, 0, 0]);
+    let mut count: u32 = 0;
+    for_each_raw(bytes, |id, record| {
+        if !drop(std::str::from_utf8(id).map_err(|_| DecodeError::NotUtf8)?) {
+            count += 1;
+            out.extend_from_slice(record);
+        }
+        Ok(())
+    })?;
+    if count == 0 {
+        return Ok(None);
+    }
+    out[1..5].copy_from_slice(&count.to_be_bytes());
+    Ok(Some(out))
+}
+
 fn utf8(bytes: &[u8]) -> Result<String, DecodeError> {
     String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::NotUtf8)
 }
@@ -65,6 +85,22 @@ fn utf8(bytes: &[u8]) -> Result<String, DecodeError> {
 fn for_each(
     bytes: &[u8],
     mut visit: impl FnMut(u8, u64, &[u8], &[u8]) -> Result<(), DecodeError>,
+) -> Result<(), DecodeError> {
+    for_each_raw(bytes, |_, record| {
+        // The layout was checked by `for_each_raw`; these reads cannot fail.
+        let flags = record[0];
+        let due = u64::from_be_bytes(record[1..9].try_into().expect("8 bytes"));
+        let id_len = u16::from_be_bytes(record[9..11].try_into().expect("2 bytes")) as usize;
+        let id = &record[11..11 + id_len];
+        let value = &record[11 + id_len + 4..];
+        visit(flags, due, id, value)
+    })
+}
+
+/// Calls `visit(id, whole encoded record)` for each record, checking the layout.
+fn for_each_raw(
+    bytes: &[u8],
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), DecodeError>,
 ) -> Result<(), DecodeError> {
     let mut rest = bytes;
     let mut take = |n: usize| -> Result<&[u8], DecodeError> {
@@ -81,13 +117,15 @@ fn for_each(
     }
     let count = u32::from_be_bytes(take(4)?.try_into().expect("4 bytes"));
     for _ in 0..count {
-        let flags = take(1)?[0];
-        let due = u64::from_be_bytes(take(8)?.try_into().expect("8 bytes"));
-        let id_len = u16::from_be_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+        let header = take(11)?; // flags, due, id length
+        let id_len = u16::from_be_bytes(header[9..11].try_into().expect("2 bytes")) as usize;
         let id = take(id_len)?;
         let value_len = u32::from_be_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
-        let value = take(value_len)?;
-        visit(flags, due, id, value)?;
+        take(value_len)?;
+        let record_len = 11 + id_len + 4 + value_len;
+        // The record is the bytes just taken, contiguous in the input.
+        let start = id.as_ptr() as usize - bytes.as_ptr() as usize - 11;
+        visit(id, &bytes[start..start + record_len])?;
     }
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes(rest.len()));
@@ -131,6 +169,21 @@ mod tests {
         );
         assert!(!holds_generated_id(&bytes, "zz").unwrap());
         assert_eq!(decode(&encode(&[])).unwrap(), []);
+    }
+
+    #[test]
+    fn without_filters_encoded_records() {
+        let all = [
+            schedule("a", 10, true),
+            schedule("b", 11, false),
+            schedule("c", 12, true),
+        ];
+        let bytes = encode(&all);
+        let kept = without(&bytes, |id| id == "b").unwrap().unwrap();
+        assert_eq!(decode(&kept).unwrap(), [all[0].clone(), all[2].clone()]);
+        assert_eq!(without(&bytes, |_| false).unwrap().unwrap(), bytes);
+        assert_eq!(without(&bytes, |_| true).unwrap(), None);
+        assert!(without(&bytes[..bytes.len() - 1], |_| false).is_err());
     }
 
     #[test]
