@@ -47,7 +47,17 @@ stop_natsched() {
   NATSCHED_PID=
 }
 bench() { "$BIN" bench --server "$URL" "$@" 2>/dev/null | tail -n 1; }
-ready() { bench --count 1 --rate 1 --lead 200ms --grace 10s >/dev/null; }
+# Schedules one message 100 ms ahead until one is delivered (a request sent before natsched
+# subscribes is lost); prints that run's report.
+probe() {
+  local r
+  for _ in $(seq 100); do
+    r=$(bench --count 1 --rate 1 --lead 100ms --grace 2s)
+    [ "$(json "$r" 'fired')" = 1 ] && { echo "$r"; return; }
+  done
+  echo "natsched never answered" >&2; exit 1
+}
+ready() { probe >/dev/null; }
 
 rows=()
 row() { rows+=("| $1 | $2 | $3 | $4 |"); echo "$1: $2 (goal $3) $4" >&2; }
@@ -98,10 +108,10 @@ if [ "$MODE" != quick ]; then
   stop_natsched
   size=$(( $(du -sb "$WORK/store4" | cut -f1) / 1048576 ))
   t0=$(now_ms); start_natsched "$WORK/store4"
-  r=$(bench --count 1 --rate 1 --lead 100ms --grace 30s)
+  r=$(probe)
   first_fire=$(( $(json "$r" 'first_receipt_ms') - t0 ))
   rss_after=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$NATSCHED_PID/status")
-  row "4. 10 M pending over 30 days: peak RSS / store / restart to first fire" "$rss MiB (after restart $rss_after MiB) / $size MiB / $first_fire ms (incl. a 100 ms delay)" "≤ 512 MiB / ≤ 2048 MiB / ≤ 5 s" "$(verdict "$rss <= 512 and $size <= 2048 and $first_fire <= 5000")"
+  row "4. 10 M pending over 30 days: peak RSS / store / restart to first fire" "$rss MiB (after restart $rss_after MiB) / $size MiB / $first_fire ms (a probe scheduled 100 ms ahead, retried until natsched answers)" "≤ 512 MiB / ≤ 2048 MiB / ≤ 5 s" "$(verdict "$rss <= 512 and $size <= 2048 and $first_fire <= 5000")"
   stop_natsched
 
   # Target 5: store size over 10 cycles of 1 M schedules in and fired out.

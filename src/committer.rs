@@ -225,7 +225,9 @@ impl Committer {
         // The batch is in sled now whether or not the fsync succeeds, so the wheel must hear
         // about it either way; only the acks depend on the fsync.
         self.resident.fetch_add(inserts.len(), Ordering::Relaxed);
-        wheel_commands.extend(inserts.into_iter().map(WheelCommand::Insert));
+        if !inserts.is_empty() {
+            wheel_commands.push(WheelCommand::Insert(inserts));
+        }
         for command in wheel_commands {
             let _ = self.wheel.send(command);
         }
@@ -263,8 +265,8 @@ impl Committer {
         // first (the scan returned whole buckets, so nothing earlier is left behind).
         residents.sort_by_key(|r| r.schedule.due);
         self.resident.fetch_add(count, Ordering::Relaxed);
-        for resident in residents {
-            let _ = self.wheel.send(WheelCommand::Insert(resident));
+        if !residents.is_empty() {
+            let _ = self.wheel.send(WheelCommand::Insert(residents));
         }
         Ok(full)
     }

@@ -52,9 +52,9 @@ pub struct Resident {
 /// A change to the wheel's contents.
 #[derive(Debug)]
 pub enum WheelCommand {
-    /// Hold this schedule until it is due. Ignored if the wheel already holds (or is firing)
-    /// this very copy: the committer may load a segment twice after moving its cursor back.
-    Insert(Resident),
+    /// Hold these schedules until they are due. A copy the wheel already holds (or is firing)
+    /// is ignored: the committer may load a segment twice after moving its cursor back.
+    Insert(Vec<Resident>),
     /// Forget this copy (it was replaced); a no-op if it is not held or is already being fired.
     Remove(ScheduleRef),
     /// These fired copies are now deleted from the store, so can no longer be loaded again.
@@ -142,37 +142,10 @@ impl Scheduler {
 
     fn apply(&mut self, command: WheelCommand) {
         match command {
-            WheelCommand::Insert(resident) => {
-                let schedule = &resident.schedule;
-                if let Some(held) = self.held.get(&schedule.id) {
-                    if held.due == schedule.due && held.segment == resident.segment {
-                        // A reload of the copy already held or firing.
-                        self.resident.fetch_sub(1, Ordering::Relaxed);
-                        return;
-                    }
-                    // The committer removes a replaced copy before inserting its successor, so
-                    // a different copy here can only be an older one that is already firing;
-                    // the new one takes over the id.
-                    debug_assert!(
-                        held.entry.is_none(),
-                        "two wheel entries for {}",
-                        schedule.id
-                    );
-                    if let Some(entry) = held.entry {
-                        self.drop_entry(entry);
-                    }
+            WheelCommand::Insert(residents) => {
+                for resident in residents {
+                    self.insert(resident);
                 }
-                let id = schedule.id.clone();
-                let (due, segment) = (schedule.due, resident.segment);
-                let entry = Some(self.wheel.insert(due, resident));
-                self.held.insert(
-                    id,
-                    Held {
-                        due,
-                        segment,
-                        entry,
-                    },
-                );
             }
             WheelCommand::Remove(copy) => {
                 if let Some(held) = self.held.get(&copy.id).copied()
@@ -194,6 +167,39 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    fn insert(&mut self, resident: Resident) {
+        let schedule = &resident.schedule;
+        if let Some(held) = self.held.get(&schedule.id) {
+            if held.due == schedule.due && held.segment == resident.segment {
+                // A reload of the copy already held or firing.
+                self.resident.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+            // The committer removes a replaced copy before inserting its successor, so
+            // a different copy here can only be an older one that is already firing;
+            // the new one takes over the id.
+            debug_assert!(
+                held.entry.is_none(),
+                "two wheel entries for {}",
+                schedule.id
+            );
+            if let Some(entry) = held.entry {
+                self.drop_entry(entry);
+            }
+        }
+        let id = schedule.id.clone();
+        let (due, segment) = (schedule.due, resident.segment);
+        let entry = Some(self.wheel.insert(due, resident));
+        self.held.insert(
+            id,
+            Held {
+                due,
+                segment,
+                entry,
+            },
+        );
     }
 
     fn drop_entry(&mut self, entry: EntryKey) {
@@ -244,7 +250,7 @@ mod tests {
 
     fn insert(s: &mut Scheduler, resident: &AtomicUsize, schedule: Resident) {
         resident.fetch_add(1, Ordering::Relaxed);
-        s.apply(WheelCommand::Insert(schedule));
+        s.apply(WheelCommand::Insert(vec![schedule]));
     }
 
     fn expire(s: &mut Scheduler, now: UnixMs) -> Vec<String> {

@@ -75,13 +75,27 @@ impl Harness {
     fn told(&mut self) -> Vec<(bool, UnixMs, String)> {
         let mut out = Vec::new();
         while let Ok(command) = self.wheel.try_recv() {
-            out.push(match command {
-                WheelCommand::Insert(r) => (true, r.schedule.due, r.schedule.id),
-                WheelCommand::Remove(k) => (false, k.due, k.id),
-                WheelCommand::Deleted(_) => continue,
-            });
+            match command {
+                WheelCommand::Insert(residents) => out.extend(
+                    residents
+                        .into_iter()
+                        .map(|r| (true, r.schedule.due, r.schedule.id)),
+                ),
+                WheelCommand::Remove(k) => out.push((false, k.due, k.id)),
+                WheelCommand::Deleted(_) => {}
+            }
         }
         out
+    }
+
+    /// The schedules inserted into the wheel since the last call.
+    fn inserted(&mut self) -> Vec<Resident> {
+        std::iter::from_fn(|| self.wheel.try_recv().ok())
+            .flat_map(|command| match command {
+                WheelCommand::Insert(residents) => residents,
+                _ => Vec::new(),
+            })
+            .collect()
     }
 
     fn add(&mut self, schedule: Schedule) {
@@ -221,9 +235,7 @@ fn a_fired_copy_never_deletes_its_replacement() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[schedule("x", now - 10)]);
     h.committer.load_horizon().unwrap();
-    let Some(WheelCommand::Insert(old)) = h.wheel.try_recv().ok() else {
-        panic!("x was loaded");
-    };
+    let [old] = h.inserted().try_into().expect("x was loaded");
     // x fired at its old time while a replacement arrived; the old copy's deletion comes later.
     h.add(schedule("x", now + DAY));
     h.fire(vec![old]);
@@ -251,11 +263,7 @@ fn fired_schedules_leave_their_segment_and_it_goes_when_empty() {
         reply: None,
     });
     h.committer.round(adds.into_iter(), false);
-    let residents: Vec<Resident> = std::iter::from_fn(|| match h.wheel.try_recv() {
-        Ok(WheelCommand::Insert(r)) => Some(r),
-        _ => None,
-    })
-    .collect();
+    let residents = h.inserted();
     assert_eq!(residents.len(), 3);
     assert!(residents.iter().all(|r| r.segment == residents[0].segment));
 
@@ -313,20 +321,16 @@ fn a_same_due_replacement_survives_the_old_copy_firing() {
     let due = now - 10;
     let mut h = Harness::new(1000, &[schedule("x", due)]);
     h.committer.load_horizon().unwrap();
-    let Some(WheelCommand::Insert(old)) = h.wheel.try_recv().ok() else {
-        panic!("x was loaded");
-    };
+    let [old] = h.inserted().try_into().expect("x was loaded");
     let new = Schedule {
         payload: Bytes::from_static(b"NEW"),
         ..schedule("x", due)
     };
     h.add(new);
-    let told: Vec<_> = std::iter::from_fn(|| h.wheel.try_recv().ok()).collect();
-    let inserted = told.iter().find_map(|c| match c {
-        WheelCommand::Insert(r) => Some(r.clone()),
-        _ => None,
-    });
-    let inserted = inserted.expect("the new copy goes to the wheel");
+    let [inserted] = h
+        .inserted()
+        .try_into()
+        .expect("the new copy goes to the wheel");
     assert_ne!(
         inserted.segment, old.segment,
         "a new copy lives in a new segment"
