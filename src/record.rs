@@ -190,6 +190,22 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A small schedule for unit tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn test_schedule(id: &str, due: UnixMs, caller_id: bool) -> Schedule {
+    Schedule {
+        id: id.into(),
+        due,
+        subject: "t".into(),
+        headers: vec![],
+        payload: Bytes::from_static(b"p"),
+        created: 0,
+        delivery: Delivery::Core,
+        recurrence: None,
+        caller_id,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

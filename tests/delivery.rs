@@ -21,12 +21,8 @@ fn assert_on_time(due: u64, received: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_and_absolute_time_fire_on_time() {
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(config(&server, store.path())).await;
-    let client = connect(&server).await;
-    let mut sub = client.subscribe("orders.expired").await.unwrap();
-    client.flush().await.unwrap();
+    let (_server, _store, daemon, client) = setup(|_| {}).await;
+    let mut sub = subscribe(&client, "orders.expired").await;
 
     let (_, due) = schedule(&client, "orders.expired", &[("Sched-Delay", "300ms")]).await;
     let message = next(&mut sub).await;
@@ -56,12 +52,8 @@ async fn delay_and_absolute_time_fire_on_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payload_and_headers_arrive_intact() {
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(config(&server, store.path())).await;
-    let client = connect(&server).await;
-    let mut sub = client.subscribe("audit.>").await.unwrap();
-    client.flush().await.unwrap();
+    let (_server, _store, daemon, client) = setup(|_| {}).await;
+    let mut sub = subscribe(&client, "audit.>").await;
 
     let payload: &'static [u8] = b"\x00\x01binary\xff\r\n{\"order\":42}";
     let reply = request(
@@ -108,12 +100,8 @@ async fn payload_and_headers_arrive_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replacing_by_id_fires_once_at_the_new_time() {
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(config(&server, store.path())).await;
-    let client = connect(&server).await;
-    let mut sub = client.subscribe("orders.expired").await.unwrap();
-    client.flush().await.unwrap();
+    let (_server, _store, daemon, client) = setup(|_| {}).await;
+    let mut sub = subscribe(&client, "orders.expired").await;
 
     // Later, then earlier, then later again: only the last one counts.
     let id = [("Sched-Id", "order-7")];
@@ -154,12 +142,8 @@ async fn replacing_by_id_fires_once_at_the_new_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_times_fire_at_once_and_many_fire_in_due_order() {
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(config(&server, store.path())).await;
-    let client = connect(&server).await;
-    let mut sub = client.subscribe("t").await.unwrap();
-    client.flush().await.unwrap();
+    let (_server, _store, daemon, client) = setup(|_| {}).await;
+    let mut sub = subscribe(&client, "t").await;
 
     schedule(&client, "t", &[("Sched-At", "2001-01-01T00:00:00Z")]).await;
     next(&mut sub).await;

@@ -13,8 +13,7 @@ async fn restart_fires_pending_and_overdue_oldest_first() {
     let server = NatsServer::start();
     let store = tempfile::tempdir().unwrap();
     let client = connect(&server).await;
-    let mut sub = client.subscribe("t.>").await.unwrap();
-    client.flush().await.unwrap();
+    let mut sub = subscribe(&client, "t.>").await;
 
     let daemon = Daemon::start(config(&server, store.path())).await;
     let base = now_ms();
@@ -63,8 +62,7 @@ async fn kill_9_after_acks_loses_nothing() {
     let store = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let client = connect(&server).await;
-    let mut sub = client.subscribe("orders.expired").await.unwrap();
-    client.flush().await.unwrap();
+    let mut sub = subscribe(&client, "orders.expired").await;
 
     let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
     let due = format_ms(now_ms() + 2500);
@@ -106,8 +104,7 @@ async fn sigterm_exits_zero_and_keeps_pending() {
     let store = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let client = connect(&server).await;
-    let mut sub = client.subscribe("later").await.unwrap();
-    client.flush().await.unwrap();
+    let mut sub = subscribe(&client, "later").await;
 
     let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
     let (id, _) = schedule(&client, "later", &[("Sched-Delay", "1500ms")]).await;
@@ -133,8 +130,7 @@ async fn due_messages_wait_out_a_nats_outage() {
     // The test's subscriber connects at once; natsched reconnects after its backoff and then
     // publishes again (its first attempt was made while the server was down).
     let client = connect(&server).await;
-    let mut sub = client.subscribe("after.outage").await.unwrap();
-    client.flush().await.unwrap();
+    let mut sub = subscribe(&client, "after.outage").await;
     let message = next(&mut sub).await;
     assert_eq!(sched_id(&message), id);
     assert!(now_ms() > due);
@@ -156,8 +152,7 @@ async fn shutdown_during_an_outage_keeps_what_was_not_delivered() {
 
     server.come_back();
     let client = connect(&server).await;
-    let mut sub = client.subscribe("kept").await.unwrap();
-    client.flush().await.unwrap();
+    let mut sub = subscribe(&client, "kept").await;
     let daemon = Daemon::start(config(&server, store.path())).await;
     assert_eq!(sched_id(&next(&mut sub).await), id);
     daemon.stop().await;

@@ -35,14 +35,8 @@ async fn assert_refused(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_errors_and_disturb_nothing() {
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let mut config = config(&server, store.path());
-    config.api.max_payload = 64;
-    let daemon = Daemon::start(config).await;
-    let client = connect(&server).await;
-    let mut sub = client.subscribe(">").await.unwrap();
-    client.flush().await.unwrap();
+    let (_server, _store, daemon, client) = setup(|c| c.api.max_payload = 64).await;
+    let mut sub = subscribe(&client, ">").await;
 
     // A good schedule pending across all the bad ones.
     let (good, _) = schedule(&client, "good", &[("Sched-Delay", "1500ms")]).await;
@@ -124,12 +118,8 @@ async fn assert_quiet_except_api(sub: &mut async_nats::Subscriber, quiet: Durati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_too_big_to_deliver_is_refused_and_blocks_nothing() {
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(config(&server, store.path())).await;
-    let client = connect(&server).await;
-    let mut sub = client.subscribe("t.>").await.unwrap();
-    client.flush().await.unwrap();
+    let (_server, _store, daemon, client) = setup(|_| {}).await;
+    let mut sub = subscribe(&client, "t.>").await;
 
     // Fits the server's max_payload as a request, but not once Sched-Id and Sched-Due are
     // added on delivery: refused up front instead of wedging firing later.
@@ -150,10 +140,7 @@ async fn a_message_too_big_to_deliver_is_refused_and_blocks_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_names_longer_than_the_store_allows_are_refused() {
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(config(&server, store.path())).await;
-    let client = connect(&server).await;
+    let (_server, _store, daemon, client) = setup(|_| {}).await;
     let long = "X".repeat(70_000);
     let reply = request(
         &client,

@@ -11,15 +11,12 @@ use natsched::time::{format_ms, now_ms};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn far_schedules_load_from_disk_in_bounded_chunks() {
     const COUNT: u64 = 3000;
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let mut config = config(&server, store.path());
-    config.wheel.lookahead = Duration::from_millis(200);
-    config.wheel.max_resident = 1000;
-    let daemon = Daemon::start(config).await;
-    let client = connect(&server).await;
-    let mut sub = client.subscribe("far").await.unwrap();
-    client.flush().await.unwrap();
+    let (_server, _store, daemon, client) = setup(|c| {
+        c.wheel.lookahead = Duration::from_millis(200);
+        c.wheel.max_resident = 1000;
+    })
+    .await;
+    let mut sub = subscribe(&client, "far").await;
 
     // All beyond the 200 ms horizon when accepted; three times the memory cap in total.
     let base = now_ms() + 1500;

@@ -1,6 +1,5 @@
 use super::*;
 use crate::protocol;
-use crate::record::Delivery;
 use crate::store::{StoreOptions, WriteBatch};
 use bytes::Bytes;
 
@@ -8,17 +7,7 @@ const DAY: UnixMs = 86_400_000;
 use crate::time::UnixMs;
 
 fn schedule(id: &str, due: UnixMs) -> Schedule {
-    Schedule {
-        id: id.into(),
-        due,
-        subject: "t".into(),
-        headers: vec![],
-        payload: Bytes::from_static(b"p"),
-        created: 0,
-        delivery: Delivery::Core,
-        recurrence: None,
-        caller_id: true,
-    }
+    crate::record::test_schedule(id, due, true)
 }
 
 struct Harness {

@@ -1,19 +1,7 @@
 use super::*;
-use crate::record::Delivery;
-use bytes::Bytes;
 
 fn schedule(id: &str, due: UnixMs, caller_id: bool) -> Schedule {
-    Schedule {
-        id: id.into(),
-        due,
-        subject: "t".into(),
-        headers: vec![],
-        payload: Bytes::from_static(b"p"),
-        created: 0,
-        delivery: Delivery::Core,
-        recurrence: None,
-        caller_id,
-    }
+    crate::record::test_schedule(id, due, caller_id)
 }
 
 fn open(dir: &Path) -> Store {

@@ -113,6 +113,25 @@ pub async fn connect(server: &NatsServer) -> Client {
     async_nats::connect(server.url.as_str()).await.unwrap()
 }
 
+/// A subscription that the server has registered (so nothing published after it is missed).
+pub async fn subscribe(client: &Client, subject: &str) -> async_nats::Subscriber {
+    let sub = client.subscribe(subject.to_owned()).await.unwrap();
+    client.flush().await.unwrap();
+    sub
+}
+
+/// The usual setup: a server, a store, natsched on them with `config` adjusted by `tweak`, and
+/// a client.
+pub async fn setup(tweak: impl FnOnce(&mut Config)) -> (NatsServer, TempDir, Daemon, Client) {
+    let server = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let mut config = config(&server, store.path());
+    tweak(&mut config);
+    let daemon = Daemon::start(config).await;
+    let client = connect(&server).await;
+    (server, store, daemon, client)
+}
+
 /// A config for a test daemon against `server`, storing in `store`.
 pub fn config(server: &NatsServer, store: &Path) -> Config {
     let mut config = Config::default();
