@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 
 use crate::record::Schedule;
 use crate::replies::Ack;
-use crate::scheduler::{Resident, ScheduleRef, WheelCommand};
+use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
 use crate::store::{BUCKET_MS, SegmentKey, Store, StoreError, bucket_of};
 use crate::time;
 
@@ -57,6 +57,8 @@ pub enum StoreCommand {
     },
     /// These schedules were published and confirmed: delete them.
     Fired(Vec<Resident>),
+    /// Cancel the pending schedule `id`, then answer on `reply` if given.
+    Cancel { id: String, reply: Option<Subject> },
 }
 
 /// Tuning of the committer.
@@ -153,7 +155,24 @@ impl Committer {
                         failed = Some(err);
                     }
                 }
-                StoreCommand::Add { schedule, reply } => round.refuse(schedule, reply),
+                StoreCommand::Cancel { id, reply } if failed.is_none() => {
+                    let wheel = &self.wheel;
+                    let withdraw = |copy| {
+                        let (answer, outcome) = std::sync::mpsc::sync_channel(1);
+                        // A gone timer thread fires nothing more: the copy is as good as
+                        // not held.
+                        match wheel.send(WheelCommand::Withdraw(copy, answer)) {
+                            Ok(()) => outcome.recv().unwrap_or(Withdrawal::NotHeld),
+                            Err(_) => Withdrawal::NotHeld,
+                        }
+                    };
+                    if let Err(err) = round.cancel(&self.store, id, reply, withdraw) {
+                        failed = Some(err);
+                    }
+                }
+                StoreCommand::Add { reply, .. } | StoreCommand::Cancel { reply, .. } => {
+                    round.refuse(reply)
+                }
             }
         }
         if flush_fired && failed.is_none() {

@@ -34,6 +34,7 @@
 //! # }
 //! ```
 
+pub mod api;
 pub mod committer;
 pub mod config;
 pub mod firing;
@@ -56,6 +57,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::Api;
 use crate::committer::{Committer, CommitterOptions};
 use crate::config::Config;
 use crate::firing::Firing;
@@ -104,6 +106,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let client = connect(&config).await?;
     let intake =
         Intake::subscribe(client.clone(), &config.api.prefix, config.api.max_payload).await?;
+    let api = Api::subscribe(client.clone(), &config.api.prefix, store.clone()).await?;
     let firing = Firing::new(client.clone()).await?;
     client.flush().await.ok();
     tracing::info!(prefix = %config.api.prefix, url = %config.nats.url, "accepting schedules");
@@ -137,6 +140,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let mut replies = tokio::spawn(replies::run(client.clone(), ack_rx));
     let mut firing = tokio::spawn(firing.run(fire_rx, store_tx.clone(), resident, stop.clone()));
+    let mut api = tokio::spawn(api.run(store_tx.clone(), stop.clone()));
     let mut intake = tokio::spawn(intake.run(store_tx, stop.clone()));
 
     // Until asked to stop, watch for a part that stopped by itself (a store failure, a panic):
@@ -153,6 +157,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             })
         }
         result = &mut intake => Some(stopped("intake", result)),
+        result = &mut api => Some(stopped("api", result)),
         _ = &mut scheduler => {
             timer_finished = true;
             Some(RunError::Task("the timer thread stopped".into()))
@@ -170,6 +175,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // then drain through `replies`. Every wait is bounded, so shutdown is too. (A finished
     // oneshot must not be polled again, hence the flags.)
     join_bounded("intake", &mut intake).await;
+    join_bounded("api", &mut api).await;
     if !timer_finished {
         // It notices the cancellation within its idle wait.
         let _ = tokio::time::timeout(SHUTDOWN_STEP, &mut scheduler).await;

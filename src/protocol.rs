@@ -61,6 +61,14 @@ impl ApiError {
         }
     }
 
+    /// 404: no pending schedule has this id.
+    pub fn not_found(id: &str) -> ApiError {
+        ApiError {
+            code: 404,
+            description: format!("no pending schedule with id {id:?}"),
+        }
+    }
+
     /// 503: the store could not make the schedule durable.
     pub fn unavailable(description: impl Into<String>) -> ApiError {
         ApiError {
@@ -113,6 +121,20 @@ pub fn add_reply(id: &str, due: UnixMs) -> Bytes {
     out.extend_from_slice(due.as_bytes());
     out.extend_from_slice(b"\"}");
     out.into()
+}
+
+/// The success reply to a cancel: `{"id":"…","cancelled":true}`.
+pub fn cancel_reply(id: &str) -> Bytes {
+    debug_assert!(validate_id(id).is_ok());
+    format!(r#"{{"id":"{id}","cancelled":true}}"#).into()
+}
+
+/// The id in the body of a `cancel` or `get` request.
+pub fn parse_id_body(body: &[u8]) -> Result<String, ApiError> {
+    let id = std::str::from_utf8(body)
+        .map_err(|_| ApiError::bad_request("the body must be a schedule id in UTF-8"))?
+        .trim();
+    Ok(validate_id(id)?.to_owned())
 }
 
 /// Limits applied to add requests.

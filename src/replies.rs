@@ -5,15 +5,16 @@ use std::time::Duration;
 use async_nats::{Client, Subject};
 use tokio::sync::mpsc;
 
-use crate::protocol::{self, ApiError};
-use crate::time::UnixMs;
+use bytes::Bytes;
+
+use crate::protocol::ApiError;
 
 /// The outcome of one request that asked for a reply.
 #[derive(Debug)]
 pub struct Ack {
     pub reply: Subject,
-    /// The stored schedule's id and due instant, or why it was refused.
-    pub result: Result<(String, UnixMs), ApiError>,
+    /// The reply body, or why the request failed.
+    pub result: Result<Bytes, ApiError>,
 }
 
 /// Publishes `error` as a micro-service error reply.
@@ -31,11 +32,8 @@ pub async fn run(client: Client, mut acks: mpsc::UnboundedReceiver<Vec<Ack>>) {
     while let Some(batch) = acks.recv().await {
         for ack in batch {
             match ack.result {
-                Ok((id, due)) => {
-                    if let Err(err) = client
-                        .publish(ack.reply, protocol::add_reply(&id, due))
-                        .await
-                    {
+                Ok(body) => {
+                    if let Err(err) = client.publish(ack.reply, body).await {
                         tracing::warn!(error = %err, "could not send reply");
                     }
                 }

@@ -59,6 +59,21 @@ pub enum WheelCommand {
     Remove(ScheduleRef),
     /// These fired copies are now deleted from the store, so can no longer be loaded again.
     Deleted(Vec<ScheduleRef>),
+    /// Take this copy out unless it is already being fired, and say which happened: the one
+    /// place where "cancelled" and "fired" are decided, so a cancel never both succeeds and
+    /// fires.
+    Withdraw(ScheduleRef, std::sync::mpsc::SyncSender<Withdrawal>),
+}
+
+/// The answer to [`WheelCommand::Withdraw`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withdrawal {
+    /// It was in the wheel and is no longer.
+    Withdrawn,
+    /// The wheel does not hold it (it is only on disk).
+    NotHeld,
+    /// It is being published or already was: too late to cancel.
+    Firing,
 }
 
 /// Where a schedule the scheduler knows of is.
@@ -155,6 +170,20 @@ impl Scheduler {
                     self.held.remove(&copy.id);
                     self.drop_entry(entry);
                 }
+            }
+            WheelCommand::Withdraw(copy, answer) => {
+                let outcome = match self.held.get(&copy.id).copied() {
+                    Some(held) if held.is(&copy) => match held.entry {
+                        Some(entry) => {
+                            self.held.remove(&copy.id);
+                            self.drop_entry(entry);
+                            Withdrawal::Withdrawn
+                        }
+                        None => Withdrawal::Firing,
+                    },
+                    _ => Withdrawal::NotHeld,
+                };
+                let _ = answer.send(outcome);
             }
             WheelCommand::Deleted(copies) => {
                 for copy in copies {

@@ -4,10 +4,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use async_nats::Subject;
 
-use crate::protocol::ApiError;
+use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
 use crate::replies::Ack;
-use crate::scheduler::{ScheduleRef, WheelCommand};
+use crate::scheduler::{ScheduleRef, WheelCommand, Withdrawal};
 use crate::store::{SegmentKey, Store, StoreError, WriteBatch, bucket_of, segment};
 use crate::time::UnixMs;
 
@@ -49,7 +49,20 @@ pub struct Round {
     places: HashMap<String, Place>,
     /// Wheel changes to send once committed (removals; inserts are added by the committer).
     wheel: Vec<WheelCommand>,
-    acks: Vec<(Option<Subject>, String, UnixMs)>,
+    acks: Vec<(Option<Subject>, Outcome)>,
+}
+
+/// What a request's reply will say if the round commits.
+enum Outcome {
+    Added {
+        id: String,
+        due: UnixMs,
+    },
+    Cancelled {
+        id: String,
+    },
+    /// Refused whatever the commit does (e.g. cancelling an unknown id).
+    Refused(ApiError),
 }
 
 impl Round {
@@ -83,14 +96,60 @@ impl Round {
             // Only a caller's id can come again in this round; a generated one is unique.
             self.places.insert(schedule.id.clone(), Place::New(bucket));
         }
-        self.acks.push((reply, schedule.id.clone(), schedule.due));
+        let (id, due) = (schedule.id.clone(), schedule.due);
+        self.acks.push((reply, Outcome::Added { id, due }));
         self.new.entry(bucket).or_default().push(schedule);
         Ok(())
     }
 
     /// Records a request that could not be staged (an earlier one failed): it gets a 503.
-    pub fn refuse(&mut self, schedule: Schedule, reply: Option<Subject>) {
-        self.acks.push((reply, schedule.id, schedule.due));
+    pub fn refuse(&mut self, reply: Option<Subject>) {
+        let error =
+            ApiError::unavailable("store unavailable: an earlier write in its batch failed");
+        self.acks.push((reply, Outcome::Refused(error)));
+    }
+
+    /// Stages the cancellation of the pending schedule `id`. `withdraw` asks the wheel to let
+    /// go of a copy it may hold; a copy already being fired cannot be cancelled.
+    pub fn cancel(
+        &mut self,
+        store: &Store,
+        id: String,
+        reply: Option<Subject>,
+        withdraw: impl FnOnce(ScheduleRef) -> Withdrawal,
+    ) -> Result<(), StoreError> {
+        let outcome = match self.place_of(store, &id)? {
+            Place::Gone => Outcome::Refused(ApiError::not_found(&id)),
+            Place::New(bucket) => {
+                // Added earlier in this very round: it never reached the wheel.
+                let schedules = self.new.get_mut(&bucket).expect("placed there");
+                schedules.retain(|s| s.id != id);
+                self.places.insert(id.clone(), Place::Gone);
+                Outcome::Cancelled { id }
+            }
+            Place::Stored(key) => {
+                let remaining = self.rewrite(store, key)?;
+                match remaining.iter().position(|s| s.id == id) {
+                    None => Outcome::Refused(ApiError::not_found(&id)),
+                    Some(at) => match withdraw(ScheduleRef::of(key, &remaining[at])) {
+                        Withdrawal::Firing => Outcome::Refused(ApiError {
+                            code: 404,
+                            description: format!("schedule {id:?} is already being delivered"),
+                        }),
+                        Withdrawal::Withdrawn | Withdrawal::NotHeld => {
+                            let cancelled = remaining.remove(at);
+                            if cancelled.caller_id {
+                                self.batch.unindex(&id);
+                            }
+                            self.places.insert(id.clone(), Place::Gone);
+                            Outcome::Cancelled { id }
+                        }
+                    },
+                }
+            }
+        };
+        self.acks.push((reply, outcome));
+        Ok(())
     }
 
     /// Removes fired schedules from their segments, and their ids from the index unless the
@@ -179,10 +238,14 @@ impl Round {
     pub fn acks(&mut self, failure: Option<&StoreError>) -> Vec<Ack> {
         self.acks
             .drain(..)
-            .filter_map(|(reply, id, due)| {
-                let result = match failure {
-                    None => Ok((id, due)),
-                    Some(err) => Err(ApiError::unavailable(format!("store unavailable: {err}"))),
+            .filter_map(|(reply, outcome)| {
+                let result = match (outcome, failure) {
+                    (Outcome::Refused(error), _) => Err(error),
+                    (_, Some(err)) => {
+                        Err(ApiError::unavailable(format!("store unavailable: {err}")))
+                    }
+                    (Outcome::Added { id, due }, None) => Ok(protocol::add_reply(&id, due)),
+                    (Outcome::Cancelled { id }, None) => Ok(protocol::cancel_reply(&id)),
                 };
                 Some(Ack {
                     reply: reply?,

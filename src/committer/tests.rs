@@ -71,7 +71,7 @@ impl Harness {
                         .map(|r| (true, r.schedule.due, r.schedule.id)),
                 ),
                 WheelCommand::Remove(k) => out.push((false, k.due, k.id)),
-                WheelCommand::Deleted(_) => {}
+                WheelCommand::Deleted(_) | WheelCommand::Withdraw(..) => {}
             }
         }
         out

@@ -1,0 +1,135 @@
+//! Operating on pending schedules: `<prefix>.cancel` and `<prefix>.get`.
+//!
+//! Both take the schedule id as the request body and answer with JSON, or with the same
+//! micro-service error convention as `<prefix>.add` (400 for a malformed id, 404 for an unknown
+//! one, 503 when the store fails). A cancel goes through the committer, like an add, and is
+//! answered once the removal is durable; a get reads the store directly.
+
+use std::collections::BTreeMap;
+
+use async_nats::{Client, Message, Subscriber};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::committer::StoreCommand;
+use crate::protocol::{self, ApiError};
+use crate::record::Schedule;
+use crate::replies;
+use crate::store::Store;
+use crate::time;
+
+/// The subscriptions of the operations API.
+pub struct Api {
+    client: Client,
+    store: Store,
+    cancels: Subscriber,
+    gets: Subscriber,
+}
+
+impl Api {
+    pub async fn subscribe(
+        client: Client,
+        prefix: &str,
+        store: Store,
+    ) -> Result<Api, async_nats::SubscribeError> {
+        Ok(Api {
+            cancels: client.subscribe(format!("{prefix}.cancel")).await?,
+            gets: client.subscribe(format!("{prefix}.get")).await?,
+            client,
+            store,
+        })
+    }
+
+    /// Serves requests until `shutdown`.
+    pub async fn run(mut self, commands: mpsc::Sender<StoreCommand>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(message) = self.cancels.next() => self.cancel(message, &commands).await,
+                Some(message) = self.gets.next() => self.get(message).await,
+                else => break,
+            }
+        }
+        let _ = self.cancels.unsubscribe().await;
+        let _ = self.gets.unsubscribe().await;
+    }
+
+    async fn cancel(&self, message: Message, commands: &mpsc::Sender<StoreCommand>) {
+        match protocol::parse_id_body(&message.payload) {
+            Ok(id) => {
+                let cancel = StoreCommand::Cancel {
+                    id,
+                    reply: message.reply,
+                };
+                if commands.send(cancel).await.is_err() {
+                    tracing::error!("store writer is gone; cancel dropped unanswered");
+                }
+            }
+            Err(error) => self.answer(message, Err(error)).await,
+        }
+    }
+
+    async fn get(&self, message: Message) {
+        let result = match protocol::parse_id_body(&message.payload) {
+            Err(error) => Err(error),
+            Ok(id) => {
+                let store = self.store.clone();
+                let found = tokio::task::spawn_blocking(move || (store.get(&id), id)).await;
+                match found {
+                    Ok((Ok(Some(schedule)), _)) => Ok(describe(&schedule)),
+                    Ok((Ok(None), id)) => Err(ApiError::not_found(&id)),
+                    Ok((Err(err), _)) => {
+                        Err(ApiError::unavailable(format!("store unavailable: {err}")))
+                    }
+                    Err(err) => Err(ApiError::unavailable(format!("lookup failed: {err}"))),
+                }
+            }
+        };
+        self.answer(message, result).await;
+    }
+
+    async fn answer(&self, message: Message, result: Result<Bytes, ApiError>) {
+        let Some(reply) = message.reply else {
+            return;
+        };
+        match result {
+            Ok(body) => {
+                if let Err(err) = self.client.publish(reply, body).await {
+                    tracing::warn!(error = %err, "could not send reply");
+                }
+            }
+            Err(error) => replies::send_error(&self.client, reply, &error).await,
+        }
+    }
+}
+
+/// The JSON a get answers with.
+pub fn describe(schedule: &Schedule) -> Bytes {
+    #[derive(Serialize)]
+    struct Description<'a> {
+        id: &'a str,
+        subject: &'a str,
+        due: String,
+        created: String,
+        headers: BTreeMap<&'a str, Vec<&'a str>>,
+        payload_size: usize,
+    }
+    let mut headers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (name, value) in &schedule.headers {
+        headers.entry(name).or_default().push(value);
+    }
+    let description = Description {
+        id: &schedule.id,
+        subject: &schedule.subject,
+        due: time::format_ms(schedule.due),
+        created: time::format_ms(schedule.created),
+        headers,
+        payload_size: schedule.payload.len(),
+    };
+    serde_json::to_vec(&description)
+        .expect("plain struct serializes")
+        .into()
+}

@@ -1,0 +1,183 @@
+//! Cancel and get: `sched.cancel` and `sched.get` with the id as the body.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_nats::Client;
+use bytes::Bytes;
+use common::*;
+use futures::StreamExt;
+use natsched::time::{format_ms, now_ms};
+
+async fn call(client: &Client, subject: &str, body: &str) -> async_nats::Message {
+    let request = client.request(subject.to_owned(), Bytes::from(body.to_owned()));
+    tokio::time::timeout(WAIT, request)
+        .await
+        .expect("reply in time")
+        .expect("request")
+}
+
+async fn cancel(client: &Client, id: &str) -> Result<serde_json::Value, u16> {
+    let reply = call(client, "sched.cancel", id).await;
+    match error_code(&reply) {
+        Some(code) => Err(code),
+        None => Ok(serde_json::from_slice(&reply.payload).unwrap()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_schedule_never_fires() {
+    let (_server, _store, daemon, client) = setup(|_| {}).await;
+    let mut sub = subscribe(&client, "orders.expired").await;
+
+    schedule(
+        &client,
+        "orders.expired",
+        &[("Sched-Id", "order-42"), ("Sched-Delay", "700ms")],
+    )
+    .await;
+    let (generated, _) = schedule(&client, "orders.expired", &[("Sched-Delay", "700ms")]).await;
+    // Far in the future, so only on disk.
+    schedule(
+        &client,
+        "orders.expired",
+        &[("Sched-Id", "far"), ("Sched-Delay", "1h")],
+    )
+    .await;
+    let (kept, _) = schedule(&client, "orders.expired", &[("Sched-Delay", "900ms")]).await;
+
+    let body = cancel(&client, "order-42").await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"id": "order-42", "cancelled": true})
+    );
+    assert_eq!(
+        cancel(&client, &generated).await.unwrap()["cancelled"],
+        true
+    );
+    assert_eq!(cancel(&client, "far").await.unwrap()["cancelled"], true);
+    assert_eq!(
+        cancel(&client, "order-42").await,
+        Err(404),
+        "already cancelled"
+    );
+    assert_eq!(cancel(&client, "never-existed").await, Err(404));
+    assert_eq!(cancel(&client, "not an id").await, Err(400));
+
+    // Only the one left fires.
+    assert_eq!(sched_id(&next(&mut sub).await), kept);
+    assert_quiet(&mut sub, Duration::from_millis(500)).await;
+    assert_eq!(
+        error_code(&call(&client, "sched.get", "far").await),
+        Some(404)
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_survives_restart_and_kill_9() {
+    let server = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let client = connect(&server).await;
+    let mut sub = subscribe(&client, "t").await;
+
+    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let at = format_ms(now_ms() + 1500);
+    for id in ["a", "b"] {
+        schedule(&client, "t", &[("Sched-Id", id), ("Sched-At", &at)]).await;
+    }
+    cancel(&client, "a").await.unwrap();
+    daemon.kill_9(); // right after the reply
+
+    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    assert_eq!(sched_id(&next(&mut sub).await), "b");
+    assert_quiet(&mut sub, Duration::from_millis(500)).await;
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_at_the_due_instant_either_cancels_or_fires_never_both() {
+    const COUNT: u64 = 30;
+    let (_server, _store, daemon, client) = setup(|_| {}).await;
+    let mut sub = subscribe(&client, "race").await;
+
+    let base = now_ms() + 500;
+    for i in 0..COUNT {
+        let at = format_ms(base + i * 25);
+        schedule(
+            &client,
+            "race",
+            &[("Sched-Id", &format!("r{i}")), ("Sched-At", &at)],
+        )
+        .await;
+    }
+    let mut cancelled = BTreeSet::new();
+    for i in 0..COUNT {
+        // Aim each cancel at its schedule's due instant, give or take the scheduler's jitter.
+        let due = base + i * 25;
+        tokio::time::sleep(natsched::time::until(due, now_ms())).await;
+        if cancel(&client, &format!("r{i}")).await.is_ok() {
+            cancelled.insert(format!("r{i}"));
+        }
+    }
+    let mut fired = BTreeSet::new();
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(500), sub.next()).await
+    {
+        assert!(fired.insert(sched_id(&message)), "fired twice");
+    }
+    assert!(
+        cancelled.is_disjoint(&fired),
+        "cancelled and fired: {:?}",
+        cancelled.intersection(&fired)
+    );
+    assert_eq!(
+        cancelled.len() + fired.len(),
+        COUNT as usize,
+        "every one either fired or was cancelled"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_describes_a_pending_schedule() {
+    let (_server, _store, daemon, client) = setup(|_| {}).await;
+    let reply = request(
+        &client,
+        "sched.add.audit.trail",
+        &[
+            ("Sched-Id", "g1"),
+            ("Sched-Delay", "1h"),
+            ("Trace", "a"),
+            ("Multi", "1"),
+            ("Multi", "2"),
+        ],
+        b"12345",
+    )
+    .await;
+    let added: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+
+    let reply = call(&client, "sched.get", "g1").await;
+    assert_eq!(error_code(&reply), None);
+    let got: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(got["id"], "g1");
+    assert_eq!(got["subject"], "audit.trail");
+    assert_eq!(got["due"], added["due"]);
+    assert_eq!(
+        got["headers"],
+        serde_json::json!({"Multi": ["1", "2"], "Trace": ["a"]})
+    );
+    assert_eq!(got["payload_size"], 5);
+
+    assert_eq!(
+        error_code(&call(&client, "sched.get", "unknown").await),
+        Some(404)
+    );
+    assert_eq!(
+        error_code(&call(&client, "sched.get", "bad id!").await),
+        Some(400)
+    );
+    daemon.stop().await;
+}
