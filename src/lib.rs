@@ -35,6 +35,7 @@
 //! ```
 
 pub mod api;
+pub mod client;
 pub mod committer;
 pub mod config;
 pub mod firing;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use natsched::client::{Connection, ScheduleArgs};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -25,26 +26,65 @@ enum Command {
         #[arg(long, short, default_value = "/etc/natsched/natsched.toml")]
         config: PathBuf,
     },
+    /// Schedule a message.
+    Schedule {
+        #[command(flatten)]
+        args: ScheduleArgs,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Cancel a pending schedule.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show a pending schedule.
+    Get {
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Check a configuration file; exits 1 with the reason if it is invalid.
+    CheckConfig { file: PathBuf },
     /// Load-test a running natsched through NATS and print one JSON line of results.
     Bench(natsched::loadgen::LoadOptions),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The daemon logs its life at info; the client commands only speak up when something is
+    // wrong. RUST_LOG overrides both.
+    let daemon = matches!(cli.command, Command::Run { .. });
+    let default_level = if daemon { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .init();
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Bench(options) => bench(options),
+        Command::Schedule { args, connection } => {
+            client(async move { natsched::client::schedule(&connection, &args).await })
+        }
+        Command::Cancel { id, connection } => {
+            client(async move { natsched::client::cancel(&connection, &id).await })
+        }
+        Command::Get { id, connection } => {
+            client(async move { natsched::client::get(&connection, &id).await })
+        }
+        Command::CheckConfig { file } => natsched::config::Config::from_file(&file)
+            .map(|_| println!("{}: ok", file.display()))
+            .map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err}");
+            if daemon {
+                tracing::error!("{err}");
+            }
             eprintln!("natsched: {err}");
             ExitCode::FAILURE
         }
@@ -58,6 +98,19 @@ fn run(config_path: PathBuf) -> Result<(), String> {
     runtime
         .block_on(natsched::run(config, shutdown_signal()))
         .map_err(|e| format!("{e} (config {})", config_path.display()))
+}
+
+/// Runs one client command and prints its output.
+fn client(
+    command: impl std::future::Future<Output = Result<String, natsched::client::ClientError>>,
+) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let output = runtime.block_on(command).map_err(|e| e.to_string())?;
+    println!("{output}");
+    Ok(())
 }
 
 fn bench(options: natsched::loadgen::LoadOptions) -> Result<(), String> {

@@ -1,0 +1,184 @@
+//! The operator's command-line client: `natsched schedule | cancel | get`, modelled on the `nats`
+//! CLI. It speaks the same public protocol as any service would.
+
+use std::time::Duration;
+
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+
+use crate::protocol;
+
+/// How long to wait for natsched to answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where natsched is reached, shared by every client command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Connection {
+    /// NATS server URL.
+    #[arg(long, short, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub server: String,
+    /// natsched's API subject prefix.
+    #[arg(long, default_value = "sched")]
+    pub prefix: String,
+    /// Print the daemon's JSON reply instead of a human-readable summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `natsched schedule`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(group = clap::ArgGroup::new("when").required(true).args(["at", "delay"]))]
+pub struct ScheduleArgs {
+    /// Subject to deliver to.
+    pub subject: String,
+    /// Payload to deliver (empty if omitted).
+    pub payload: Option<String>,
+    /// Due instant, RFC 3339 (e.g. 2026-11-24T18:00:00Z).
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Due after this long: 15m, 1h30m, 250ms, or milliseconds.
+    #[arg(long = "in", value_name = "DURATION")]
+    pub delay: Option<String>,
+    /// The schedule's id (re-scheduling an id replaces it).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// A header to deliver, as 'Name: value' (repeatable).
+    #[arg(long = "header", short = 'H', value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+}
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("no answer from natsched on {subject}: {source}")]
+    Request {
+        subject: String,
+        source: async_nats::RequestError,
+    },
+    #[error("no answer from natsched on {subject} within {REQUEST_TIMEOUT:?}")]
+    Timeout { subject: String },
+    #[error("natsched refused: {code} {description}")]
+    Refused { code: u16, description: String },
+    #[error("invalid header {0:?}: use 'Name: value'")]
+    Header(String),
+}
+
+/// Sends one request and returns the reply body, turning error replies into [`ClientError`].
+async fn call(
+    connection: &Connection,
+    subject: String,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Bytes, ClientError> {
+    let client: Client = async_nats::connect(connection.server.as_str())
+        .await
+        .map_err(|source| ClientError::Connect {
+            url: connection.server.clone(),
+            source,
+        })?;
+    let request = client.request_with_headers(subject.clone(), headers, body);
+    let reply = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(source)) => return Err(ClientError::Request { subject, source }),
+        Err(_) => return Err(ClientError::Timeout { subject }),
+    };
+    let header = |name| {
+        reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    if let Some(code) = header(protocol::ERROR_CODE_HEADER) {
+        return Err(ClientError::Refused {
+            code: code.parse().unwrap_or(0),
+            description: header(protocol::ERROR_HEADER).unwrap_or_default(),
+        });
+    }
+    Ok(reply.payload)
+}
+
+fn field(body: &[u8], name: &str) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get(name)?.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// `natsched schedule`: prints the id and due instant.
+pub async fn schedule(connection: &Connection, args: &ScheduleArgs) -> Result<String, ClientError> {
+    let mut headers = HeaderMap::new();
+    for header in &args.headers {
+        let (name, value) = header
+            .split_once(':')
+            .ok_or_else(|| ClientError::Header(header.clone()))?;
+        headers.append(name.trim(), value.trim());
+    }
+    if let Some(at) = &args.at {
+        headers.insert(protocol::AT, at.as_str());
+    }
+    if let Some(delay) = &args.delay {
+        headers.insert(protocol::DELAY, delay.as_str());
+    }
+    if let Some(id) = &args.id {
+        headers.insert(protocol::ID, id.as_str());
+    }
+    let subject = format!("{}.add.{}", connection.prefix, args.subject);
+    let payload = Bytes::from(args.payload.clone().unwrap_or_default());
+    let body = call(connection, subject, headers, payload).await?;
+    Ok(if connection.json {
+        String::from_utf8_lossy(&body).into_owned()
+    } else {
+        format!(
+            "scheduled {} for {} on {}",
+            field(&body, "id"),
+            field(&body, "due"),
+            args.subject
+        )
+    })
+}
+
+/// `natsched cancel`.
+pub async fn cancel(connection: &Connection, id: &str) -> Result<String, ClientError> {
+    let subject = format!("{}.cancel", connection.prefix);
+    let body = call(connection, subject, HeaderMap::new(), id.to_owned().into()).await?;
+    Ok(if connection.json {
+        String::from_utf8_lossy(&body).into_owned()
+    } else {
+        format!("cancelled {id}")
+    })
+}
+
+/// `natsched get`.
+pub async fn get(connection: &Connection, id: &str) -> Result<String, ClientError> {
+    let subject = format!("{}.get", connection.prefix);
+    let body = call(connection, subject, HeaderMap::new(), id.to_owned().into()).await?;
+    if connection.json {
+        return Ok(String::from_utf8_lossy(&body).into_owned());
+    }
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut out = String::new();
+    for key in ["id", "subject", "due", "created", "payload_size"] {
+        out.push_str(&format!(
+            "{key:>12}: {}\n",
+            value[key].to_string().trim_matches('"')
+        ));
+    }
+    if let Some(headers) = value["headers"].as_object() {
+        for (name, values) in headers {
+            for v in values.as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "{:>12}  {name}: {}\n",
+                    "",
+                    v.as_str().unwrap_or("")
+                ));
+            }
+        }
+    }
+    Ok(out.trim_end().to_owned())
+}

@@ -1,0 +1,122 @@
+//! The command-line client against a running daemon, and `check-config`.
+
+mod common;
+
+use std::process::Output;
+
+use common::*;
+
+/// Runs the natsched binary with `args` (off the async runtime: it blocks).
+async fn natsched(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_natsched"))
+            .args(&args)
+            .output()
+            .expect("run natsched")
+    })
+    .await
+    .unwrap()
+}
+
+fn args(list: &[&str], server: &NatsServer) -> Vec<String> {
+    let mut out: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+    out.extend(["--server".to_owned(), server.url.clone()]);
+    out
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_get_cancel_from_the_command_line() {
+    let (server, _store, daemon, client) = setup(|_| {}).await;
+    let mut sub = subscribe(&client, "orders.expired").await;
+
+    let out = natsched(args(
+        &[
+            "schedule",
+            "orders.expired",
+            "{\"order\":7}",
+            "--in",
+            "1h",
+            "--id",
+            "o7",
+            "-H",
+            "Trace: x",
+        ],
+        &server,
+    ))
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout(&out).starts_with("scheduled o7 for "),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = natsched(args(&["get", "o7", "--json"], &server)).await;
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["subject"], "orders.expired");
+    assert_eq!(got["headers"]["Trace"], serde_json::json!(["x"]));
+    let out = natsched(args(&["get", "o7"], &server)).await;
+    assert!(
+        stdout(&out).contains("subject: orders.expired"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = natsched(args(&["cancel", "o7"], &server)).await;
+    assert!(out.status.success());
+    assert_eq!(stdout(&out).trim(), "cancelled o7");
+    // The daemon's error comes back with its code, and a non-zero exit.
+    let out = natsched(args(&["cancel", "o7"], &server)).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("404"),
+        "{out:?}"
+    );
+
+    // --json prints the reply as is; a near schedule arrives.
+    let out = natsched(args(
+        &[
+            "schedule",
+            "orders.expired",
+            "now",
+            "--in",
+            "100ms",
+            "--json",
+        ],
+        &server,
+    ))
+    .await;
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let message = next(&mut sub).await;
+    assert_eq!(sched_id(&message), reply["id"].as_str().unwrap());
+    assert_eq!(message.payload.as_ref(), b"now");
+
+    // Refused locally by the daemon: a bad duration.
+    let out = natsched(args(&["schedule", "x", "--in", "soon"], &server)).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("400"));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_accepts_the_examples_and_names_a_bad_key() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        let out = natsched(vec!["check-config".into(), path.display().to_string()]).await;
+        assert!(out.status.success(), "{}: {out:?}", path.display());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[store]\npaht = \"/tmp/x\"\n").unwrap();
+    let out = natsched(vec!["check-config".into(), bad.display().to_string()]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("paht"),
+        "{out:?}"
+    );
+}
