@@ -1,11 +1,14 @@
-//! Operating on pending schedules: `<prefix>.cancel` and `<prefix>.get`.
+//! Operating the scheduler: `<prefix>.cancel`, `<prefix>.get` and `<prefix>.stats`.
 //!
-//! Both take the schedule id as the request body and answer with JSON, or with the same
-//! micro-service error convention as `<prefix>.add` (400 for a malformed id, 404 for an unknown
-//! one, 503 when the store fails). A cancel goes through the committer, like an add, and is
-//! answered once the removal is durable; a get reads the store directly.
+//! Cancel and get take the schedule id as the request body and answer with JSON, or with the
+//! same micro-service error convention as `<prefix>.add` (400 for a malformed id, 404 for an
+//! unknown one, 503 when the store fails). A cancel goes through the committer, like an add, and
+//! is answered once the removal is durable; a get reads the store directly. Stats answers with
+//! the counters of [`Metrics`].
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_nats::{Client, Message, Subscriber};
 use bytes::Bytes;
@@ -15,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::committer::StoreCommand;
+use crate::metrics::{LatenessMs, Metrics};
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
 use crate::replies;
@@ -25,8 +29,10 @@ use crate::time;
 pub struct Api {
     client: Client,
     store: Store,
+    metrics: Arc<Metrics>,
     cancels: Subscriber,
     gets: Subscriber,
+    stats: Subscriber,
 }
 
 impl Api {
@@ -34,27 +40,74 @@ impl Api {
         client: Client,
         prefix: &str,
         store: Store,
+        metrics: Arc<Metrics>,
     ) -> Result<Api, async_nats::SubscribeError> {
         Ok(Api {
             cancels: client.subscribe(format!("{prefix}.cancel")).await?,
             gets: client.subscribe(format!("{prefix}.get")).await?,
+            stats: client.subscribe(format!("{prefix}.stats")).await?,
             client,
             store,
+            metrics,
         })
     }
 
     /// Serves requests until `shutdown`.
-    pub async fn run(mut self, commands: mpsc::Sender<StoreCommand>, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        commands: mpsc::Sender<StoreCommand>,
+        resident: Arc<AtomicUsize>,
+        shutdown: CancellationToken,
+    ) {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(message) = self.cancels.next() => self.cancel(message, &commands).await,
                 Some(message) = self.gets.next() => self.get(message).await,
+                Some(message) = self.stats.next() => {
+                    let body = self.stats(resident.load(Ordering::Relaxed)).await;
+                    self.answer(message, Ok(body)).await;
+                }
                 else => break,
             }
         }
         let _ = self.cancels.unsubscribe().await;
         let _ = self.gets.unsubscribe().await;
+        let _ = self.stats.unsubscribe().await;
+    }
+
+    async fn stats(&self, resident: usize) -> Bytes {
+        #[derive(Serialize)]
+        struct Stats {
+            pending: u64,
+            resident: usize,
+            scheduled_total: u64,
+            fired_total: u64,
+            cancelled_total: u64,
+            errors_total: u64,
+            store_bytes: u64,
+            lateness_ms: LatenessMs,
+        }
+        let store = self.store.clone();
+        let store_bytes = tokio::task::spawn_blocking(move || store.size_on_disk())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0);
+        let m = &self.metrics;
+        let stats = Stats {
+            pending: m.pending.load(Ordering::Relaxed),
+            resident,
+            scheduled_total: m.scheduled_total.load(Ordering::Relaxed),
+            fired_total: m.fired_total.load(Ordering::Relaxed),
+            cancelled_total: m.cancelled_total.load(Ordering::Relaxed),
+            errors_total: m.errors_total.load(Ordering::Relaxed),
+            store_bytes,
+            lateness_ms: m.lateness(),
+        };
+        serde_json::to_vec(&stats)
+            .expect("plain struct serializes")
+            .into()
     }
 
     async fn cancel(&self, message: Message, commands: &mpsc::Sender<StoreCommand>) {
@@ -101,7 +154,7 @@ impl Api {
                     tracing::warn!(error = %err, "could not send reply");
                 }
             }
-            Err(error) => replies::send_error(&self.client, reply, &error).await,
+            Err(error) => replies::send_error(&self.client, reply, &error, &self.metrics).await,
         }
     }
 }

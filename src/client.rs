@@ -1,4 +1,4 @@
-//! The operator's command-line client: `natsched schedule | cancel | get`, modelled on the `nats`
+//! The operator's command-line client: `natsched schedule | cancel | get | stats`, modelled on the `nats`
 //! CLI. It speaks the same public protocol as any service would.
 
 use std::time::Duration;
@@ -181,4 +181,32 @@ pub async fn get(connection: &Connection, id: &str) -> Result<String, ClientErro
         }
     }
     Ok(out.trim_end().to_owned())
+}
+
+/// `natsched stats`.
+pub async fn stats(connection: &Connection) -> Result<String, ClientError> {
+    let subject = format!("{}.stats", connection.prefix);
+    let body = call(connection, subject, HeaderMap::new(), Bytes::new()).await?;
+    if connection.json {
+        return Ok(String::from_utf8_lossy(&body).into_owned());
+    }
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut out = String::new();
+    for key in [
+        "pending",
+        "resident",
+        "scheduled_total",
+        "fired_total",
+        "cancelled_total",
+        "errors_total",
+        "store_bytes",
+    ] {
+        out.push_str(&format!("{key:>16}: {}\n", value[key]));
+    }
+    let l = &value["lateness_ms"];
+    out.push_str(&format!(
+        "{:>16}: p50 {} p90 {} p99 {} p99.9 {} max {} ms over {} fires",
+        "lateness", l["p50"], l["p90"], l["p99"], l["p999"], l["max"], l["count"]
+    ));
+    Ok(out)
 }

@@ -32,6 +32,7 @@ use async_nats::Subject;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
+use crate::metrics::Metrics;
 use crate::record::Schedule;
 use crate::replies::Ack;
 use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
@@ -86,6 +87,9 @@ pub struct Committer {
     /// since when the oldest waits.
     fired: HashMap<SegmentKey, Vec<(ScheduleRef, bool)>>,
     fired_since: Option<Instant>,
+    /// Schedules in the store, as of the last commit.
+    pending: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl Committer {
@@ -96,8 +100,13 @@ impl Committer {
         wheel: std::sync::mpsc::Sender<WheelCommand>,
         acks: mpsc::UnboundedSender<Vec<Ack>>,
         resident: Arc<AtomicUsize>,
+        metrics: Arc<Metrics>,
     ) -> Result<Committer, StoreError> {
+        let pending = store.pending()?;
+        metrics.pending.store(pending, Ordering::Relaxed);
         Ok(Committer {
+            pending,
+            metrics,
             next_seq: store.next_seq()?,
             store,
             options,
@@ -239,8 +248,11 @@ impl Committer {
                 }));
             }
         }
-        let (batch, mut wheel_commands) = round.finish(self.next_seq);
+        let mut pending = self.pending;
+        let (batch, mut wheel_commands) = round.finish(self.next_seq, &mut pending);
         self.store.commit(batch)?;
+        self.pending = pending;
+        self.metrics.pending.store(pending, Ordering::Relaxed);
         // The batch is in sled now whether or not the fsync succeeds, so the wheel must hear
         // about it either way; only the acks depend on the fsync.
         self.resident.fetch_add(inserts.len(), Ordering::Relaxed);
@@ -253,6 +265,9 @@ impl Committer {
         if round.awaits_ack() {
             self.store.flush()?;
         }
+        let (added, cancelled) = round.counts();
+        Metrics::count(&self.metrics.scheduled_total, added);
+        Metrics::count(&self.metrics.cancelled_total, cancelled);
         Ok(())
     }
 

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::committer::StoreCommand;
+use crate::metrics::Metrics;
 use crate::protocol;
 use crate::record::Schedule;
 use crate::scheduler::Resident;
@@ -60,6 +61,9 @@ pub struct Firing {
     fence_subject: String,
     fences: Subscriber,
     fence_seq: u64,
+    metrics: Arc<Metrics>,
+    /// How late each publish of the current attempt was, in microseconds.
+    lateness_us: Vec<u64>,
 }
 
 /// Which server connection a publish went out on: a reconnect changes it.
@@ -69,7 +73,10 @@ fn session(client: &Client) -> (String, u64) {
 }
 
 impl Firing {
-    pub async fn new(client: Client) -> Result<Firing, async_nats::SubscribeError> {
+    pub async fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+    ) -> Result<Firing, async_nats::SubscribeError> {
         let fence_subject = client.new_inbox();
         let fences = client.subscribe(fence_subject.clone()).await?;
         Ok(Firing {
@@ -77,6 +84,8 @@ impl Firing {
             fence_subject,
             fences,
             fence_seq: 0,
+            metrics,
+            lateness_us: Vec::new(),
         })
     }
 
@@ -119,6 +128,8 @@ impl Firing {
                 continue;
             }
             resident.fetch_sub(fired, Ordering::Relaxed);
+            Metrics::count(&self.metrics.fired_total, fired as u64);
+            self.metrics.record_lateness(self.lateness_us.drain(..));
             if store
                 .send(StoreCommand::Fired(batch.split_off(0)))
                 .await
@@ -168,7 +179,10 @@ impl Firing {
         if time::now_ms() < latest {
             tokio::time::sleep_until(time::instant_of(latest).into()).await;
         }
+        self.lateness_us.clear();
         for Resident { schedule, .. } in batch {
+            self.lateness_us
+                .push(time::now_us().saturating_sub(schedule.due.saturating_mul(1000)));
             let published = self
                 .client
                 .publish_with_headers(
@@ -181,12 +195,15 @@ impl Firing {
                 Ok(()) => {}
                 // Intake refuses what cannot be delivered, but the server's limit can shrink
                 // later. Retrying would block every schedule behind this one forever.
-                Err(err) if is_permanent(&err) => tracing::error!(
-                    id = %schedule.id,
-                    subject = %schedule.subject,
-                    error = %err,
-                    "schedule can never be published; dropping it"
-                ),
+                Err(err) if is_permanent(&err) => {
+                    Metrics::count(&self.metrics.errors_total, 1);
+                    tracing::error!(
+                        id = %schedule.id,
+                        subject = %schedule.subject,
+                        error = %err,
+                        "schedule can never be published; dropping it"
+                    )
+                }
                 Err(err) => return Err(err.into()),
             }
         }

@@ -4,6 +4,7 @@
 //! handed to the committer, which acknowledges them after they are durable. The committer's queue
 //! is bounded, so a flood of requests slows intake down instead of growing memory.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, Message, Subscriber};
@@ -11,6 +12,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::committer::StoreCommand;
+use crate::metrics::Metrics;
 use crate::protocol::{self, AddLimits, ApiError};
 use crate::replies;
 use crate::time;
@@ -25,6 +27,7 @@ pub struct Intake {
     add_prefix: String,
     /// `api.max_payload`.
     max_payload: usize,
+    metrics: Arc<Metrics>,
     adds: Subscriber,
     /// `<prefix>.add` with no target: only ever answered with an error.
     bare: Subscriber,
@@ -35,6 +38,7 @@ impl Intake {
         client: Client,
         prefix: &str,
         max_payload: usize,
+        metrics: Arc<Metrics>,
     ) -> Result<Intake, async_nats::SubscribeError> {
         let adds = client.subscribe(format!("{prefix}.add.>")).await?;
         let bare = client.subscribe(format!("{prefix}.add")).await?;
@@ -42,6 +46,7 @@ impl Intake {
             client,
             add_prefix: format!("{prefix}.add."),
             max_payload,
+            metrics,
             adds,
             bare,
         })
@@ -117,8 +122,9 @@ impl Intake {
     }
 
     async fn refuse(&self, message: Message, error: ApiError) {
-        if let Some(reply) = message.reply {
-            replies::send_error(&self.client, reply, &error).await;
+        match message.reply {
+            Some(reply) => replies::send_error(&self.client, reply, &error, &self.metrics).await,
+            None => Metrics::count(&self.metrics.errors_total, 1),
         }
     }
 }

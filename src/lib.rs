@@ -41,6 +41,7 @@ pub mod config;
 pub mod firing;
 pub mod intake;
 pub mod loadgen;
+pub mod metrics;
 pub mod protocol;
 pub mod record;
 pub mod replies;
@@ -63,6 +64,7 @@ use crate::committer::{Committer, CommitterOptions};
 use crate::config::Config;
 use crate::firing::Firing;
 use crate::intake::Intake;
+use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
 use crate::store::{Store, StoreError, StoreOptions};
 
@@ -105,10 +107,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!(path = %config.store.path.display(), "store open");
 
     let client = connect(&config).await?;
-    let intake =
-        Intake::subscribe(client.clone(), &config.api.prefix, config.api.max_payload).await?;
-    let api = Api::subscribe(client.clone(), &config.api.prefix, store.clone()).await?;
-    let firing = Firing::new(client.clone()).await?;
+    let metrics = Arc::new(Metrics::default());
+    let prefix = &config.api.prefix;
+    let intake = Intake::subscribe(
+        client.clone(),
+        prefix,
+        config.api.max_payload,
+        metrics.clone(),
+    )
+    .await?;
+    let api = Api::subscribe(client.clone(), prefix, store.clone(), metrics.clone()).await?;
+    let firing = Firing::new(client.clone(), metrics.clone()).await?;
     client.flush().await.ok();
     tracing::info!(prefix = %config.api.prefix, url = %config.nats.url, "accepting schedules");
 
@@ -130,6 +139,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         wheel_tx,
         ack_tx,
         resident.clone(),
+        metrics.clone(),
     )?;
     let runtime = tokio::runtime::Handle::current();
     let mut store_done = spawn_thread("natsched-store", move || committer.run(runtime))?;
@@ -139,9 +149,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         scheduler.run(wheel_rx, fire_tx, timer_stop)
     })?;
 
-    let mut replies = tokio::spawn(replies::run(client.clone(), ack_rx));
-    let mut firing = tokio::spawn(firing.run(fire_rx, store_tx.clone(), resident, stop.clone()));
-    let mut api = tokio::spawn(api.run(store_tx.clone(), stop.clone()));
+    let mut replies = tokio::spawn(replies::run(client.clone(), ack_rx, metrics.clone()));
+    let mut firing =
+        tokio::spawn(firing.run(fire_rx, store_tx.clone(), resident.clone(), stop.clone()));
+    let mut api = tokio::spawn(api.run(store_tx.clone(), resident.clone(), stop.clone()));
     let mut intake = tokio::spawn(intake.run(store_tx, stop.clone()));
 
     // Until asked to stop, watch for a part that stopped by itself (a store failure, a panic):

@@ -45,6 +45,11 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Show the daemon's counters and fire lateness.
+    Stats {
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Check a configuration file; exits 1 with the reason if it is invalid.
     CheckConfig { file: PathBuf },
     /// Load-test a running natsched through NATS and print one JSON line of results.
@@ -74,6 +79,9 @@ fn main() -> ExitCode {
         }
         Command::Get { id, connection } => {
             client(async move { natsched::client::get(&connection, &id).await })
+        }
+        Command::Stats { connection } => {
+            client(async move { natsched::client::stats(&connection).await })
         }
         Command::CheckConfig { file } => natsched::config::Config::from_file(&file)
             .map(|_| println!("{}: ok", file.display()))

@@ -1,5 +1,6 @@
 //! Answers to requests, published off the store thread so an fsync never waits on the network.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, Subject};
@@ -7,6 +8,7 @@ use tokio::sync::mpsc;
 
 use bytes::Bytes;
 
+use crate::metrics::Metrics;
 use crate::protocol::ApiError;
 
 /// The outcome of one request that asked for a reply.
@@ -17,8 +19,9 @@ pub struct Ack {
     pub result: Result<Bytes, ApiError>,
 }
 
-/// Publishes `error` as a micro-service error reply.
-pub async fn send_error(client: &Client, reply: Subject, error: &ApiError) {
+/// Publishes `error` as a micro-service error reply (and counts it).
+pub async fn send_error(client: &Client, reply: Subject, error: &ApiError, metrics: &Metrics) {
+    Metrics::count(&metrics.errors_total, 1);
     if let Err(err) = client
         .publish_with_headers(reply, error.headers(), error.body())
         .await
@@ -28,7 +31,11 @@ pub async fn send_error(client: &Client, reply: Subject, error: &ApiError) {
 }
 
 /// Publishes acks as they arrive until the committer is gone, then flushes.
-pub async fn run(client: Client, mut acks: mpsc::UnboundedReceiver<Vec<Ack>>) {
+pub async fn run(
+    client: Client,
+    mut acks: mpsc::UnboundedReceiver<Vec<Ack>>,
+    metrics: Arc<Metrics>,
+) {
     while let Some(batch) = acks.recv().await {
         for ack in batch {
             match ack.result {
@@ -37,7 +44,7 @@ pub async fn run(client: Client, mut acks: mpsc::UnboundedReceiver<Vec<Ack>>) {
                         tracing::warn!(error = %err, "could not send reply");
                     }
                 }
-                Err(error) => send_error(&client, ack.reply, &error).await,
+                Err(error) => send_error(&client, ack.reply, &error, &metrics).await,
             }
         }
     }

@@ -19,6 +19,14 @@ pub fn now_ms() -> UnixMs {
         .unwrap_or(0)
 }
 
+/// The current wall-clock time in microseconds since the Unix epoch (for measuring lateness).
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// How long from `now` until `due` (zero when it has passed).
 pub fn until(due: UnixMs, now: UnixMs) -> Duration {
     Duration::from_millis(due.saturating_sub(now))

@@ -181,3 +181,73 @@ async fn get_describes_a_pending_schedule() {
     );
     daemon.stop().await;
 }
+
+async fn stats(client: &Client) -> serde_json::Value {
+    serde_json::from_slice(&call(client, "sched.stats", "").await.payload).unwrap()
+}
+
+/// Polls stats until `done` holds (the store counts a fired schedule out within 100 ms).
+async fn stats_when(
+    client: &Client,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let s = stats(client).await;
+        if done(&s) {
+            return s;
+        }
+        assert!(start.elapsed() < WAIT, "stats never got there: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_what_happened_and_pending_survives_restart() {
+    let server = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config(&server, store.path())).await;
+    let client = connect(&server).await;
+    let mut sub = subscribe(&client, "s.>").await;
+
+    schedule(&client, "s.fire", &[("Sched-Delay", "100ms")]).await;
+    schedule(
+        &client,
+        "s.cancel",
+        &[("Sched-Id", "c"), ("Sched-Delay", "1h")],
+    )
+    .await;
+    schedule(
+        &client,
+        "s.keep",
+        &[("Sched-Id", "k"), ("Sched-Delay", "1h")],
+    )
+    .await;
+    schedule(
+        &client,
+        "s.keep",
+        &[("Sched-Id", "k"), ("Sched-Delay", "2h")],
+    )
+    .await; // replaces
+    cancel(&client, "c").await.unwrap();
+    let refused = request(&client, "sched.add.s.bad", &[], b"").await;
+    assert_eq!(error_code(&refused), Some(400));
+    next(&mut sub).await;
+
+    let s = stats_when(&client, |s| s["pending"] == 1).await;
+    assert_eq!(s["scheduled_total"], 4);
+    assert_eq!(s["fired_total"], 1);
+    assert_eq!(s["cancelled_total"], 1);
+    // The bad request, and the harness's readiness probe (a bare `sched.add`, always a 400).
+    assert_eq!(s["errors_total"], 2);
+    assert!(s["store_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(s["lateness_ms"]["count"], 1);
+    assert!(s["lateness_ms"]["max"].as_f64().unwrap() >= 0.0);
+    daemon.stop().await;
+
+    let daemon = Daemon::start(config(&server, store.path())).await;
+    let s = stats(&client).await;
+    assert_eq!(s["pending"], 1, "kept in the store, not counted by a scan");
+    assert_eq!(s["fired_total"], 0, "totals count since start");
+    daemon.stop().await;
+}

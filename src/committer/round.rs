@@ -50,6 +50,8 @@ pub struct Round {
     /// Wheel changes to send once committed (removals; inserts are added by the committer).
     wheel: Vec<WheelCommand>,
     acks: Vec<(Option<Subject>, Outcome)>,
+    /// How this round changes the number of pending schedules.
+    pending_delta: i64,
 }
 
 /// What a request's reply will say if the round commits.
@@ -73,17 +75,20 @@ impl Round {
         schedule: Schedule,
         reply: Option<Subject>,
     ) -> Result<(), StoreError> {
+        self.pending_delta += 1;
         // A generated id is new by construction; only a caller's id can already be pending.
         if schedule.caller_id {
             match self.place_of(store, &schedule.id)? {
                 Place::New(bucket) => {
                     let schedules = self.new.get_mut(&bucket).expect("placed there");
                     schedules.retain(|s| s.id != schedule.id);
+                    self.pending_delta -= 1;
                 }
                 Place::Stored(key) => {
                     let remaining = self.rewrite(store, key)?;
                     if let Some(at) = remaining.iter().position(|s| s.id == schedule.id) {
                         let old = remaining.remove(at);
+                        self.pending_delta -= 1;
                         self.wheel
                             .push(WheelCommand::Remove(ScheduleRef::of(key, &old)));
                     }
@@ -125,6 +130,7 @@ impl Round {
                 let schedules = self.new.get_mut(&bucket).expect("placed there");
                 schedules.retain(|s| s.id != id);
                 self.places.insert(id.clone(), Place::Gone);
+                self.pending_delta -= 1;
                 Outcome::Cancelled { id }
             }
             Place::Stored(key) => {
@@ -138,6 +144,7 @@ impl Round {
                         }),
                         Withdrawal::Withdrawn | Withdrawal::NotHeld => {
                             let cancelled = remaining.remove(at);
+                            self.pending_delta -= 1;
                             if cancelled.caller_id {
                                 self.batch.unindex(&id);
                             }
@@ -164,13 +171,16 @@ impl Round {
             // An id is unique within a segment, so the id alone names the fired copy.
             let gone: HashSet<&str> = schedules.iter().map(|(f, _)| f.id.as_str()).collect();
             if let Some(remaining) = self.rewrites.get_mut(&key) {
+                let before = remaining.len();
                 remaining.retain(|s| !gone.contains(s.id.as_str()));
+                self.pending_delta -= (before - remaining.len()) as i64;
             } else if let Some(raw) = store.raw_segment(key)? {
                 // The common case, on the firing hot path: filter the encoded segment without
                 // decoding its schedules; a fully fired one is removed.
-                let kept = segment::without(raw.as_ref(), |id| gone.contains(id))
+                let (kept, dropped) = segment::without(raw.as_ref(), |id| gone.contains(id))
                     .map_err(|source| StoreError::Corrupt { key, source })?;
                 self.batch.put_raw_segment(key, kept);
+                self.pending_delta -= i64::from(dropped);
             }
             for (fired, caller_id) in schedules {
                 if caller_id && self.place_of(store, &fired.id)? == Place::Stored(key) {
@@ -217,16 +227,32 @@ impl Round {
         }
     }
 
-    /// The batch to commit and the wheel changes to send after it.
-    pub fn finish(&mut self, next_seq: u64) -> (WriteBatch, Vec<WheelCommand>) {
+    /// The batch to commit and the wheel changes to send after it; `pending` is the number of
+    /// pending schedules before the round, and comes back as the number after it.
+    pub fn finish(&mut self, next_seq: u64, pending: &mut u64) -> (WriteBatch, Vec<WheelCommand>) {
         for (key, remaining) in self.rewrites.drain() {
             self.batch.put_segment(key, &remaining);
         }
         self.batch.set_next_seq(next_seq);
+        *pending = pending.saturating_add_signed(self.pending_delta);
+        self.batch.set_pending(*pending);
         (
             std::mem::take(&mut self.batch),
             std::mem::take(&mut self.wheel),
         )
+    }
+
+    /// How many schedules this round added and cancelled, for the counters.
+    pub fn counts(&self) -> (u64, u64) {
+        let added = self
+            .acks
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Added { .. }));
+        let cancelled = self
+            .acks
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Cancelled { .. }));
+        (added.count() as u64, cancelled.count() as u64)
     }
 
     /// Whether any request of this round waits for its ack (which needs the fsync).

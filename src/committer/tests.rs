@@ -48,8 +48,11 @@ impl Harness {
             max_resident,
         };
         let resident = Arc::new(AtomicUsize::new(0));
-        let committer =
-            Committer::new(store, options, commands, wheel_tx, acks_tx, resident).unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let committer = Committer::new(
+            store, options, commands, wheel_tx, acks_tx, resident, metrics,
+        )
+        .unwrap();
         Harness {
             committer,
             wheel,

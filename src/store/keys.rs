@@ -4,7 +4,7 @@
 //! |----------------------------------------------|----------------------------------------|
 //! | `s` · bucket (`u64` BE Unix ms) · seq (`u64` BE) | a [segment](super::segment): the schedules of one commit round due in that bucket |
 //! | `i` · id                                     | the segment key holding that id        |
-//! | `m` · name                                   | metadata: format version, next segment seq |
+//! | `m` · name                                   | metadata: format version, next segment seq, pending count |
 //!
 //! Schedules are stored in *segments*, not one key each: a commit round writes one value per
 //! [`BUCKET_MS`]-wide time bucket its schedules fall in. That makes intake, loading and
@@ -27,6 +27,8 @@ const ID_PREFIX: u8 = b'i';
 pub(crate) const FORMAT_KEY: &[u8] = b"mformat";
 /// Where the next segment sequence number is kept.
 pub(crate) const NEXT_SEQ_KEY: &[u8] = b"mnextseq";
+/// Where the number of pending schedules is kept.
+pub(crate) const PENDING_KEY: &[u8] = b"mpending";
 
 /// The start of the bucket `due` falls in.
 pub fn bucket_of(due: UnixMs) -> UnixMs {

@@ -112,6 +112,12 @@ impl WriteBatch {
         self.len += 1;
     }
 
+    /// Records how many schedules are pending, so that counting them never needs a scan.
+    pub fn set_pending(&mut self, pending: u64) {
+        self.batch.insert(keys::PENDING_KEY, &pending.to_be_bytes());
+        self.len += 1;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -171,6 +177,15 @@ impl Store {
             .get(keys::NEXT_SEQ_KEY)?
             .and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)))
             .unwrap_or(1))
+    }
+
+    /// How many schedules are pending, as last recorded by [`WriteBatch::set_pending`].
+    pub fn pending(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .get(keys::PENDING_KEY)?
+            .and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)))
+            .unwrap_or(0))
     }
 
     /// Applies `batch` atomically (not yet durable: see [`Store::flush`]).

@@ -58,24 +58,29 @@ pub fn holds_generated_id(bytes: &[u8], wanted: &str) -> Result<bool, DecodeErro
     Ok(found)
 }
 
-/// The segment `bytes` without the schedules whose id `drop` matches, still encoded; `None`
-/// if nothing is left.
-pub fn without(bytes: &[u8], drop: impl Fn(&str) -> bool) -> Result<Option<Vec<u8>>, DecodeError> {
+/// The segment `bytes` without the schedules whose id `drop` matches, still encoded (`None` if
+/// nothing is left), and how many were dropped.
+pub fn without(
+    bytes: &[u8],
+    drop: impl Fn(&str) -> bool,
+) -> Result<(Option<Vec<u8>>, u32), DecodeError> {
     let mut out = Vec::with_capacity(bytes.len());
     out.extend_from_slice(&[SEGMENT_FORMAT, 0, 0, 0, 0]);
-    let mut count: u32 = 0;
+    let (mut count, mut dropped): (u32, u32) = (0, 0);
     for_each_raw(bytes, |id, record| {
-        if !drop(std::str::from_utf8(id).map_err(|_| DecodeError::NotUtf8)?) {
+        if drop(std::str::from_utf8(id).map_err(|_| DecodeError::NotUtf8)?) {
+            dropped += 1;
+        } else {
             count += 1;
             out.extend_from_slice(record);
         }
         Ok(())
     })?;
     if count == 0 {
-        return Ok(None);
+        return Ok((None, dropped));
     }
     out[1..5].copy_from_slice(&count.to_be_bytes());
-    Ok(Some(out))
+    Ok((Some(out), dropped))
 }
 
 fn utf8(bytes: &[u8]) -> Result<String, DecodeError> {
@@ -179,10 +184,17 @@ mod tests {
             schedule("c", 12, true),
         ];
         let bytes = encode(&all);
-        let kept = without(&bytes, |id| id == "b").unwrap().unwrap();
-        assert_eq!(decode(&kept).unwrap(), [all[0].clone(), all[2].clone()]);
-        assert_eq!(without(&bytes, |_| false).unwrap().unwrap(), bytes);
-        assert_eq!(without(&bytes, |_| true).unwrap(), None);
+        let (kept, dropped) = without(&bytes, |id| id == "b").unwrap();
+        assert_eq!(
+            decode(&kept.unwrap()).unwrap(),
+            [all[0].clone(), all[2].clone()]
+        );
+        assert_eq!(dropped, 1);
+        assert_eq!(
+            without(&bytes, |_| false).unwrap(),
+            (Some(bytes.clone()), 0)
+        );
+        assert_eq!(without(&bytes, |_| true).unwrap(), (None, 3));
         assert!(without(&bytes[..bytes.len() - 1], |_| false).is_err());
     }
 
