@@ -1,4 +1,5 @@
-//! Operating the scheduler: `<prefix>.cancel`, `<prefix>.get` and `<prefix>.stats`.
+//! Operating the scheduler: `<prefix>.cancel`, `<prefix>.get`, `<prefix>.list` (see
+//! [`crate::listing`]) and `<prefix>.stats`.
 //!
 //! Cancel and get take the schedule id as the request body and answer with JSON, or with the
 //! same micro-service error convention as `<prefix>.add` (400 for a malformed id, 404 for an
@@ -18,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::committer::StoreCommand;
+use crate::listing::{self, ListRequest};
 use crate::metrics::{LatenessMs, Metrics};
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
@@ -32,6 +34,7 @@ pub struct Api {
     metrics: Arc<Metrics>,
     cancels: Subscriber,
     gets: Subscriber,
+    lists: Subscriber,
     stats: Subscriber,
 }
 
@@ -45,6 +48,7 @@ impl Api {
         Ok(Api {
             cancels: client.subscribe(format!("{prefix}.cancel")).await?,
             gets: client.subscribe(format!("{prefix}.get")).await?,
+            lists: client.subscribe(format!("{prefix}.list")).await?,
             stats: client.subscribe(format!("{prefix}.stats")).await?,
             client,
             store,
@@ -64,6 +68,7 @@ impl Api {
                 _ = shutdown.cancelled() => break,
                 Some(message) = self.cancels.next() => self.cancel(message, &commands).await,
                 Some(message) = self.gets.next() => self.get(message).await,
+                Some(message) = self.lists.next() => self.list(message).await,
                 Some(message) = self.stats.next() => {
                     let body = self.stats(resident.load(Ordering::Relaxed)).await;
                     self.answer(message, Ok(body)).await;
@@ -73,6 +78,7 @@ impl Api {
         }
         let _ = self.cancels.unsubscribe().await;
         let _ = self.gets.unsubscribe().await;
+        let _ = self.lists.unsubscribe().await;
         let _ = self.stats.unsubscribe().await;
     }
 
@@ -144,6 +150,21 @@ impl Api {
         self.answer(message, result).await;
     }
 
+    async fn list(&self, message: Message) {
+        let result = match ListRequest::parse(&message.payload) {
+            Err(error) => Err(error),
+            Ok(request) => {
+                let store = self.store.clone();
+                match tokio::task::spawn_blocking(move || listing::page(&store, &request)).await {
+                    Ok(Ok((items, next))) => Ok(page_json(&items, next)),
+                    Ok(Err(err)) => Err(ApiError::unavailable(format!("store unavailable: {err}"))),
+                    Err(err) => Err(ApiError::unavailable(format!("listing failed: {err}"))),
+                }
+            }
+        };
+        self.answer(message, result).await;
+    }
+
     async fn answer(&self, message: Message, result: Result<Bytes, ApiError>) {
         let Some(reply) = message.reply else {
             return;
@@ -157,6 +178,21 @@ impl Api {
             Err(error) => replies::send_error(&self.client, reply, &error, &self.metrics).await,
         }
     }
+}
+
+/// `{"items":[…],"next_cursor":…}`, the items as [`describe`] writes them.
+fn page_json(items: &[Schedule], next_cursor: Option<String>) -> Bytes {
+    let mut out = b"{\"items\":[".to_vec();
+    for (i, schedule) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&describe(schedule));
+    }
+    out.extend_from_slice(b"],\"next_cursor\":");
+    out.extend_from_slice(&serde_json::to_vec(&next_cursor).expect("string serializes"));
+    out.push(b'}');
+    out.into()
 }
 
 /// The JSON a get answers with.

@@ -1,4 +1,4 @@
-//! The operator's command-line client: `natsched schedule | cancel | get | stats`, modelled on the `nats`
+//! The operator's command-line client: `natsched schedule | cancel | get | list | stats`, modelled on the `nats`
 //! CLI. It speaks the same public protocol as any service would.
 
 use std::time::Duration;
@@ -209,4 +209,38 @@ pub async fn stats(connection: &Connection) -> Result<String, ClientError> {
         "lateness", l["p50"], l["p90"], l["p99"], l["p999"], l["max"], l["count"]
     ));
     Ok(out)
+}
+
+/// `natsched list`: one page.
+pub async fn list(
+    connection: &Connection,
+    subject: &str,
+    limit: usize,
+    cursor: Option<&str>,
+) -> Result<String, ClientError> {
+    let request = serde_json::json!({"subject": subject, "limit": limit, "cursor": cursor});
+    let body = call(
+        connection,
+        format!("{}.list", connection.prefix),
+        HeaderMap::new(),
+        request.to_string().into(),
+    )
+    .await?;
+    if connection.json {
+        return Ok(String::from_utf8_lossy(&body).into_owned());
+    }
+    let page: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut out = String::new();
+    for item in page["items"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{}  {}  {}\n",
+            item["due"].as_str().unwrap_or(""),
+            item["id"].as_str().unwrap_or(""),
+            item["subject"].as_str().unwrap_or("")
+        ));
+    }
+    if let Some(next) = page["next_cursor"].as_str() {
+        out.push_str(&format!("more: --cursor '{next}'"));
+    }
+    Ok(out.trim_end().to_owned())
 }

@@ -40,6 +40,7 @@ pub mod committer;
 pub mod config;
 pub mod firing;
 pub mod intake;
+pub mod listing;
 pub mod loadgen;
 pub mod metrics;
 pub mod protocol;

@@ -45,6 +45,20 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// List pending schedules in due order, a page at a time.
+    List {
+        /// Subject filter; NATS wildcards allowed.
+        #[arg(long, default_value = ">")]
+        subject: String,
+        /// Page size, 1 to 1000.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Where the previous page ended.
+        #[arg(long)]
+        cursor: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Show the daemon's counters and fire lateness.
     Stats {
         #[command(flatten)]
@@ -80,6 +94,14 @@ fn main() -> ExitCode {
         Command::Get { id, connection } => {
             client(async move { natsched::client::get(&connection, &id).await })
         }
+        Command::List {
+            subject,
+            limit,
+            cursor,
+            connection,
+        } => client(async move {
+            natsched::client::list(&connection, &subject, limit, cursor.as_deref()).await
+        }),
         Command::Stats { connection } => {
             client(async move { natsched::client::stats(&connection).await })
         }

@@ -66,6 +66,15 @@ async fn schedule_get_cancel_from_the_command_line() {
         stdout(&out)
     );
 
+    let out = natsched(args(&["list", "--subject", "orders.*"], &server)).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("  o7  orders.expired"), "{}", stdout(&out));
+    let out = natsched(args(&["stats", "--json"], &server)).await;
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["pending"], 1);
+    let out = natsched(args(&["stats"], &server)).await;
+    assert!(stdout(&out).contains("pending: 1"), "{}", stdout(&out));
+
     let out = natsched(args(&["cancel", "o7"], &server)).await;
     assert!(out.status.success());
     assert_eq!(stdout(&out).trim(), "cancelled o7");

@@ -251,3 +251,71 @@ async fn stats_count_what_happened_and_pending_survives_restart() {
     assert_eq!(s["fired_total"], 0, "totals count since start");
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_in_due_order_with_a_subject_filter() {
+    let (_server, _store, daemon, client) = setup(|_| {}).await;
+    let base = now_ms() + 3_600_000;
+    // 150 on l.a.<n> and 100 on l.b, due times interleaved and sent out of order.
+    let requests = (0..250u64).rev().map(|i| {
+        let client = client.clone();
+        async move {
+            let subject = if i % 5 < 3 {
+                format!("l.a.{i}")
+            } else {
+                "l.b".to_owned()
+            };
+            let at = format_ms(base + (i * 7919) % 250 * 40);
+            schedule(
+                &client,
+                &subject,
+                &[("Sched-Id", &format!("i{i}")), ("Sched-At", &at)],
+            )
+            .await;
+        }
+    });
+    futures::future::join_all(requests).await;
+
+    let mut seen = Vec::new();
+    let mut cursor = serde_json::Value::Null;
+    let mut pages = Vec::new();
+    loop {
+        let body = serde_json::json!({"subject": "l.a.*", "limit": 60, "cursor": cursor});
+        let reply = call(&client, "sched.list", &body.to_string()).await;
+        assert_eq!(error_code(&reply), None, "{:?}", reply.payload);
+        let page: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        let items = page["items"].as_array().unwrap();
+        pages.push(items.len());
+        for item in items {
+            assert!(item["subject"].as_str().unwrap().starts_with("l.a."));
+            seen.push((
+                item["due"].as_str().unwrap().to_owned(),
+                item["id"].as_str().unwrap().to_owned(),
+            ));
+        }
+        cursor = page["next_cursor"].clone();
+        if cursor.is_null() {
+            break;
+        }
+    }
+    assert_eq!(pages, [60, 60, 30]);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(seen, sorted, "due order across pages");
+    sorted.dedup();
+    assert_eq!(sorted.len(), 150);
+
+    let everything: serde_json::Value = serde_json::from_slice(
+        &call(&client, "sched.list", r#"{"limit":1000}"#)
+            .await
+            .payload,
+    )
+    .unwrap();
+    assert_eq!(everything["items"].as_array().unwrap().len(), 250);
+    assert!(everything["next_cursor"].is_null());
+    assert_eq!(
+        error_code(&call(&client, "sched.list", r#"{"limit":0}"#).await),
+        Some(400)
+    );
+    daemon.stop().await;
+}

@@ -295,6 +295,48 @@ impl Store {
         Ok(out)
     }
 
+    /// Every schedule due in `bucket` or later, a whole bucket at a time (in bucket order; the
+    /// schedules of one bucket in no particular order). Lazily read: a caller that stops early
+    /// pays only for what it took.
+    pub fn buckets_from(
+        &self,
+        bucket: UnixMs,
+    ) -> impl Iterator<Item = Result<(UnixMs, Vec<Schedule>), StoreError>> + use<> {
+        let mut range = self
+            .db
+            .range(SegmentKey::start_of(bucket).to_bytes()..)
+            .peekable();
+        std::iter::from_fn(move || {
+            let mut current: Option<(UnixMs, Vec<Schedule>)> = None;
+            loop {
+                let next_bucket = match range.peek() {
+                    Some(Ok((key, _))) => SegmentKey::from_bytes(key).map(|k| k.bucket),
+                    Some(Err(_)) => {
+                        let err = range.next().expect("peeked").expect_err("peeked an error");
+                        return Some(Err(err.into()));
+                    }
+                    None => None,
+                };
+                match (next_bucket, &current) {
+                    // Past the segment key space, or on to the next bucket: this one is done.
+                    (None, _) => return current.map(Ok),
+                    (Some(b), Some((c, _))) if b != *c => return current.map(Ok),
+                    _ => {}
+                }
+                let (key, value) = range.next().expect("peeked").expect("peeked ok");
+                let key = SegmentKey::from_bytes(&key).expect("checked above");
+                let schedules = match segment::decode(&value) {
+                    Ok(schedules) => schedules,
+                    Err(source) => return Some(Err(StoreError::Corrupt { key, source })),
+                };
+                current
+                    .get_or_insert_with(|| (key.bucket, Vec::new()))
+                    .1
+                    .extend(schedules);
+            }
+        })
+    }
+
     /// Bytes the database occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
