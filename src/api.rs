@@ -20,10 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::committer::StoreCommand;
 use crate::listing::{self, ListRequest};
-use crate::metrics::{LatenessMs, Metrics};
+use crate::metrics::{Endpoint, LatenessMs, Metrics};
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
-use crate::replies;
+use crate::replies::{self, Reply};
 use crate::store::Store;
 use crate::time;
 
@@ -70,8 +70,9 @@ impl Api {
                 Some(message) = self.gets.next() => self.get(message).await,
                 Some(message) = self.lists.next() => self.list(message).await,
                 Some(message) = self.stats.next() => {
+                    let reply = Reply::to(&message, Endpoint::Stats);
                     let body = self.stats(resident.load(Ordering::Relaxed)).await;
-                    self.answer(message, Ok(body)).await;
+                    self.answer(reply, Ok(body)).await;
                 }
                 else => break,
             }
@@ -121,17 +122,21 @@ impl Api {
             Ok(id) => {
                 let cancel = StoreCommand::Cancel {
                     id,
-                    reply: message.reply,
+                    reply: Reply::to(&message, Endpoint::Cancel),
                 };
                 if commands.send(cancel).await.is_err() {
                     tracing::error!("store writer is gone; cancel dropped unanswered");
                 }
             }
-            Err(error) => self.answer(message, Err(error)).await,
+            Err(error) => {
+                self.answer(Reply::to(&message, Endpoint::Cancel), Err(error))
+                    .await
+            }
         }
     }
 
     async fn get(&self, message: Message) {
+        let reply = Reply::to(&message, Endpoint::Get);
         let result = match protocol::parse_id_body(&message.payload) {
             Err(error) => Err(error),
             Ok(id) => {
@@ -147,10 +152,11 @@ impl Api {
                 }
             }
         };
-        self.answer(message, result).await;
+        self.answer(reply, result).await;
     }
 
     async fn list(&self, message: Message) {
+        let reply = Reply::to(&message, Endpoint::List);
         let result = match ListRequest::parse(&message.payload) {
             Err(error) => Err(error),
             Ok(request) => {
@@ -162,20 +168,12 @@ impl Api {
                 }
             }
         };
-        self.answer(message, result).await;
+        self.answer(reply, result).await;
     }
 
-    async fn answer(&self, message: Message, result: Result<Bytes, ApiError>) {
-        let Some(reply) = message.reply else {
-            return;
-        };
-        match result {
-            Ok(body) => {
-                if let Err(err) = self.client.publish(reply, body).await {
-                    tracing::warn!(error = %err, "could not send reply");
-                }
-            }
-            Err(error) => replies::send_error(&self.client, reply, &error, &self.metrics).await,
+    async fn answer(&self, reply: Option<Reply>, result: Result<Bytes, ApiError>) {
+        if let Some(reply) = reply {
+            replies::answer(&self.client, reply, result, &self.metrics).await;
         }
     }
 }

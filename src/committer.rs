@@ -28,13 +28,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::Subject;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::record::Schedule;
-use crate::replies::Ack;
+use crate::replies::{Ack, Reply};
 use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
 use crate::store::{BUCKET_MS, SegmentKey, Store, StoreError, bucket_of};
 use crate::time;
@@ -54,12 +53,12 @@ pub enum StoreCommand {
     /// Store (or replace by id) a schedule, then acknowledge it on `reply` if given.
     Add {
         schedule: Schedule,
-        reply: Option<Subject>,
+        reply: Option<Reply>,
     },
     /// These schedules were published and confirmed: delete them.
     Fired(Vec<Resident>),
     /// Cancel the pending schedule `id`, then answer on `reply` if given.
-    Cancel { id: String, reply: Option<Subject> },
+    Cancel { id: String, reply: Option<Reply> },
 }
 
 /// Tuning of the committer.

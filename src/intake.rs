@@ -12,9 +12,9 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::committer::StoreCommand;
-use crate::metrics::Metrics;
+use crate::metrics::{Endpoint, Metrics};
 use crate::protocol::{self, AddLimits, ApiError};
-use crate::replies;
+use crate::replies::{self, Reply};
 use crate::time;
 
 /// How long a shutdown waits to unsubscribe and serve what the server had already sent.
@@ -108,7 +108,7 @@ impl Intake {
             Ok(schedule) => {
                 let add = StoreCommand::Add {
                     schedule,
-                    reply: message.reply,
+                    reply: Reply::to(&message, Endpoint::Add),
                 };
                 if store.send(add).await.is_err() {
                     tracing::error!("store writer is gone; request dropped unacknowledged");
@@ -122,8 +122,8 @@ impl Intake {
     }
 
     async fn refuse(&self, message: Message, error: ApiError) {
-        match message.reply {
-            Some(reply) => replies::send_error(&self.client, reply, &error, &self.metrics).await,
+        match Reply::to(&message, Endpoint::Add) {
+            Some(reply) => replies::answer(&self.client, reply, Err(error), &self.metrics).await,
             None => Metrics::count(&self.metrics.errors_total, 1),
         }
     }

@@ -47,6 +47,7 @@ pub mod protocol;
 pub mod record;
 pub mod replies;
 pub mod scheduler;
+pub mod service;
 pub mod store;
 pub mod time;
 pub mod wheel;
@@ -67,6 +68,7 @@ use crate::firing::Firing;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
+use crate::service::MicroService;
 use crate::store::{Store, StoreError, StoreOptions};
 
 /// How many accepted requests may wait for the committer before intake pauses.
@@ -119,6 +121,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     .await?;
     let api = Api::subscribe(client.clone(), prefix, store.clone(), metrics.clone()).await?;
     let firing = Firing::new(client.clone(), metrics.clone()).await?;
+    let micro = MicroService::subscribe(client.clone(), prefix).await?;
     client.flush().await.ok();
     tracing::info!(prefix = %config.api.prefix, url = %config.nats.url, "accepting schedules");
 
@@ -153,6 +156,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut replies = tokio::spawn(replies::run(client.clone(), ack_rx, metrics.clone()));
     let mut firing =
         tokio::spawn(firing.run(fire_rx, store_tx.clone(), resident.clone(), stop.clone()));
+    let mut micro = tokio::spawn(micro.run(metrics.clone(), stop.clone()));
     let mut api = tokio::spawn(api.run(store_tx.clone(), resident.clone(), stop.clone()));
     let mut intake = tokio::spawn(intake.run(store_tx, stop.clone()));
 
@@ -171,6 +175,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         result = &mut intake => Some(stopped("intake", result)),
         result = &mut api => Some(stopped("api", result)),
+        result = &mut micro => Some(stopped("service discovery", result)),
         _ = &mut scheduler => {
             timer_finished = true;
             Some(RunError::Task("the timer thread stopped".into()))
@@ -189,6 +194,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // oneshot must not be polled again, hence the flags.)
     join_bounded("intake", &mut intake).await;
     join_bounded("api", &mut api).await;
+    join_bounded("service discovery", &mut micro).await;
     if !timer_finished {
         // It notices the cancellation within its idle wait.
         let _ = tokio::time::timeout(SHUTDOWN_STEP, &mut scheduler).await;

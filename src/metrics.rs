@@ -2,9 +2,12 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+
+use crate::protocol::ApiError;
 
 /// What the daemon counts since it started (and `pending`, which the store keeps).
 pub struct Metrics {
@@ -19,6 +22,56 @@ pub struct Metrics {
     pub pending: AtomicU64,
     /// Publish time minus due time, in microseconds.
     lateness: Mutex<Histogram<u64>>,
+    /// Per API endpoint, in [`Endpoint::ALL`] order.
+    endpoints: [EndpointStats; 5],
+}
+
+/// The request subjects natsched answers, as the micro-service protocol reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Add,
+    Cancel,
+    Get,
+    List,
+    Stats,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 5] = [
+        Endpoint::Add,
+        Endpoint::Cancel,
+        Endpoint::Get,
+        Endpoint::List,
+        Endpoint::Stats,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Add => "add",
+            Endpoint::Cancel => "cancel",
+            Endpoint::Get => "get",
+            Endpoint::List => "list",
+            Endpoint::Stats => "stats",
+        }
+    }
+
+    /// The subject it listens on under `prefix`.
+    pub fn subject(self, prefix: &str) -> String {
+        match self {
+            Endpoint::Add => format!("{prefix}.add.>"),
+            other => format!("{prefix}.{}", other.name()),
+        }
+    }
+}
+
+/// Request and error counts of one endpoint.
+#[derive(Default)]
+pub struct EndpointStats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    /// Total time from receipt to answer, in nanoseconds.
+    pub processing_ns: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
 }
 
 /// Lateness percentiles in milliseconds.
@@ -42,6 +95,7 @@ impl Default for Metrics {
             pending: AtomicU64::new(0),
             // 1 µs to 1 day at 3 significant digits; anything later is recorded as a day.
             lateness: Mutex::new(Histogram::new_with_bounds(1, 86_400_000_000, 3).expect("bounds")),
+            endpoints: Default::default(),
         }
     }
 }
@@ -49,6 +103,28 @@ impl Default for Metrics {
 impl Metrics {
     pub fn count(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts an answered request (and, when `error` is given, an error) for `endpoint`.
+    pub fn record_reply(&self, endpoint: Endpoint, elapsed: Duration, error: Option<ApiError>) {
+        let stats = self.endpoint(endpoint);
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        stats
+            .processing_ns
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        if let Some(error) = error {
+            self.errors_total.fetch_add(1, Ordering::Relaxed);
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            *stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+        }
+    }
+
+    pub fn endpoint(&self, endpoint: Endpoint) -> &EndpointStats {
+        let index = Endpoint::ALL
+            .iter()
+            .position(|e| *e == endpoint)
+            .expect("listed");
+        &self.endpoints[index]
     }
 
     /// Records how late each of a batch of publishes was, in microseconds.

@@ -1,33 +1,62 @@
-//! Answers to requests, published off the store thread so an fsync never waits on the network.
+//! Answers to requests. Acks of adds and cancels are published here, off the store thread, so
+//! an fsync never waits on the network; every answer is counted per endpoint for `$SRV.STATS`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use async_nats::{Client, Subject};
+use async_nats::{Client, Message, Subject};
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use bytes::Bytes;
-
-use crate::metrics::Metrics;
+use crate::metrics::{Endpoint, Metrics};
 use crate::protocol::ApiError;
+
+/// Where to answer a request, and since when it waits.
+#[derive(Debug)]
+pub struct Reply {
+    pub subject: Subject,
+    pub received: Instant,
+    pub endpoint: Endpoint,
+}
+
+impl Reply {
+    /// The reply handle of `message`, if it asked for an answer.
+    pub fn to(message: &Message, endpoint: Endpoint) -> Option<Reply> {
+        Some(Reply {
+            subject: message.reply.clone()?,
+            received: Instant::now(),
+            endpoint,
+        })
+    }
+}
 
 /// The outcome of one request that asked for a reply.
 #[derive(Debug)]
 pub struct Ack {
-    pub reply: Subject,
+    pub reply: Reply,
     /// The reply body, or why the request failed.
     pub result: Result<Bytes, ApiError>,
 }
 
-/// Publishes `error` as a micro-service error reply (and counts it).
-pub async fn send_error(client: &Client, reply: Subject, error: &ApiError, metrics: &Metrics) {
-    Metrics::count(&metrics.errors_total, 1);
-    if let Err(err) = client
-        .publish_with_headers(reply, error.headers(), error.body())
-        .await
-    {
-        tracing::warn!(error = %err, "could not send error reply");
+/// Publishes a reply: the body, or `error` under the micro-service error convention; counts it.
+pub async fn answer(
+    client: &Client,
+    reply: Reply,
+    result: Result<Bytes, ApiError>,
+    metrics: &Metrics,
+) {
+    let published = match &result {
+        Ok(body) => client.publish(reply.subject, body.clone()).await,
+        Err(error) => {
+            client
+                .publish_with_headers(reply.subject, error.headers(), error.body())
+                .await
+        }
+    };
+    if let Err(err) = published {
+        tracing::warn!(error = %err, "could not send reply");
     }
+    metrics.record_reply(reply.endpoint, reply.received.elapsed(), result.err());
 }
 
 /// Publishes acks as they arrive until the committer is gone, then flushes.
@@ -38,14 +67,7 @@ pub async fn run(
 ) {
     while let Some(batch) = acks.recv().await {
         for ack in batch {
-            match ack.result {
-                Ok(body) => {
-                    if let Err(err) = client.publish(ack.reply, body).await {
-                        tracing::warn!(error = %err, "could not send reply");
-                    }
-                }
-                Err(error) => send_error(&client, ack.reply, &error, &metrics).await,
-            }
+            answer(&client, ack.reply, ack.result, &metrics).await;
         }
     }
     // Bounded: with NATS unreachable the flush would never complete.

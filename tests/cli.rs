@@ -68,7 +68,11 @@ async fn schedule_get_cancel_from_the_command_line() {
 
     let out = natsched(args(&["list", "--subject", "orders.*"], &server)).await;
     assert!(out.status.success(), "{out:?}");
-    assert!(stdout(&out).contains("  o7  orders.expired"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("  o7  orders.expired"),
+        "{}",
+        stdout(&out)
+    );
     let out = natsched(args(&["stats", "--json"], &server)).await;
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stats["pending"], 1);

@@ -319,3 +319,93 @@ async fn list_pages_in_due_order_with_a_subject_filter() {
     );
     daemon.stop().await;
 }
+
+/// Every answer to a discovery request within half a second.
+async fn discover(client: &Client, subject: &str) -> Vec<serde_json::Value> {
+    let inbox = client.new_inbox();
+    let mut answers = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply(subject.to_owned(), inbox, Bytes::new())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), answers.next()).await {
+        out.push(serde_json::from_slice(&m.payload).unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_instance_answers_micro_service_discovery() {
+    let (server, _store, daemon, client) = setup(|_| {}).await;
+    let other_store = tempfile::tempdir().unwrap();
+    let mut other = config(&server, other_store.path());
+    other.api.prefix = "other".into();
+    let other = Daemon::start(other).await;
+
+    let pings = discover(&client, "$SRV.PING.natsched").await;
+    assert_eq!(pings.len(), 2, "{pings:?}");
+    for ping in &pings {
+        assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");
+        assert_eq!(ping["name"], "natsched");
+        assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"));
+    }
+    assert_eq!(discover(&client, "$SRV.PING").await.len(), 2);
+    let id = pings[0]["id"].as_str().unwrap();
+    assert_eq!(
+        discover(&client, &format!("$SRV.PING.natsched.{id}"))
+            .await
+            .len(),
+        1
+    );
+
+    let infos = discover(&client, "$SRV.INFO.natsched").await;
+    let subjects: Vec<_> = infos
+        .iter()
+        .flat_map(|i| {
+            i["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["subject"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert!(
+        subjects.contains(&"sched.add.>".to_owned())
+            && subjects.contains(&"other.cancel".to_owned()),
+        "{subjects:?}"
+    );
+
+    // Counts per endpoint: two adds (one refused), one get of an unknown id.
+    schedule(&client, "t", &[("Sched-Delay", "1h")]).await;
+    request(&client, "sched.add.t", &[], b"").await;
+    call(&client, "sched.get", "nope").await;
+    let stats = discover(&client, "$SRV.STATS.natsched").await;
+    let ours = stats
+        .iter()
+        .find(|s| s["endpoints"][0]["subject"] == "sched.add.>")
+        .expect("this instance's stats");
+    assert_eq!(ours["type"], "io.nats.micro.v1.stats_response");
+    let endpoint = |name: &str| {
+        ours["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    // The harness's readiness probe is one more refused add.
+    assert_eq!(endpoint("add")["num_requests"], 3);
+    assert_eq!(endpoint("add")["num_errors"], 2);
+    assert_eq!(endpoint("get")["num_requests"], 1);
+    assert_eq!(endpoint("get")["num_errors"], 1);
+    assert!(
+        endpoint("get")["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("404")
+    );
+    other.stop().await;
+    daemon.stop().await;
+}

@@ -2,11 +2,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use async_nats::Subject;
-
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
-use crate::replies::Ack;
+use crate::replies::{Ack, Reply};
 use crate::scheduler::{ScheduleRef, WheelCommand, Withdrawal};
 use crate::store::{SegmentKey, Store, StoreError, WriteBatch, bucket_of, segment};
 use crate::time::UnixMs;
@@ -49,7 +47,7 @@ pub struct Round {
     places: HashMap<String, Place>,
     /// Wheel changes to send once committed (removals; inserts are added by the committer).
     wheel: Vec<WheelCommand>,
-    acks: Vec<(Option<Subject>, Outcome)>,
+    acks: Vec<(Option<Reply>, Outcome)>,
     /// How this round changes the number of pending schedules.
     pending_delta: i64,
 }
@@ -73,7 +71,7 @@ impl Round {
         &mut self,
         store: &Store,
         schedule: Schedule,
-        reply: Option<Subject>,
+        reply: Option<Reply>,
     ) -> Result<(), StoreError> {
         self.pending_delta += 1;
         // A generated id is new by construction; only a caller's id can already be pending.
@@ -108,7 +106,7 @@ impl Round {
     }
 
     /// Records a request that could not be staged (an earlier one failed): it gets a 503.
-    pub fn refuse(&mut self, reply: Option<Subject>) {
+    pub fn refuse(&mut self, reply: Option<Reply>) {
         let error =
             ApiError::unavailable("store unavailable: an earlier write in its batch failed");
         self.acks.push((reply, Outcome::Refused(error)));
@@ -120,7 +118,7 @@ impl Round {
         &mut self,
         store: &Store,
         id: String,
-        reply: Option<Subject>,
+        reply: Option<Reply>,
         withdraw: impl FnOnce(ScheduleRef) -> Withdrawal,
     ) -> Result<(), StoreError> {
         let outcome = match self.place_of(store, &id)? {
