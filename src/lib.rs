@@ -17,7 +17,10 @@
 //! * [`committer`] is the store's only writer: group commit, replace-by-id, deletes, and loading
 //!   the near future from disk into the wheel.
 //! * [`scheduler`] runs the pure timing [`wheel`] against the clock.
-//! * [`firing`] publishes due messages and reports them for deletion once flushed.
+//! * [`firing`] publishes due messages and reports them for deletion once confirmed.
+//! * [`api`], [`listing`], [`service`] and [`metrics`] operate it: cancel, get, list, stats and
+//!   micro-service discovery. [`client`] is the command-line client, [`loadgen`] the load
+//!   generator behind `natsched bench`.
 //!
 //! # Running in-process
 //!
