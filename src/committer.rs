@@ -17,7 +17,7 @@
 //! and never loads past `now + wheel.lookahead`, and a new segment inside the horizon that
 //! would exceed the bound stays on disk (the cursor moves back to it).
 //!
-//! Fired schedules are removed from their segments in bulk every [`FIRED_FLUSH`]: deletions
+//! Fired schedules are removed from their segments in bulk every `FIRED_FLUSH`: deletions
 //! need no fsync of their own (a crash only means a second delivery), and batching them turns
 //! many small segment rewrites into few.
 

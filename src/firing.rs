@@ -91,7 +91,7 @@ impl Firing {
 
     /// Publishes batches from the scheduler until it is gone, then returns once every batch
     /// handed over has been confirmed and reported to the committer — or, after `stop`, once
-    /// [`SHUTDOWN_GRACE`] has passed without confirmation (NATS down): those batches are left
+    /// `SHUTDOWN_GRACE` has passed without confirmation (NATS down): those batches are left
     /// in the store for the next start.
     pub async fn run(
         mut self,

@@ -8,7 +8,7 @@
 //! per fsync (group commit).
 //!
 //! Schedules live in time-bucketed *segments*, one value per commit round and bucket; the key
-//! layout is in [`keys`], the segment format in [`segment`], a schedule's value in
+//! layout is in `keys.rs`, the segment format in [`segment`], a schedule's value in
 //! [`crate::record`].
 
 mod keys;
@@ -26,7 +26,7 @@ use crate::time::UnixMs;
 /// How long opening waits for the store's lock (see [`Store::open`]).
 const LOCK_WAIT: Duration = Duration::from_secs(3);
 
-/// The version of the key layout written by this build, kept under [`keys::FORMAT_KEY`].
+/// The version of the key layout written by this build, kept under the `mformat` key.
 pub const STORE_FORMAT: u8 = 1;
 
 /// What went wrong in the store.
