@@ -117,7 +117,13 @@ pub async fn schedule(connection: &Connection, args: &ScheduleArgs) -> Result<St
         let (name, value) = header
             .split_once(':')
             .ok_or_else(|| ClientError::Header(header.clone()))?;
-        headers.append(name.trim(), value.trim());
+        let name = name.trim();
+        // What NATS allows in a header name: printable ASCII without ':' (async-nats panics
+        // on anything else).
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            return Err(ClientError::Header(header.clone()));
+        }
+        headers.append(name, value.trim());
     }
     if let Some(at) = &args.at {
         headers.insert(protocol::AT, at.as_str());

@@ -167,11 +167,11 @@ impl Committer {
                     let wheel = &self.wheel;
                     let withdraw = |copy| {
                         let (answer, outcome) = std::sync::mpsc::sync_channel(1);
-                        // A gone timer thread fires nothing more: the copy is as good as
-                        // not held.
+                        // Once the timer thread has stopped, firing may still be publishing
+                        // what it was handed: nobody can tell "cancelled" from "fired".
                         match wheel.send(WheelCommand::Withdraw(copy, answer)) {
-                            Ok(()) => outcome.recv().unwrap_or(Withdrawal::NotHeld),
-                            Err(_) => Withdrawal::NotHeld,
+                            Ok(()) => outcome.recv().unwrap_or(Withdrawal::Undecided),
+                            Err(_) => Withdrawal::Undecided,
                         }
                     };
                     if let Err(err) = round.cancel(&self.store, id, reply, withdraw) {
@@ -196,6 +196,14 @@ impl Committer {
         };
         if let Err(err) = &result {
             tracing::error!(error = %err, "store write failed");
+            if !round.applied() {
+                // Cancels of this round did not happen: give the wheel back what they took.
+                let back = round.take_withdrawn();
+                if !back.is_empty() {
+                    self.resident.fetch_add(back.len(), Ordering::Relaxed);
+                    let _ = self.wheel.send(WheelCommand::Insert(back));
+                }
+            }
         }
         let acks = round.acks(result.as_ref().err());
         if !acks.is_empty() {
@@ -250,6 +258,7 @@ impl Committer {
         let mut pending = self.pending;
         let (batch, mut wheel_commands) = round.finish(self.next_seq, &mut pending);
         self.store.commit(batch)?;
+        round.mark_applied();
         self.pending = pending;
         self.metrics.pending.store(pending, Ordering::Relaxed);
         // The batch is in sled now whether or not the fsync succeeds, so the wheel must hear

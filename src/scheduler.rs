@@ -66,14 +66,16 @@ pub enum WheelCommand {
 }
 
 /// The answer to [`WheelCommand::Withdraw`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Withdrawal {
-    /// It was in the wheel and is no longer.
-    Withdrawn,
+    /// It was in the wheel and is no longer; here it is, in case the cancel fails to commit.
+    Withdrawn(Box<Resident>),
     /// The wheel does not hold it (it is only on disk).
     NotHeld,
     /// It is being published or already was: too late to cancel.
     Firing,
+    /// The timer thread has stopped (shutdown) while firing may still publish: no answer.
+    Undecided,
 }
 
 /// Where a schedule the scheduler knows of is.
@@ -176,8 +178,13 @@ impl Scheduler {
                     Some(held) if held.is(&copy) => match held.entry {
                         Some(entry) => {
                             self.held.remove(&copy.id);
-                            self.drop_entry(entry);
-                            Withdrawal::Withdrawn
+                            match self.wheel.remove(entry) {
+                                Some((_, resident)) => {
+                                    self.resident.fetch_sub(1, Ordering::Relaxed);
+                                    Withdrawal::Withdrawn(Box::new(resident))
+                                }
+                                None => Withdrawal::NotHeld,
+                            }
                         }
                         None => Withdrawal::Firing,
                     },

@@ -110,6 +110,8 @@ impl MicroService {
                 "endpoints": Endpoint::ALL.map(|e| json!({
                     "name": e.name(),
                     "subject": e.subject(&self.prefix),
+                    // Plain subscriptions: every instance answers every request.
+                    "queue_group": "",
                     "metadata": null,
                 })),
             }),
@@ -124,6 +126,7 @@ impl MicroService {
                     json!({
                         "name": e.name(),
                         "subject": e.subject(&self.prefix),
+                        "queue_group": "",
                         "num_requests": requests,
                         "num_errors": stats.errors.load(Ordering::Relaxed),
                         "last_error": last_error.unwrap_or_default(),

@@ -108,7 +108,16 @@ async fn schedule_get_cancel_from_the_command_line() {
     assert_eq!(sched_id(&message), reply["id"].as_str().unwrap());
     assert_eq!(message.payload.as_ref(), b"now");
 
-    // Refused locally by the daemon: a bad duration.
+    // A header NATS cannot carry is refused by the client itself, cleanly.
+    let out = natsched(args(
+        &["schedule", "x", "--in", "1m", "-H", "Tracé: x"],
+        &server,
+    ))
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid header"));
+
+    // Refused by the daemon: a bad duration.
     let out = natsched(args(&["schedule", "x", "--in", "soon"], &server)).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("400"));

@@ -360,6 +360,10 @@ async fn every_instance_answers_micro_service_discovery() {
     );
 
     let infos = discover(&client, "$SRV.INFO.natsched").await;
+    // What async-nats' own micro-service client expects.
+    for info in &infos {
+        serde_json::from_value::<async_nats::service::Info>(info.clone()).expect("INFO parses");
+    }
     let subjects: Vec<_> = infos
         .iter()
         .flat_map(|i| {
@@ -386,6 +390,7 @@ async fn every_instance_answers_micro_service_discovery() {
         .find(|s| s["endpoints"][0]["subject"] == "sched.add.>")
         .expect("this instance's stats");
     assert_eq!(ours["type"], "io.nats.micro.v1.stats_response");
+    serde_json::from_value::<async_nats::service::Stats>(ours.clone()).expect("STATS parses");
     let endpoint = |name: &str| {
         ours["endpoints"]
             .as_array()

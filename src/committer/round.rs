@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
 use crate::replies::{Ack, Reply};
-use crate::scheduler::{ScheduleRef, WheelCommand, Withdrawal};
+use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
 use crate::store::{SegmentKey, Store, StoreError, WriteBatch, bucket_of, segment};
 use crate::time::UnixMs;
 
@@ -50,6 +50,10 @@ pub struct Round {
     acks: Vec<(Option<Reply>, Outcome)>,
     /// How this round changes the number of pending schedules.
     pending_delta: i64,
+    /// Copies the wheel gave up for this round's cancels.
+    withdrawn: Vec<Resident>,
+    /// Whether the batch reached the store (even if its fsync then failed).
+    applied: bool,
 }
 
 /// What a request's reply will say if the round commits.
@@ -124,9 +128,11 @@ impl Round {
         let outcome = match self.place_of(store, &id)? {
             Place::Gone => Outcome::Refused(ApiError::not_found(&id)),
             Place::New(bucket) => {
-                // Added earlier in this very round: it never reached the wheel.
+                // Added earlier in this very round: it never reached the wheel. If that add
+                // replaced a stored copy, the index still points there.
                 let schedules = self.new.get_mut(&bucket).expect("placed there");
                 schedules.retain(|s| s.id != id);
+                self.batch.unindex(&id);
                 self.places.insert(id.clone(), Place::Gone);
                 self.pending_delta -= 1;
                 Outcome::Cancelled { id }
@@ -140,8 +146,14 @@ impl Round {
                             code: 404,
                             description: format!("schedule {id:?} is already being delivered"),
                         }),
-                        Withdrawal::Withdrawn | Withdrawal::NotHeld => {
+                        Withdrawal::Undecided => Outcome::Refused(ApiError::unavailable(
+                            "natsched is shutting down; retry the cancel",
+                        )),
+                        decided => {
                             let cancelled = remaining.remove(at);
+                            if let Withdrawal::Withdrawn(resident) = decided {
+                                self.withdrawn.push(*resident);
+                            }
                             self.pending_delta -= 1;
                             if cancelled.caller_id {
                                 self.batch.unindex(&id);
@@ -251,6 +263,19 @@ impl Round {
             .iter()
             .filter(|(_, o)| matches!(o, Outcome::Cancelled { .. }));
         (added.count() as u64, cancelled.count() as u64)
+    }
+
+    pub fn mark_applied(&mut self) {
+        self.applied = true;
+    }
+
+    pub fn applied(&self) -> bool {
+        self.applied
+    }
+
+    /// The copies this round's cancels took out of the wheel (to give back if it failed).
+    pub fn take_withdrawn(&mut self) -> Vec<Resident> {
+        std::mem::take(&mut self.withdrawn)
     }
 
     /// Whether any request of this round waits for its ack (which needs the fsync).

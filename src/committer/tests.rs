@@ -1,5 +1,6 @@
 use super::*;
 use crate::protocol;
+use crate::scheduler::Withdrawal;
 use crate::store::{StoreOptions, WriteBatch};
 use bytes::Bytes;
 
@@ -13,7 +14,7 @@ fn schedule(id: &str, due: UnixMs) -> Schedule {
 struct Harness {
     committer: Committer,
     wheel: std::sync::mpsc::Receiver<WheelCommand>,
-    _acks: mpsc::UnboundedReceiver<Vec<Ack>>,
+    acks: mpsc::UnboundedReceiver<Vec<Ack>>,
     _commands: mpsc::Sender<StoreCommand>,
     _dir: tempfile::TempDir,
 }
@@ -56,7 +57,7 @@ impl Harness {
         Harness {
             committer,
             wheel,
-            _acks: acks,
+            acks,
             _commands: commands_tx,
             _dir: dir,
         }
@@ -336,4 +337,82 @@ fn a_same_due_replacement_survives_the_old_copy_firing() {
         .unwrap()
         .expect("the new copy is kept");
     assert_eq!(kept.payload, Bytes::from_static(b"NEW"));
+}
+
+fn cancel_command(id: &str) -> StoreCommand {
+    let reply = crate::replies::Reply {
+        subject: "reply".into(),
+        received: std::time::Instant::now(),
+        endpoint: crate::metrics::Endpoint::Cancel,
+    };
+    StoreCommand::Cancel {
+        id: id.into(),
+        reply: Some(reply),
+    }
+}
+
+#[test]
+fn a_cancel_during_shutdown_is_refused_not_claimed() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[schedule("x", now - 10)]);
+    h.committer.load_horizon().unwrap();
+    // The timer thread has stopped; firing may still be publishing x.
+    h.wheel = std::sync::mpsc::channel().1;
+    h.committer
+        .round(std::iter::once(cancel_command("x")), false);
+    let acks = h.acks.try_recv().unwrap();
+    assert_eq!(acks[0].result.as_ref().unwrap_err().code, 503);
+    assert!(
+        h.committer.store.get("x").unwrap().is_some(),
+        "not cancelled"
+    );
+}
+
+#[test]
+fn a_failed_round_gives_the_wheel_back_what_its_cancels_took() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[schedule("a", now + 5000)]);
+    h.committer.load_horizon().unwrap();
+    let [held] = h.inserted().try_into().expect("a was loaded");
+    // "b" points at an unreadable segment, so adding b fails the round after a's cancel.
+    let broken = SegmentKey {
+        bucket: bucket_of(now + 9000),
+        seq: 999,
+    };
+    let mut batch = WriteBatch::default();
+    batch.put_raw_segment(broken, Some(b"garbage".to_vec()));
+    batch.index("b", broken);
+    h.committer.store.commit(batch).unwrap();
+    // A stand-in timer thread that hands the copy over.
+    let (wheel_tx, wheel_rx) = std::sync::mpsc::channel();
+    h.committer.wheel = wheel_tx;
+    let timer = std::thread::spawn(move || {
+        let mut inserted_back = Vec::new();
+        while let Ok(command) = wheel_rx.recv() {
+            match command {
+                WheelCommand::Withdraw(_, answer) => {
+                    let _ = answer.send(Withdrawal::Withdrawn(Box::new(held.clone())));
+                }
+                WheelCommand::Insert(back) => inserted_back.extend(back),
+                _ => {}
+            }
+        }
+        inserted_back
+    });
+    let add_b = StoreCommand::Add {
+        schedule: schedule("b", now + 9000),
+        reply: None,
+    };
+    h.committer
+        .round([cancel_command("a"), add_b].into_iter(), false);
+    let acks = h.acks.try_recv().unwrap();
+    assert_eq!(acks[0].result.as_ref().unwrap_err().code, 503);
+    assert!(
+        h.committer.store.get("a").unwrap().is_some(),
+        "the cancel did not happen"
+    );
+    drop(h.committer);
+    let back = timer.join().unwrap();
+    assert_eq!(back.len(), 1, "a is back in the wheel");
+    assert_eq!(back[0].schedule.id, "a");
 }
