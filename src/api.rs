@@ -24,7 +24,7 @@ use crate::metrics::{Endpoint, LatenessMs, Metrics};
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
 use crate::replies::{self, Reply};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::time;
 
 /// The subscriptions of the operations API.
@@ -139,18 +139,13 @@ impl Api {
         let reply = Reply::to(&message, Endpoint::Get);
         let result = match protocol::parse_id_body(&message.payload) {
             Err(error) => Err(error),
-            Ok(id) => {
-                let store = self.store.clone();
-                let found = tokio::task::spawn_blocking(move || (store.get(&id), id)).await;
-                match found {
-                    Ok((Ok(Some(schedule)), _)) => Ok(describe(&schedule)),
-                    Ok((Ok(None), id)) => Err(ApiError::not_found(&id)),
-                    Ok((Err(err), _)) => {
-                        Err(ApiError::unavailable(format!("store unavailable: {err}")))
-                    }
-                    Err(err) => Err(ApiError::unavailable(format!("lookup failed: {err}"))),
-                }
-            }
+            Ok(id) => self
+                .read(move |store| store.get(&id).map(|found| (found, id)))
+                .await
+                .and_then(|(found, id)| match found {
+                    Some(schedule) => Ok(describe(&schedule)),
+                    None => Err(ApiError::not_found(&id)),
+                }),
         };
         self.answer(reply, result).await;
     }
@@ -159,16 +154,25 @@ impl Api {
         let reply = Reply::to(&message, Endpoint::List);
         let result = match ListRequest::parse(&message.payload) {
             Err(error) => Err(error),
-            Ok(request) => {
-                let store = self.store.clone();
-                match tokio::task::spawn_blocking(move || listing::page(&store, &request)).await {
-                    Ok(Ok((items, next))) => Ok(page_json(&items, next)),
-                    Ok(Err(err)) => Err(ApiError::unavailable(format!("store unavailable: {err}"))),
-                    Err(err) => Err(ApiError::unavailable(format!("listing failed: {err}"))),
-                }
-            }
+            Ok(request) => self
+                .read(move |store| listing::page(store, &request))
+                .await
+                .map(|(items, next)| page_json(&items, next)),
         };
         self.answer(reply, result).await;
+    }
+
+    /// Runs a store read off the async workers (it may touch the disk).
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || read(&store)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(ApiError::unavailable(format!("store unavailable: {err}"))),
+            Err(err) => Err(ApiError::unavailable(format!("store read failed: {err}"))),
+        }
     }
 
     async fn answer(&self, reply: Option<Reply>, result: Result<Bytes, ApiError>) {

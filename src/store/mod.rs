@@ -172,20 +172,17 @@ impl Store {
 
     /// The next free segment sequence number (kept up to date by the writer's batches).
     pub fn next_seq(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .db
-            .get(keys::NEXT_SEQ_KEY)?
-            .and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)))
-            .unwrap_or(1))
+        Ok(self.meta_u64(keys::NEXT_SEQ_KEY)?.unwrap_or(1))
     }
 
     /// How many schedules are pending, as last recorded by [`WriteBatch::set_pending`].
     pub fn pending(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .db
-            .get(keys::PENDING_KEY)?
-            .and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)))
-            .unwrap_or(0))
+        Ok(self.meta_u64(keys::PENDING_KEY)?.unwrap_or(0))
+    }
+
+    fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        let value = self.db.get(key)?;
+        Ok(value.and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?))))
     }
 
     /// Applies `batch` atomically (not yet durable: see [`Store::flush`]).
