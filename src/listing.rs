@@ -7,13 +7,14 @@
 //!
 //! A page costs what it reads, never the whole store: reading starts at the cursor's time
 //! bucket, and stops after [`SCAN_BUDGET`] schedules even if fewer than N matched (a sparse
-//! filter then returns a short page with a cursor to continue from).
+//! filter then returns a short page with a cursor to continue from). A bucket is ordered as a
+//! whole, from its entries' due, id and subject only; schedules are decoded when listed.
 
 use serde::Deserialize;
 
 use crate::protocol::ApiError;
 use crate::record::Schedule;
-use crate::store::{Store, StoreError, bucket_of};
+use crate::store::{Store, StoreError, bucket_of, segment};
 use crate::time::UnixMs;
 
 /// Most schedules one list request reads.
@@ -61,10 +62,6 @@ impl Cursor {
             id: id.to_owned(),
         })
     }
-
-    fn is_at_or_after(&self, schedule: &Schedule) -> bool {
-        (schedule.due, schedule.id.as_str()) <= (self.due, self.id.as_str())
-    }
 }
 
 impl ListRequest {
@@ -107,14 +104,24 @@ pub fn page(
     let mut items = Vec::new();
     let mut scanned = 0;
     for bucket in store.buckets_from(start) {
-        let (_, mut schedules) = bucket?;
-        // Segments of one bucket come from different commit rounds: order them here.
-        schedules.sort_by(|a, b| (a.due, &a.id).cmp(&(b.due, &b.id)));
-        for schedule in schedules {
-            if after.as_ref().is_some_and(|c| c.is_at_or_after(&schedule)) {
+        let (bucket, segments) = bucket?;
+        // Segments of one bucket come from different commit rounds: order the bucket here. Only
+        // the due, id and subject of each entry are read; a schedule is decoded when listed.
+        let mut entries = Vec::new();
+        for raw in &segments {
+            entries
+                .extend(segment::entries(raw.as_ref()).map_err(|source| corrupt(bucket, source))?);
+        }
+        entries.sort_unstable_by(|a, b| (a.due, a.id).cmp(&(b.due, b.id)));
+        for entry in entries {
+            if after
+                .as_ref()
+                .is_some_and(|c| (entry.due, entry.id) <= (c.due, c.id.as_str()))
+            {
                 continue;
             }
-            if subject_matches(&request.subject, &schedule.subject) {
+            let subject = entry.subject().map_err(|source| corrupt(bucket, source))?;
+            if subject_matches(&request.subject, subject) {
                 if items.len() == request.limit {
                     // One more exists: the page is full and is not the last.
                     let last: &Schedule = items.last().expect("limit >= 1");
@@ -124,12 +131,12 @@ pub fn page(
                     };
                     return Ok((items, Some(cursor.encode())));
                 }
-                items.push(schedule);
+                items.push(entry.decode().map_err(|source| corrupt(bucket, source))?);
             } else if scanned + 1 >= SCAN_BUDGET {
                 // Out of budget on a sparse filter: continue from here next time.
                 let cursor = Cursor {
-                    due: schedule.due,
-                    id: schedule.id,
+                    due: entry.due,
+                    id: entry.id.to_owned(),
                 };
                 return Ok((items, Some(cursor.encode())));
             }
@@ -137,6 +144,13 @@ pub fn page(
         }
     }
     Ok((items, None))
+}
+
+fn corrupt(bucket: UnixMs, source: crate::record::DecodeError) -> StoreError {
+    StoreError::Corrupt {
+        key: crate::store::SegmentKey::start_of(bucket),
+        source,
+    }
 }
 
 /// Whether `filter` is a valid subscription subject: non-empty tokens, `>` only last.

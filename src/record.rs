@@ -108,6 +108,18 @@ impl Schedule {
         out
     }
 
+    /// The subject of an encoded value, without decoding the rest.
+    pub fn peek_subject(value: &[u8]) -> Result<&str, DecodeError> {
+        let mut r = Reader(value);
+        let version = r.u8()?;
+        if version != FORMAT_VERSION {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        r.take(1 + 8)?; // delivery, created
+        let len = u16::from_be_bytes(r.array()?) as usize;
+        std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError::NotUtf8)
+    }
+
     /// Rebuilds a schedule from its key parts and stored value.
     pub fn decode(id: String, due: UnixMs, value: &[u8]) -> Result<Schedule, DecodeError> {
         let mut r = Reader(value);
@@ -240,6 +252,13 @@ mod tests {
         };
         let back = Schedule::decode(s.id.clone(), s.due, &with_rule.encode_value()).unwrap();
         assert_eq!(back, with_rule);
+    }
+
+    #[test]
+    fn peeks_the_subject() {
+        let value = sample().encode_value();
+        assert_eq!(Schedule::peek_subject(&value), Ok("orders.expired"));
+        assert!(Schedule::peek_subject(&value[..12]).is_err());
     }
 
     #[test]

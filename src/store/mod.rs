@@ -60,6 +60,15 @@ pub struct Store {
     db: sled::Db,
 }
 
+/// An encoded segment as stored; read it with [`segment::entries`].
+pub struct RawSegment(sled::IVec);
+
+impl AsRef<[u8]> for RawSegment {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// Changes to apply atomically with [`Store::commit`].
 #[derive(Default)]
 pub struct WriteBatch {
@@ -292,19 +301,19 @@ impl Store {
         Ok(out)
     }
 
-    /// Every schedule due in `bucket` or later, a whole bucket at a time (in bucket order; the
-    /// schedules of one bucket in no particular order). Lazily read: a caller that stops early
-    /// pays only for what it took.
+    /// The encoded segments of every bucket from `bucket` on, a whole bucket at a time (in
+    /// bucket order). Nothing is decoded (see [`segment::entries`]), and it is read lazily: a
+    /// caller that stops early pays only for what it took.
     pub fn buckets_from(
         &self,
         bucket: UnixMs,
-    ) -> impl Iterator<Item = Result<(UnixMs, Vec<Schedule>), StoreError>> + use<> {
+    ) -> impl Iterator<Item = Result<(UnixMs, Vec<RawSegment>), StoreError>> + use<> {
         let mut range = self
             .db
             .range(SegmentKey::start_of(bucket).to_bytes()..)
             .peekable();
         std::iter::from_fn(move || {
-            let mut current: Option<(UnixMs, Vec<Schedule>)> = None;
+            let mut current: Option<(UnixMs, Vec<RawSegment>)> = None;
             loop {
                 let next_bucket = match range.peek() {
                     Some(Ok((key, _))) => SegmentKey::from_bytes(key).map(|k| k.bucket),
@@ -322,14 +331,10 @@ impl Store {
                 }
                 let (key, value) = range.next().expect("peeked").expect("peeked ok");
                 let key = SegmentKey::from_bytes(&key).expect("checked above");
-                let schedules = match segment::decode(&value) {
-                    Ok(schedules) => schedules,
-                    Err(source) => return Some(Err(StoreError::Corrupt { key, source })),
-                };
                 current
                     .get_or_insert_with(|| (key.bucket, Vec::new()))
                     .1
-                    .extend(schedules);
+                    .push(RawSegment(value));
             }
         })
     }

@@ -87,9 +87,48 @@ fn utf8(bytes: &[u8]) -> Result<String, DecodeError> {
     String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::NotUtf8)
 }
 
-fn for_each(
-    bytes: &[u8],
-    mut visit: impl FnMut(u8, u64, &[u8], &[u8]) -> Result<(), DecodeError>,
+/// One schedule of a segment, not yet decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    pub due: u64,
+    pub id: &'a str,
+    flags: u8,
+    value: &'a [u8],
+}
+
+impl Entry<'_> {
+    /// Decodes the whole schedule.
+    pub fn decode(&self) -> Result<Schedule, DecodeError> {
+        let mut schedule = Schedule::decode(self.id.to_owned(), self.due, self.value)?;
+        schedule.caller_id = self.flags & FLAG_CALLER_ID != 0;
+        Ok(schedule)
+    }
+
+    /// The target subject, read without decoding the rest.
+    pub fn subject(&self) -> Result<&str, DecodeError> {
+        Schedule::peek_subject(self.value)
+    }
+}
+
+/// The schedules of a segment as cheap [`Entry`]s borrowing from `bytes`.
+pub fn entries(bytes: &[u8]) -> Result<Vec<Entry<'_>>, DecodeError> {
+    let mut out = Vec::new();
+    for_each(bytes, |flags, due, id, value| {
+        let id = std::str::from_utf8(id).map_err(|_| DecodeError::NotUtf8)?;
+        out.push(Entry {
+            due,
+            id,
+            flags,
+            value,
+        });
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+fn for_each<'a>(
+    bytes: &'a [u8],
+    mut visit: impl FnMut(u8, u64, &'a [u8], &'a [u8]) -> Result<(), DecodeError>,
 ) -> Result<(), DecodeError> {
     for_each_raw(bytes, |_, record| {
         // The layout was checked by `for_each_raw`; these reads cannot fail.
@@ -103,9 +142,9 @@ fn for_each(
 }
 
 /// Calls `visit(id, whole encoded record)` for each record, checking the layout.
-fn for_each_raw(
-    bytes: &[u8],
-    mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), DecodeError>,
+fn for_each_raw<'a>(
+    bytes: &'a [u8],
+    mut visit: impl FnMut(&'a [u8], &'a [u8]) -> Result<(), DecodeError>,
 ) -> Result<(), DecodeError> {
     let mut rest = bytes;
     let mut take = |n: usize| -> Result<&[u8], DecodeError> {
