@@ -45,14 +45,31 @@ fn is_permanent(err: &async_nats::PublishError) -> bool {
 }
 
 /// The message a schedule is delivered as: its own headers plus `Sched-Id` and `Sched-Due`.
-pub fn delivery_headers(schedule: &Schedule) -> HeaderMap {
+pub fn delivery_headers(schedule: &Schedule, due: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, value) in &schedule.headers {
         headers.append(name.as_str(), value.as_str());
     }
     headers.insert(protocol::ID, schedule.id.as_str());
-    headers.insert(protocol::DUE, time::format_ms(schedule.due).as_str());
+    headers.insert(protocol::DUE, due);
     headers
+}
+
+/// The `Sched-Due` text of the last due formatted: consecutive fires mostly share one.
+#[derive(Default)]
+struct DueText {
+    due: Option<u64>,
+    text: String,
+}
+
+impl DueText {
+    fn of(&mut self, due: u64) -> &str {
+        if self.due != Some(due) {
+            self.due = Some(due);
+            self.text = time::format_ms(due);
+        }
+        &self.text
+    }
 }
 
 /// The publisher of due schedules, with its fence subscription.
@@ -64,6 +81,7 @@ pub struct Firing {
     metrics: Arc<Metrics>,
     /// How late each publish of the current attempt was, in microseconds.
     lateness_us: Vec<u64>,
+    due_text: DueText,
 }
 
 /// Which server connection a publish went out on: a reconnect changes it.
@@ -86,6 +104,7 @@ impl Firing {
             fence_seq: 0,
             metrics,
             lateness_us: Vec::new(),
+            due_text: DueText::default(),
         })
     }
 
@@ -187,7 +206,7 @@ impl Firing {
                 .client
                 .publish_with_headers(
                     schedule.subject.clone(),
-                    delivery_headers(schedule),
+                    delivery_headers(schedule, self.due_text.of(schedule.due)),
                     schedule.payload.clone(),
                 )
                 .await;

@@ -84,28 +84,34 @@ impl Schedule {
             .sum();
         let mut out =
             Vec::with_capacity(16 + self.subject.len() + headers_len + self.payload.len() + 4 + 3);
+        self.encode_value_into(&mut out);
+        out
+    }
+
+    /// Appends the encoded value to `out` (what [`Schedule::encode_value`] returns), so a
+    /// segment can be written without a buffer per schedule.
+    pub fn encode_value_into(&self, out: &mut Vec<u8>) {
         out.push(FORMAT_VERSION);
         out.push(match self.delivery {
             Delivery::Core => 0,
         });
         out.extend_from_slice(&self.created.to_be_bytes());
-        put_u16_str(&mut out, &self.subject);
+        put_u16_str(out, &self.subject);
         match &self.recurrence {
             None => out.push(0),
             Some(rule) => {
                 out.push(1);
-                put_u16_str(&mut out, rule);
+                put_u16_str(out, rule);
             }
         }
         out.extend_from_slice(&(self.headers.len() as u16).to_be_bytes());
         for (name, value) in &self.headers {
-            put_u16_str(&mut out, name);
+            put_u16_str(out, name);
             out.extend_from_slice(&(value.len() as u32).to_be_bytes());
             out.extend_from_slice(value.as_bytes());
         }
         out.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
         out.extend_from_slice(&self.payload);
-        out
     }
 
     /// The subject of an encoded value, without decoding the rest.

@@ -28,9 +28,12 @@ pub fn encode<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> Vec<u8> 
         out.extend_from_slice(&schedule.due.to_be_bytes());
         out.extend_from_slice(&(schedule.id.len() as u16).to_be_bytes());
         out.extend_from_slice(schedule.id.as_bytes());
-        let value = schedule.encode_value();
-        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
-        out.extend_from_slice(&value);
+        // The value's length goes before it: reserve it, write the value, then fill it in.
+        let length_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        schedule.encode_value_into(&mut out);
+        let length = (out.len() - length_at - 4) as u32;
+        out[length_at..length_at + 4].copy_from_slice(&length.to_be_bytes());
     }
     out[1..5].copy_from_slice(&count.to_be_bytes());
     out
