@@ -183,17 +183,29 @@ impl Committer {
                 }
             }
         }
-        if flush_fired && failed.is_none() {
-            let fired = std::mem::take(&mut self.fired);
-            self.fired_since = None;
-            if let Err(err) = round.remove_fired(&self.store, fired) {
-                failed = Some(err);
-            }
+        if flush_fired
+            && failed.is_none()
+            && let Err(err) = round.remove_fired(&self.store, &self.fired)
+        {
+            failed = Some(err);
         }
         let result = match failed {
             Some(err) => Err(err),
             None => self.commit(&mut round),
         };
+        if result.is_ok() && flush_fired {
+            // Gone from the store now, so they can no longer be loaded again: the wheel may
+            // forget them.
+            self.fired_since = None;
+            let deleted: Vec<ScheduleRef> = std::mem::take(&mut self.fired)
+                .into_values()
+                .flatten()
+                .map(|(copy, _)| copy)
+                .collect();
+            if !deleted.is_empty() {
+                let _ = self.wheel.send(WheelCommand::Deleted(deleted));
+            }
+        }
         if let Err(err) = &result {
             tracing::error!(error = %err, "store write failed");
             if !round.applied() {

@@ -170,14 +170,14 @@ impl Round {
     }
 
     /// Removes fired schedules from their segments, and their ids from the index unless the
-    /// id has moved on to a newer schedule.
+    /// id has moved on to a newer schedule. (The caller keeps `fired` until the round has
+    /// committed, so a failed round leaves them to the next try.)
     pub fn remove_fired(
         &mut self,
         store: &Store,
-        fired: HashMap<SegmentKey, Vec<(ScheduleRef, bool)>>,
+        fired: &HashMap<SegmentKey, Vec<(ScheduleRef, bool)>>,
     ) -> Result<(), StoreError> {
-        let mut deleted = Vec::new();
-        for (key, schedules) in fired {
+        for (&key, schedules) in fired {
             // An id is unique within a segment, so the id alone names the fired copy.
             let gone: HashSet<&str> = schedules.iter().map(|(f, _)| f.id.as_str()).collect();
             if let Some(remaining) = self.rewrites.get_mut(&key) {
@@ -193,15 +193,11 @@ impl Round {
                 self.pending_delta -= i64::from(dropped);
             }
             for (fired, caller_id) in schedules {
-                if caller_id && self.place_of(store, &fired.id)? == Place::Stored(key) {
+                if *caller_id && self.place_of(store, &fired.id)? == Place::Stored(key) {
                     self.places.insert(fired.id.clone(), Place::Gone);
                     self.batch.unindex(&fired.id);
                 }
-                deleted.push(fired);
             }
-        }
-        if !deleted.is_empty() {
-            self.wheel.push(WheelCommand::Deleted(deleted));
         }
         Ok(())
     }

@@ -416,3 +416,40 @@ fn a_failed_round_gives_the_wheel_back_what_its_cancels_took() {
     assert_eq!(back.len(), 1, "a is back in the wheel");
     assert_eq!(back[0].schedule.id, "a");
 }
+
+#[test]
+fn fired_removals_of_a_failed_round_are_retried() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[schedule("a", now - 10)]);
+    h.committer.load_horizon().unwrap();
+    let fired = h.inserted();
+    // "b" points at an unreadable segment: adding it fails the round that flushes a's removal.
+    let broken = SegmentKey {
+        bucket: bucket_of(now + 9000),
+        seq: 999,
+    };
+    let mut batch = WriteBatch::default();
+    batch.put_raw_segment(broken, Some(b"garbage".to_vec()));
+    batch.index("b", broken);
+    h.committer.store.commit(batch).unwrap();
+
+    let add_b = StoreCommand::Add {
+        schedule: schedule("b", now + 9000),
+        reply: None,
+    };
+    h.committer
+        .round([StoreCommand::Fired(fired), add_b].into_iter(), true);
+    assert!(
+        h.committer.store.get("a").unwrap().is_some(),
+        "the round failed"
+    );
+    h.committer.round(std::iter::empty(), true);
+    assert_eq!(
+        h.committer.store.get("a").unwrap(),
+        None,
+        "removed on the next flush"
+    );
+    let deleted = std::iter::from_fn(|| h.wheel.try_recv().ok())
+        .any(|c| matches!(c, WheelCommand::Deleted(d) if d.iter().any(|r| r.id == "a")));
+    assert!(deleted, "and only then is the wheel told");
+}
