@@ -117,10 +117,7 @@ fn stage_round(batch: &mut WriteBatch, schedules: &[Schedule], next_seq: &mut u6
     let mut staged = 0;
     for bucket in schedules.chunk_by(|a, b| bucket_of(a.due) == bucket_of(b.due)) {
         for segment in bucket.chunks(SEGMENT_SCHEDULES) {
-            let key = SegmentKey {
-                bucket: bucket_of(segment[0].due),
-                seq: *next_seq,
-            };
+            let key = SegmentKey::fine(bucket_of(segment[0].due), *next_seq);
             *next_seq += 1;
             batch.put_segment(key, segment);
             staged += segment.len();

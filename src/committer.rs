@@ -17,6 +17,15 @@
 //! and never loads past `now + wheel.lookahead`, and a new segment inside the horizon that
 //! would exceed the bound stays on disk (the cursor moves back to it).
 //!
+//! **Far segments** (see [`crate::store`]) keep disk use low for sparse far-future schedules:
+//! a round's schedules of one fine bucket that are few (under [`round::SPARSE_BYTES`]) and
+//! due at least two far buckets past the horizon are written into far segments instead, a
+//! 1-minute bucket at a time, and their generated ids name that far segment. Far buckets are
+//! *migrated* before the horizon reaches them: a second cursor sweeps them in order, and each
+//! far segment is rewritten as fine segments in one atomic batch (no fsync needed: a crash
+//! leaves the far segment in place). The loader never passes the migration cursor, so it
+//! cannot miss a schedule still waiting in a far segment.
+//!
 //! Fired schedules are removed from their segments in bulk every `FIRED_FLUSH`: deletions
 //! need no fsync of their own (a crash only means a second delivery), and batching them turns
 //! many small segment rewrites into few.
@@ -35,10 +44,15 @@ use crate::metrics::Metrics;
 use crate::record::Schedule;
 use crate::replies::{Ack, Reply};
 use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
-use crate::store::{BUCKET_MS, SegmentKey, Store, StoreError, bucket_of};
-use crate::time;
+use std::collections::BTreeMap;
 
-use round::Round;
+use crate::protocol;
+use crate::store::{
+    BUCKET_MS, FAR_BUCKET_MS, SegmentKey, Store, StoreError, WriteBatch, bucket_of, far_bucket_of,
+};
+use crate::time::{self, UnixMs};
+
+use round::{MAX_FAR_SEGMENT_BYTES, MAX_SEGMENT_BYTES, Round, SPARSE_BYTES, split};
 
 /// How often an idle committer checks whether the horizon needs loading.
 const IDLE_TICK: Duration = Duration::from_millis(20);
@@ -78,8 +92,10 @@ pub struct Committer {
     acks: mpsc::UnboundedSender<Vec<Ack>>,
     /// Schedules in memory: in the wheel, on their way to it, or being published.
     resident: Arc<AtomicUsize>,
-    /// Every segment below this has been handed to the wheel.
+    /// Every fine segment below this has been handed to the wheel.
     cursor: SegmentKey,
+    /// Every far bucket starting before this has been migrated into fine segments.
+    far_cursor: UnixMs,
     /// The sequence number of the next segment written.
     next_seq: u64,
     /// Fired schedules still in the store, by segment (with whether their id is indexed), and
@@ -114,6 +130,7 @@ impl Committer {
             acks,
             resident,
             cursor: SegmentKey::start_of(0),
+            far_cursor: 0,
             fired: HashMap::new(),
             fired_since: None,
         })
@@ -124,7 +141,7 @@ impl Committer {
     pub fn run(mut self, runtime: Handle) -> Result<(), StoreError> {
         let mut commands = Vec::with_capacity(self.options.max_batch);
         loop {
-            let more_to_load = self.load_horizon()?;
+            let more_to_load = self.advance()?;
             let wait = if more_to_load {
                 Duration::ZERO
             } else {
@@ -240,31 +257,55 @@ impl Committer {
     /// for an ack.
     fn commit(&mut self, round: &mut Round) -> Result<(), StoreError> {
         let now = time::now_ms();
+        let far_from = self.far_from(now);
+        let mut far: BTreeMap<UnixMs, Vec<Schedule>> = BTreeMap::new();
         let mut inserts = Vec::new();
-        for (bucket, schedules) in round.new_segments() {
-            let key = SegmentKey {
-                bucket,
-                seq: self.next_seq,
-            };
-            self.next_seq += 1;
-            round.write_segment(key, &schedules);
-            if key >= self.cursor {
-                continue; // the loader will bring it in
+        for (bucket, schedules) in round.take_new() {
+            if bucket >= far_from
+                && schedules.iter().map(round::approximate_size).sum::<usize>() < SPARSE_BYTES
+            {
+                far.entry(far_bucket_of(bucket))
+                    .or_default()
+                    .extend(schedules);
+                continue;
             }
-            let full = self.resident.load(Ordering::Relaxed) + inserts.len() + schedules.len()
-                > self.options.max_resident;
-            if full && bucket > now {
-                // Keep memory bounded under a flood of near-future schedules: leave the segment
-                // on disk and pull the cursor back to it; the loader brings it in once there is
-                // room. Everything already popped for firing is due by now, so it sits in
-                // earlier buckets and is never loaded again; the wheel ignores reloads of what
-                // it already holds.
-                self.cursor = key;
-            } else {
-                inserts.extend(schedules.into_iter().map(|schedule| Resident {
-                    segment: key,
-                    schedule,
-                }));
+            for schedules in split(schedules, MAX_SEGMENT_BYTES) {
+                let key = SegmentKey::fine(bucket, self.take_seq());
+                round.write_segment(key, &schedules);
+                if key >= self.cursor {
+                    continue; // the loader will bring it in
+                }
+                let full = self.resident.load(Ordering::Relaxed) + inserts.len() + schedules.len()
+                    > self.options.max_resident;
+                if full && bucket > now {
+                    // Keep memory bounded under a flood of near-future schedules: leave the
+                    // segment on disk and pull the cursor back to it; the loader brings it in
+                    // once there is room. Everything already popped for firing is due by now,
+                    // so it sits in earlier buckets and is never loaded again; the wheel
+                    // ignores reloads of what it already holds.
+                    self.cursor = key;
+                } else {
+                    inserts.extend(schedules.into_iter().map(|schedule| Resident {
+                        segment: key,
+                        schedule,
+                    }));
+                }
+            }
+        }
+        for (far_bucket, schedules) in far {
+            for mut schedules in split(schedules, MAX_FAR_SEGMENT_BYTES) {
+                let key = SegmentKey::far(far_bucket, self.take_seq());
+                for (index, schedule) in schedules.iter_mut().enumerate() {
+                    if schedule.caller_id {
+                        continue;
+                    }
+                    let index = u16::try_from(index).expect("a far segment holds < 65536");
+                    let id = protocol::far_id(schedule.due, key.seq, index)
+                        .expect("far_from keeps seqs in range");
+                    round.rename(&schedule.id, id.clone());
+                    schedule.id = id;
+                }
+                round.write_segment(key, &schedules);
             }
         }
         let mut pending = self.pending;
@@ -291,10 +332,89 @@ impl Committer {
         Ok(())
     }
 
+    /// Migrates and loads what the horizon needs, a chunk of each. Returns whether more is
+    /// waiting now.
+    fn advance(&mut self) -> Result<bool, StoreError> {
+        // Not `||`: both get their turn.
+        Ok(self.migrate_far()? | self.load_horizon()?)
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq - 1
+    }
+
+    /// Far buckets starting before this are migrated (or being migrated) to fine segments:
+    /// everything up to two far buckets past the horizon.
+    fn migrate_before(&self, now: UnixMs) -> UnixMs {
+        let horizon = now.saturating_add(self.options.lookahead.as_millis() as u64);
+        far_bucket_of(horizon).saturating_add(2 * FAR_BUCKET_MS)
+    }
+
+    /// The first fine bucket whose sparse schedules may go to a far segment: one whose far
+    /// bucket the migration has not passed (nor will soon). Never, once segment seqs no longer
+    /// fit into a far id.
+    fn far_from(&self, now: UnixMs) -> UnixMs {
+        if self.next_seq >= protocol::FAR_SEQ_LIMIT / 2 {
+            return UnixMs::MAX;
+        }
+        self.far_cursor.max(self.migrate_before(now))
+    }
+
+    /// Moves the far segments of buckets that the horizon approaches into fine segments, up to
+    /// one chunk of schedules. Returns whether more is waiting to migrate now.
+    fn migrate_far(&mut self) -> Result<bool, StoreError> {
+        let before = self.migrate_before(time::now_ms());
+        if self.far_cursor >= before {
+            return Ok(false);
+        }
+        let from = SegmentKey::far(self.far_cursor, 0);
+        let segments = self.store.scan(from, before, LOAD_CHUNK)?;
+        let count: usize = segments.iter().map(|(_, s)| s.len()).sum();
+        let full = count >= LOAD_CHUNK;
+        let last_bucket = segments.last().map(|(key, _)| key.bucket);
+        let mut batch = WriteBatch::default();
+        let mut fine: BTreeMap<UnixMs, Vec<Schedule>> = BTreeMap::new();
+        for (key, schedules) in segments {
+            batch.put_raw_segment(key, None);
+            for schedule in schedules {
+                fine.entry(bucket_of(schedule.due))
+                    .or_default()
+                    .push(schedule);
+            }
+        }
+        for (bucket, schedules) in fine {
+            for schedules in split(schedules, MAX_SEGMENT_BYTES) {
+                let key = SegmentKey::fine(bucket, self.take_seq());
+                batch.put_segment(key, &schedules);
+                for schedule in schedules.iter().filter(|s| s.caller_id) {
+                    batch.index(&schedule.id, key);
+                }
+                // The loader stops at the migration cursor, so it has not passed these yet;
+                // should it have, pulling its cursor back makes it load them.
+                self.cursor = self.cursor.min(key);
+            }
+        }
+        if !batch.is_empty() {
+            batch.set_next_seq(self.next_seq);
+            self.store.commit(batch)?;
+        }
+        // A bucket cut short by the chunk is resumed from its start: what was moved is gone
+        // from it.
+        self.far_cursor = match last_bucket {
+            Some(bucket) if full => bucket,
+            _ => before,
+        };
+        Ok(full)
+    }
+
     /// Moves the cursor forward by up to one chunk. Returns whether more is waiting to load now.
     fn load_horizon(&mut self) -> Result<bool, StoreError> {
         let horizon = time::now_ms().saturating_add(self.options.lookahead.as_millis() as u64);
-        let horizon_end = bucket_of(horizon).saturating_add(BUCKET_MS);
+        // Never past the migration: a far segment may still hold schedules due beyond it.
+        let horizon_end = bucket_of(horizon)
+            .saturating_add(BUCKET_MS)
+            .min(self.far_cursor);
         let resident = self.resident.load(Ordering::Relaxed);
         if self.cursor.bucket >= horizon_end || resident >= self.options.max_resident {
             return Ok(false);

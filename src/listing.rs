@@ -6,15 +6,16 @@
 //! `{"items": [<as get>], "next_cursor": C or null}`.
 //!
 //! A page costs what it reads, never the whole store: reading starts at the cursor's time
-//! bucket, and stops after [`SCAN_BUDGET`] schedules even if fewer than N matched (a sparse
-//! filter then returns a short page with a cursor to continue from). A bucket is ordered as a
-//! whole, from its entries' due, id and subject only; schedules are decoded when listed.
+//! window (see [`Store::windows_from`]), and stops after [`SCAN_BUDGET`] schedules even if
+//! fewer than N matched (a sparse filter then returns a short page with a cursor to continue
+//! from). A window is ordered as a whole, from its entries' due, id and subject only;
+//! schedules are decoded when listed.
 
 use serde::Deserialize;
 
 use crate::protocol::ApiError;
 use crate::record::Schedule;
-use crate::store::{Store, StoreError, bucket_of, segment};
+use crate::store::{Store, StoreError, segment};
 use crate::time::UnixMs;
 
 /// Most schedules one list request reads.
@@ -100,23 +101,22 @@ pub fn page(
     request: &ListRequest,
 ) -> Result<(Vec<Schedule>, Option<String>), StoreError> {
     let after = request.cursor.as_deref().and_then(Cursor::decode);
-    let start = after.as_ref().map_or(0, |c| bucket_of(c.due));
+    let start = after.as_ref().map_or(0, |c| c.due);
     let mut items = Vec::new();
     let mut scanned = 0;
-    for bucket in store.buckets_from(start) {
-        let (bucket, segments) = bucket?;
-        // Segments of one bucket come from different commit rounds: order the bucket here. Only
-        // the due, id and subject of each entry are read; a schedule is decoded when listed.
+    for window in store.windows_from(start) {
+        let window = window?;
+        let bucket = window.start;
         let mut entries = Vec::new();
-        for raw in &segments {
+        for raw in &window.segments {
             entries
                 .extend(segment::entries(raw.as_ref()).map_err(|source| corrupt(bucket, source))?);
         }
-        entries.sort_unstable_by(|a, b| (a.due, a.id).cmp(&(b.due, b.id)));
+        entries.sort_unstable_by(|a, b| (a.due, a.id()).cmp(&(b.due, b.id())));
         for entry in entries {
             if after
                 .as_ref()
-                .is_some_and(|c| (entry.due, entry.id) <= (c.due, c.id.as_str()))
+                .is_some_and(|c| (entry.due, entry.id()) <= (c.due, c.id.as_str()))
             {
                 continue;
             }
@@ -136,7 +136,7 @@ pub fn page(
                 // Out of budget on a sparse filter: continue from here next time.
                 let cursor = Cursor {
                     due: entry.due,
-                    id: entry.id.to_owned(),
+                    id: entry.id().to_owned(),
                 };
                 return Ok((items, Some(cursor.encode())));
             }

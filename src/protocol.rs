@@ -292,6 +292,39 @@ pub fn due_of_generated_id(id: &str) -> Option<UnixMs> {
     ulid::Ulid::from_string(id).ok().map(|u| u.timestamp_ms())
 }
 
+/// Marks the random part of a generated id that says where its far segment is.
+const FAR_MARK: u128 = 1 << 79;
+const FAR_SEQ_BITS: u32 = 48;
+/// Segment seqs from this on do not fit into a [`far_id`].
+pub const FAR_SEQ_LIMIT: u64 = 1 << FAR_SEQ_BITS;
+const FAR_SEQ_SHIFT: u32 = 16;
+
+/// The id of the `index`-th schedule of far segment `seq`, due at `due`: a ULID like
+/// [`generated_id`]'s, whose 80 "random" bits are instead a mark bit, the segment's seq (48
+/// bits) and the index (16 bits), so the store finds a sparse far-future schedule with one
+/// lookup instead of searching a whole far bucket. Unique because (seq, index) is. `None` if
+/// `seq` does not fit (after 2^48 segments; the schedule then simply stays in a fine segment).
+pub fn far_id(due: UnixMs, seq: u64, index: u16) -> Option<String> {
+    if seq >= FAR_SEQ_LIMIT {
+        return None;
+    }
+    let random = FAR_MARK | u128::from(seq) << FAR_SEQ_SHIFT | u128::from(index);
+    Some(ulid::Ulid::from_parts(due, random).to_string())
+}
+
+/// The due instant and far segment seq an id made by [`far_id`] names. Any ULID with the mark
+/// bit set parses (a random id may carry it too), so callers check the segment really holds
+/// the id.
+pub fn far_hint(id: &str) -> Option<(UnixMs, u64)> {
+    let ulid = ulid::Ulid::from_string(id).ok()?;
+    let random = ulid.random();
+    if random & FAR_MARK == 0 {
+        return None;
+    }
+    let seq = (random >> FAR_SEQ_SHIFT) as u64 & ((1 << FAR_SEQ_BITS) - 1);
+    Some((ulid.timestamp_ms(), seq))
+}
+
 fn is_reserved(name: &str) -> bool {
     name.len() >= RESERVED_PREFIX.len()
         && name.as_bytes()[..RESERVED_PREFIX.len()].eq_ignore_ascii_case(RESERVED_PREFIX.as_bytes())

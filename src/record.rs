@@ -1,28 +1,26 @@
-//! A schedule: the message natsched holds until it is due, and its versioned on-disk encoding.
+//! A schedule: the message natsched holds until it is due, and its compact on-disk encoding.
 //!
 //! The id and due instant are kept beside the value in the store's segment entry (see
-//! [`crate::store`]); the value holds the rest.
-//! Value layout, format version 1 (all integers big-endian):
+//! [`crate::store::segment`]); the value holds the rest. Its layout is versioned by the
+//! segment's format version (version 2); varints are unsigned LEB128:
 //!
-//! | field        | encoding                                             |
-//! |--------------|------------------------------------------------------|
-//! | version      | `u8` = 1                                             |
-//! | delivery     | `u8`: 0 = core NATS publish (JetStream comes later)  |
-//! | created      | `u64` Unix ms when the schedule was accepted         |
-//! | subject      | `u16` length + UTF-8                                 |
-//! | recurrence   | `u8` 0 = none, 1 = `u16` length + UTF-8 rule (reserved: always none in v1) |
-//! | headers      | `u16` count, then per header `u16` name length + name, `u32` value length + value |
-//! | payload      | `u32` length + bytes                                 |
+//! | field        | encoding                                                          |
+//! |--------------|-------------------------------------------------------------------|
+//! | kind         | `u8`: bits 0-1 delivery (0 = core NATS publish; JetStream comes later), bit 2: a recurrence rule follows, bit 3: headers follow |
+//! | created      | varint: zigzag of (created − due) in ms                           |
+//! | subject      | varint length + UTF-8                                             |
+//! | recurrence   | if kind bit 2: varint length + UTF-8 rule (reserved: never written yet) |
+//! | headers      | if kind bit 3: varint count, then per header varint name length + name, varint value length + value |
+//! | payload      | the rest of the value                                             |
 //!
-//! A new field or meaning gets a new version byte; readers refuse versions they do not know rather
-//! than guess, so a downgrade cannot misfire a record.
+//! It is compact because a stored schedule's size is what the store's size is made of: every
+//! byte saved is about two on disk under sled's space overhead. A new field or meaning gets a
+//! new segment format version; readers refuse versions they do not know rather than guess,
+//! so a downgrade cannot misfire a record.
 
 use bytes::Bytes;
 
 use crate::time::UnixMs;
-
-/// The value-format version written by this build.
-pub const FORMAT_VERSION: u8 = 1;
 
 /// How a due schedule is handed to NATS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -60,9 +58,7 @@ pub struct Schedule {
 /// Why a stored value could not be read back.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error(
-        "record format version {0} is not supported by this build (it writes {FORMAT_VERSION})"
-    )]
+    #[error("segment format version {0} is not supported by this build")]
     UnknownVersion(u8),
     #[error("unknown delivery mode {0}")]
     UnknownDelivery(u8),
@@ -72,96 +68,89 @@ pub enum DecodeError {
     TrailingBytes(usize),
     #[error("record field is not valid UTF-8")]
     NotUtf8,
+    #[error("record holds a malformed number")]
+    BadVarint,
 }
 
+const KIND_DELIVERY: u8 = 0b0011;
+const KIND_RECURRENCE: u8 = 0b0100;
+const KIND_HEADERS: u8 = 0b1000;
+
 impl Schedule {
-    /// Encodes everything but the id and due (those are the key) into a store value.
+    /// Encodes everything but the id and due (those are the segment entry's) into a value.
     pub fn encode_value(&self) -> Vec<u8> {
-        let headers_len: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| 6 + n.len() + v.len())
-            .sum();
-        let mut out =
-            Vec::with_capacity(16 + self.subject.len() + headers_len + self.payload.len() + 4 + 3);
+        let mut out = Vec::with_capacity(16 + self.subject.len() + self.payload.len());
         self.encode_value_into(&mut out);
         out
     }
 
-    /// Appends the encoded value to `out` (what [`Schedule::encode_value`] returns), so a
-    /// segment can be written without a buffer per schedule.
+    /// Appends the encoded value to `out` (what [`Schedule::encode_value`] returns).
     pub fn encode_value_into(&self, out: &mut Vec<u8>) {
-        out.push(FORMAT_VERSION);
-        out.push(match self.delivery {
+        let mut kind = match self.delivery {
             Delivery::Core => 0,
-        });
-        out.extend_from_slice(&self.created.to_be_bytes());
-        put_u16_str(out, &self.subject);
-        match &self.recurrence {
-            None => out.push(0),
-            Some(rule) => {
-                out.push(1);
-                put_u16_str(out, rule);
+        };
+        if self.recurrence.is_some() {
+            kind |= KIND_RECURRENCE;
+        }
+        if !self.headers.is_empty() {
+            kind |= KIND_HEADERS;
+        }
+        out.push(kind);
+        let created = (self.created as i64).wrapping_sub(self.due as i64);
+        put_varint(out, zigzag(created));
+        put_str(out, &self.subject);
+        if let Some(rule) = &self.recurrence {
+            put_str(out, rule);
+        }
+        if !self.headers.is_empty() {
+            put_varint(out, self.headers.len() as u64);
+            for (name, value) in &self.headers {
+                put_str(out, name);
+                put_str(out, value);
             }
         }
-        out.extend_from_slice(&(self.headers.len() as u16).to_be_bytes());
-        for (name, value) in &self.headers {
-            put_u16_str(out, name);
-            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
-            out.extend_from_slice(value.as_bytes());
-        }
-        out.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
         out.extend_from_slice(&self.payload);
     }
 
     /// The subject of an encoded value, without decoding the rest.
     pub fn peek_subject(value: &[u8]) -> Result<&str, DecodeError> {
         let mut r = Reader(value);
-        let version = r.u8()?;
-        if version != FORMAT_VERSION {
-            return Err(DecodeError::UnknownVersion(version));
-        }
-        r.take(1 + 8)?; // delivery, created
-        let len = u16::from_be_bytes(r.array()?) as usize;
-        std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError::NotUtf8)
+        r.u8()?; // kind
+        r.varint()?; // created
+        r.str()
     }
 
-    /// Rebuilds a schedule from its key parts and stored value.
+    /// Rebuilds a schedule from its segment entry's parts and stored value.
     pub fn decode(id: String, due: UnixMs, value: &[u8]) -> Result<Schedule, DecodeError> {
         let mut r = Reader(value);
-        let version = r.u8()?;
-        if version != FORMAT_VERSION {
-            return Err(DecodeError::UnknownVersion(version));
-        }
-        let delivery = match r.u8()? {
+        let kind = r.u8()?;
+        let delivery = match kind & KIND_DELIVERY {
             0 => Delivery::Core,
             other => return Err(DecodeError::UnknownDelivery(other)),
         };
-        let created = u64::from_be_bytes(r.array()?);
-        let subject = r.u16_str()?;
-        let recurrence = match r.u8()? {
+        let created = (due as i64).wrapping_add(unzigzag(r.varint()?)) as u64;
+        let subject = r.str()?.to_owned();
+        let recurrence = match kind & KIND_RECURRENCE {
             0 => None,
-            _ => Some(r.u16_str()?),
+            _ => Some(r.str()?.to_owned()),
         };
-        let count = u16::from_be_bytes(r.array()?);
-        let mut headers = Vec::with_capacity(count as usize);
-        for _ in 0..count {
-            let name = r.u16_str()?;
-            let len = u32::from_be_bytes(r.array()?) as usize;
-            let value = utf8(r.take(len)?)?;
-            headers.push((name, value));
-        }
-        let len = u32::from_be_bytes(r.array()?) as usize;
-        let payload = Bytes::copy_from_slice(r.take(len)?);
-        if !r.0.is_empty() {
-            return Err(DecodeError::TrailingBytes(r.0.len()));
+        let mut headers = Vec::new();
+        if kind & KIND_HEADERS != 0 {
+            let count = r.varint()?;
+            // Each header takes at least two bytes: a damaged count cannot make us allocate.
+            headers.reserve(count.min(r.0.len() as u64 / 2) as usize);
+            for _ in 0..count {
+                let name = r.str()?.to_owned();
+                let value = r.str()?.to_owned();
+                headers.push((name, value));
+            }
         }
         Ok(Schedule {
             id,
             due,
             subject,
             headers,
-            payload,
+            payload: Bytes::copy_from_slice(r.0),
             created,
             delivery,
             recurrence,
@@ -170,22 +159,32 @@ impl Schedule {
     }
 }
 
-fn put_u16_str(out: &mut Vec<u8>, s: &str) {
-    // Subjects, header names and rules are far below 64 KiB: NATS caps a control line at 4 KiB.
-    debug_assert!(s.len() <= u16::MAX as usize);
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+fn zigzag(n: i64) -> u64 {
+    ((n << 1) ^ (n >> 63)) as u64
+}
+
+fn unzigzag(n: u64) -> i64 {
+    (n >> 1) as i64 ^ -((n & 1) as i64)
+}
+
+/// Appends `n` as a varint (unsigned LEB128).
+pub(crate) fn put_varint(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(unsigned_varint::encode::u64(
+        n,
+        &mut unsigned_varint::encode::u64_buffer(),
+    ));
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_varint(out, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
 }
 
-fn utf8(bytes: &[u8]) -> Result<String, DecodeError> {
-    String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::NotUtf8)
-}
-
-/// A cursor over a value being decoded.
-struct Reader<'a>(&'a [u8]);
+/// A cursor over a value or segment being decoded.
+pub(crate) struct Reader<'a>(pub &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.0.len() < n {
             return Err(DecodeError::Truncated);
         }
@@ -194,17 +193,35 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
         Ok(self.take(N)?.try_into().expect("take returned N bytes"))
     }
 
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.array::<1>()?[0])
     }
 
-    fn u16_str(&mut self) -> Result<String, DecodeError> {
-        let len = u16::from_be_bytes(self.array()?) as usize;
-        utf8(self.take(len)?)
+    pub fn varint(&mut self) -> Result<u64, DecodeError> {
+        let (n, rest) = unsigned_varint::decode::u64(self.0).map_err(|e| match e {
+            unsigned_varint::decode::Error::Insufficient => DecodeError::Truncated,
+            _ => DecodeError::BadVarint,
+        })?;
+        self.0 = rest;
+        Ok(n)
+    }
+
+    /// A length, which must fit what is left.
+    pub fn length(&mut self) -> Result<usize, DecodeError> {
+        let n = self.varint()?;
+        if n > self.0.len() as u64 {
+            return Err(DecodeError::Truncated);
+        }
+        Ok(n as usize)
+    }
+
+    pub fn str(&mut self) -> Result<&'a str, DecodeError> {
+        let len = self.length()?;
+        std::str::from_utf8(self.take(len)?).map_err(|_| DecodeError::NotUtf8)
     }
 }
 
@@ -268,27 +285,48 @@ mod tests {
     }
 
     #[test]
-    fn refuses_unknown_versions_and_damage() {
+    fn refuses_damage() {
         let mut value = sample().encode_value();
-        value[0] = 2;
+        value[0] |= 1;
         assert_eq!(
             Schedule::decode("x".into(), 0, &value),
-            Err(DecodeError::UnknownVersion(2))
+            Err(DecodeError::UnknownDelivery(1))
         );
+        // Anything cut before the payload is truncated; a cut payload is just a shorter one
+        // (the segment's record length catches that).
         let value = sample().encode_value();
-        for cut in 0..value.len() {
-            assert_eq!(
-                Schedule::decode("x".into(), 0, &value[..cut]),
-                Err(DecodeError::Truncated),
+        let payload_at = value.len() - sample().payload.len();
+        for cut in 0..payload_at {
+            assert!(
+                Schedule::decode("x".into(), sample().due, &value[..cut]).is_err(),
                 "cut at {cut}"
             );
         }
-        let mut long = value.clone();
-        long.push(0);
-        assert_eq!(
-            Schedule::decode("x".into(), 0, &long),
-            Err(DecodeError::TrailingBytes(1))
-        );
+    }
+
+    #[test]
+    fn created_may_be_after_due_and_zigzag_round_trips() {
+        for n in [0, 1, -1, i64::MAX, i64::MIN, 600_000, -600_000] {
+            assert_eq!(unzigzag(zigzag(n)), n);
+        }
+        let overdue = Schedule {
+            created: sample().due + 5_000,
+            ..sample()
+        };
+        let back = Schedule::decode(overdue.id.clone(), overdue.due, &overdue.encode_value());
+        assert_eq!(back.unwrap(), overdue);
+    }
+
+    #[test]
+    fn a_small_schedule_is_small() {
+        let small = Schedule {
+            headers: vec![],
+            created: sample().due - 3_600_000,
+            ..sample()
+        };
+        // kind + created (4 bytes for an hour) + subject + payload.
+        let expected = 1 + 4 + 1 + small.subject.len() + small.payload.len();
+        assert_eq!(small.encode_value().len(), expected);
     }
 
     proptest! {

@@ -373,7 +373,7 @@ mod tests {
         let due = s.wheel.elapsed() + 5;
         let old = schedule("a", due);
         let new = Resident {
-            segment: SegmentKey { bucket: 0, seq: 9 },
+            segment: SegmentKey::fine(0, 9),
             ..schedule("a", due)
         };
         insert(&mut s, &resident, old.clone());

@@ -1,4 +1,4 @@
-//! Cancel and get: `sched.cancel` and `sched.get` with the id as the body.
+//! The operations API: `sched.cancel`, `sched.get`, `sched.list`, `sched.stats` and discovery.
 
 mod common;
 
@@ -417,4 +417,67 @@ async fn every_instance_answers_micro_service_discovery() {
     );
     other.stop().await;
     daemon.stop().await;
+}
+
+/// The ids of every listed schedule, in listed order (one page of up to 1000).
+async fn list_ids(client: &Client) -> Vec<String> {
+    let reply = call(client, "sched.list", r#"{"limit":1000}"#).await;
+    let page: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(page["next_cursor"].is_null());
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_far_future_schedules_can_be_got_listed_and_cancelled_after_kill_9() {
+    let server = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let client = connect(&server).await;
+    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+
+    // A day ahead and seconds apart: too sparse for a segment each, so stored in far
+    // segments under ids that name them. One more, due first, with a random id.
+    let base = now_ms() + 86_400_000;
+    let mut ids = Vec::new();
+    for i in 0..20u64 {
+        let at = format_ms(base + i * 10_000);
+        ids.push(schedule(&client, "far", &[("Sched-At", &at)]).await);
+    }
+    for (id, due) in &ids {
+        let hint = natsched::protocol::far_hint(id).map(|(due, _)| due);
+        assert_eq!(hint, Some(*due), "{id} is stored in a far segment");
+    }
+    let near = schedule(&client, "far", &[("Sched-Delay", "1h")]).await;
+    let mut expected: Vec<(u64, String)> = ids.iter().map(|(id, due)| (*due, id.clone())).collect();
+    expected.insert(0, (near.1, near.0.clone()));
+    let expected: Vec<String> = expected.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(
+        list_ids(&client).await,
+        expected,
+        "due order across far and fine"
+    );
+
+    for (i, (id, _)) in ids.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+        assert_eq!(cancel(&client, id).await.unwrap()["id"], id.as_str(), "{i}");
+    }
+    daemon.kill_9(); // right after the last reply
+
+    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    for (i, (id, due)) in ids.iter().enumerate() {
+        let reply = call(&client, "sched.get", id).await;
+        if i % 2 == 0 {
+            assert_eq!(error_code(&reply), Some(404), "{i} was cancelled");
+        } else {
+            assert_eq!(error_code(&reply), None, "{i}");
+            let got: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+            assert_eq!(got["due"], format_ms(*due), "{i}");
+        }
+    }
+    assert_eq!(list_ids(&client).await.len(), 11);
+    assert_eq!(daemon.terminate().code(), Some(0));
 }

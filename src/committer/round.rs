@@ -9,19 +9,47 @@ use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
 use crate::store::{SegmentKey, Store, StoreError, WriteBatch, bucket_of, segment};
 use crate::time::UnixMs;
 
-/// Largest segment written, roughly. sled 0.34 writes a page over 128 KiB as a separate blob
-/// file, which costs far more than a few more keys; a segment of 32 KiB leaves room for
+/// Largest fine segment written, roughly. sled 0.34 writes a page over 128 KiB as a separate
+/// blob file, which costs far more than a few more keys; a segment of 32 KiB leaves room for
 /// several in one leaf page.
 pub const MAX_SEGMENT_BYTES: usize = 32 * 1024;
+/// Largest far segment written, roughly. Far segments stay on disk for long, and sled's
+/// space overhead grows with value size (it rewrites whole leaf pages): measured with sled
+/// 0.34, 1-2 KiB values cost about 1.4x their size on disk, 32 KiB values about 1.75x, and
+/// one small value per key about 3x.
+pub const MAX_FAR_SEGMENT_BYTES: usize = 2 * 1024;
+/// A round's schedules of one fine bucket that take less than this are *sparse*: if they are
+/// far enough ahead, they go to a far segment instead of a fine segment of their own.
+pub const SPARSE_BYTES: usize = 1024;
 
 /// Roughly what a schedule takes in a segment.
-fn approximate_size(schedule: &Schedule) -> usize {
+pub fn approximate_size(schedule: &Schedule) -> usize {
     let headers: usize = schedule
         .headers
         .iter()
         .map(|(n, v)| 6 + n.len() + v.len())
         .sum();
     40 + schedule.id.len() + schedule.subject.len() + headers + schedule.payload.len()
+}
+
+/// `schedules` cut into runs of at most about `max_bytes` each (a larger schedule alone).
+pub fn split(schedules: Vec<Schedule>, max_bytes: usize) -> Vec<Vec<Schedule>> {
+    let mut out = Vec::new();
+    let mut segment = Vec::new();
+    let mut bytes = 0;
+    for schedule in schedules {
+        let size = approximate_size(&schedule);
+        if bytes + size > max_bytes && !segment.is_empty() {
+            out.push(std::mem::take(&mut segment));
+            bytes = 0;
+        }
+        bytes += size;
+        segment.push(schedule);
+    }
+    if !segment.is_empty() {
+        out.push(segment);
+    }
+    out
 }
 
 /// Where an id the round touched is now.
@@ -45,6 +73,8 @@ pub struct Round {
     rewrites: HashMap<SegmentKey, Vec<Schedule>>,
     /// Ids this round touched.
     places: HashMap<String, Place>,
+    /// Generated ids replaced by the id of their far segment (see [`Round::rename`]).
+    renamed: HashMap<String, String>,
     /// Wheel changes to send once committed (removals; inserts are added by the committer).
     wheel: Vec<WheelCommand>,
     acks: Vec<(Option<Reply>, Outcome)>,
@@ -202,27 +232,15 @@ impl Round {
         Ok(())
     }
 
-    /// The new segments to write, by bucket, each at most about [`MAX_SEGMENT_BYTES`] (taken
-    /// out of the round).
-    pub fn new_segments(&mut self) -> Vec<(UnixMs, Vec<Schedule>)> {
-        let mut out = Vec::new();
-        for (bucket, schedules) in std::mem::take(&mut self.new) {
-            let mut segment = Vec::new();
-            let mut bytes = 0;
-            for schedule in schedules {
-                let size = approximate_size(&schedule);
-                if bytes + size > MAX_SEGMENT_BYTES && !segment.is_empty() {
-                    out.push((bucket, std::mem::take(&mut segment)));
-                    bytes = 0;
-                }
-                bytes += size;
-                segment.push(schedule);
-            }
-            if !segment.is_empty() {
-                out.push((bucket, segment));
-            }
-        }
-        out
+    /// The new schedules, by fine bucket (taken out of the round).
+    pub fn take_new(&mut self) -> BTreeMap<UnixMs, Vec<Schedule>> {
+        std::mem::take(&mut self.new)
+    }
+
+    /// Records that the generated id `old` was replaced by `new` (a [`protocol::far_id`]), so
+    /// that the reply carries the id the schedule is stored under.
+    pub fn rename(&mut self, old: &str, new: String) {
+        self.renamed.insert(old.to_owned(), new);
     }
 
     /// Stages the write of a new segment and the index entries of its caller ids.
@@ -289,7 +307,10 @@ impl Round {
                     (_, Some(err)) => {
                         Err(ApiError::unavailable(format!("store unavailable: {err}")))
                     }
-                    (Outcome::Added { id, due }, None) => Ok(protocol::add_reply(&id, due)),
+                    (Outcome::Added { id, due }, None) => {
+                        let id = self.renamed.get(&id).unwrap_or(&id);
+                        Ok(protocol::add_reply(id, due))
+                    }
                     (Outcome::Cancelled { id }, None) => Ok(protocol::cancel_reply(&id)),
                 };
                 Some(Ack {

@@ -1,7 +1,7 @@
 use super::*;
 use crate::protocol;
 use crate::scheduler::Withdrawal;
-use crate::store::{StoreOptions, WriteBatch};
+use crate::store::{StoreOptions, Tier, WriteBatch, far_bucket_of};
 use bytes::Bytes;
 
 const DAY: UnixMs = 86_400_000;
@@ -30,10 +30,7 @@ impl Harness {
         .unwrap();
         let mut batch = WriteBatch::default();
         for (seq, s) in existing.iter().enumerate() {
-            let key = SegmentKey {
-                bucket: bucket_of(s.due),
-                seq: seq as u64 + 1,
-            };
+            let key = SegmentKey::fine(bucket_of(s.due), seq as u64 + 1);
             batch.put_segment(key, [s]);
             batch.index(&s.id, key);
         }
@@ -104,19 +101,32 @@ impl Harness {
         self.committer.round(std::iter::once(fired), true);
     }
 
+    /// Every stored schedule, fine and far, as (due, id) in that order.
     fn stored(&self) -> Vec<(UnixMs, String)> {
-        let segments = self
-            .committer
-            .store
-            .scan(SegmentKey::start_of(0), UnixMs::MAX, 1000);
-        let mut all: Vec<_> = segments
+        let store = &self.committer.store;
+        let fine = store.scan(SegmentKey::start_of(0), UnixMs::MAX, 1000);
+        let far = store.scan(SegmentKey::far(0, 0), UnixMs::MAX, 1000);
+        let mut all: Vec<_> = fine
             .unwrap()
             .into_iter()
+            .chain(far.unwrap())
             .flat_map(|(_, s)| s)
             .map(|s| (s.due, s.id))
             .collect();
         all.sort();
         all
+    }
+
+    /// The keys of the stored segments, far ones first.
+    fn segment_keys(&self) -> Vec<SegmentKey> {
+        let store = &self.committer.store;
+        let far = store.scan(SegmentKey::far(0, 0), UnixMs::MAX, 1000);
+        let fine = store.scan(SegmentKey::start_of(0), UnixMs::MAX, 1000);
+        far.unwrap()
+            .into_iter()
+            .chain(fine.unwrap())
+            .map(|(key, _)| key)
+            .collect()
     }
 }
 
@@ -132,7 +142,7 @@ fn loads_overdue_and_near_schedules_but_leaves_the_far_future_on_disk() {
             schedule("older", now - 9000),
         ],
     );
-    assert!(!h.committer.load_horizon().unwrap());
+    assert!(!h.committer.advance().unwrap());
     let ids: Vec<_> = h.told().into_iter().map(|(_, _, id)| id).collect();
     assert_eq!(
         ids,
@@ -142,7 +152,7 @@ fn loads_overdue_and_near_schedules_but_leaves_the_far_future_on_disk() {
     assert_eq!(h.committer.resident.load(Ordering::Relaxed), 3);
     // The cursor now sits at the horizon: nothing more to load until time moves on.
     assert!(h.committer.cursor.bucket > now + 100);
-    assert!(!h.committer.load_horizon().unwrap());
+    assert!(!h.committer.advance().unwrap());
     assert!(h.told().is_empty());
 }
 
@@ -154,16 +164,16 @@ fn never_holds_more_than_max_resident() {
         .collect();
     let mut h = Harness::new(20, &many);
     assert!(
-        h.committer.load_horizon().unwrap(),
+        h.committer.advance().unwrap(),
         "a full chunk means more may wait"
     );
     assert_eq!(h.told().len(), 20);
-    assert!(!h.committer.load_horizon().unwrap());
+    assert!(!h.committer.advance().unwrap());
     assert!(h.told().is_empty(), "at the cap nothing more is loaded");
 
     // Firing 15 of them makes room for exactly 15 more, continuing in due order.
     h.committer.resident.fetch_sub(15, Ordering::Relaxed);
-    h.committer.load_horizon().unwrap();
+    h.committer.advance().unwrap();
     let told = h.told();
     assert_eq!(told.len(), 15);
     assert_eq!(told[0].2, "s20");
@@ -173,7 +183,7 @@ fn never_holds_more_than_max_resident() {
 fn adds_inside_the_horizon_go_to_the_wheel_and_replaces_move_them() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[]);
-    h.committer.load_horizon().unwrap();
+    h.committer.advance().unwrap();
 
     h.add(schedule("a", now + 200));
     assert_eq!(h.told(), [(true, now + 200, "a".to_owned())]);
@@ -210,24 +220,31 @@ fn adds_inside_the_horizon_go_to_the_wheel_and_replaces_move_them() {
 fn a_generated_id_given_back_as_sched_id_replaces_it() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[]);
-    let id = protocol::generated_id(now + DAY);
-    h.add(Schedule {
-        caller_id: false,
-        ..schedule(&id, now + DAY)
-    });
-    h.add(schedule(&id, now + 2 * DAY));
-    assert_eq!(h.stored(), [(now + 2 * DAY, id.clone())]);
-    assert_eq!(
-        h.committer.store.get(&id).unwrap().unwrap().due,
-        now + 2 * DAY
-    );
+    h.committer.advance().unwrap();
+    // One near (its id stays as generated), one far ahead (stored under a far id).
+    for due in [now + 1000, now + DAY] {
+        h.add(Schedule {
+            caller_id: false,
+            ..schedule(&protocol::generated_id(due), due)
+        });
+        let [(_, id)] = h.stored().try_into().expect("one stored");
+        h.add(schedule(&id, due + DAY));
+        assert_eq!(h.stored(), [(due + DAY, id.clone())]);
+        assert_eq!(h.committer.store.get(&id).unwrap().unwrap().due, due + DAY);
+        // Cancelled the way a fired copy is removed: gone from the store.
+        h.fire(vec![Resident {
+            segment: h.committer.store.locate(&id).unwrap().unwrap(),
+            schedule: schedule(&id, due + DAY),
+        }]);
+        assert!(h.stored().is_empty());
+    }
 }
 
 #[test]
 fn a_fired_copy_never_deletes_its_replacement() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[schedule("x", now - 10)]);
-    h.committer.load_horizon().unwrap();
+    h.committer.advance().unwrap();
     let [old] = h.inserted().try_into().expect("x was loaded");
     // x fired at its old time while a replacement arrived; the old copy's deletion comes later.
     h.add(schedule("x", now + DAY));
@@ -249,7 +266,7 @@ fn a_fired_copy_never_deletes_its_replacement() {
 fn fired_schedules_leave_their_segment_and_it_goes_when_empty() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[]);
-    h.committer.load_horizon().unwrap();
+    h.committer.advance().unwrap();
     // One round, one bucket: one segment of three.
     let adds = ["a", "b", "c"].map(|id| StoreCommand::Add {
         schedule: schedule(id, now + 20_000),
@@ -286,7 +303,7 @@ fn a_full_wheel_leaves_new_near_schedules_on_disk_until_there_is_room() {
         .map(|i| schedule(&format!("s{i:02}"), now + 40_000 + i))
         .collect();
     let mut h = Harness::new(20, &many);
-    h.committer.load_horizon().unwrap();
+    h.committer.advance().unwrap();
     assert_eq!(h.told().len(), 20);
 
     // Inside the horizon, but memory is full: stored, not inserted; the cursor moves back.
@@ -301,7 +318,7 @@ fn a_full_wheel_leaves_new_near_schedules_on_disk_until_there_is_room() {
     // Room again: the loader resumes from the pulled-back cursor, "late" first, then segments
     // the wheel holds already and ignores (the scan completes the bucket it stops in).
     h.committer.resident.store(0, Ordering::Relaxed);
-    h.committer.load_horizon().unwrap();
+    h.committer.advance().unwrap();
     let told = h.told();
     assert_eq!(told[0], (true, now + 30_000, "late".to_owned()));
     assert_eq!(told[1], (true, now + 40_000, "s00".to_owned()));
@@ -313,7 +330,7 @@ fn a_same_due_replacement_survives_the_old_copy_firing() {
     let now = time::now_ms();
     let due = now - 10;
     let mut h = Harness::new(1000, &[schedule("x", due)]);
-    h.committer.load_horizon().unwrap();
+    h.committer.advance().unwrap();
     let [old] = h.inserted().try_into().expect("x was loaded");
     let new = Schedule {
         payload: Bytes::from_static(b"NEW"),
@@ -355,7 +372,7 @@ fn cancel_command(id: &str) -> StoreCommand {
 fn a_cancel_during_shutdown_is_refused_not_claimed() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[schedule("x", now - 10)]);
-    h.committer.load_horizon().unwrap();
+    h.committer.advance().unwrap();
     // The timer thread has stopped; firing may still be publishing x.
     h.wheel = std::sync::mpsc::channel().1;
     h.committer
@@ -372,13 +389,10 @@ fn a_cancel_during_shutdown_is_refused_not_claimed() {
 fn a_failed_round_gives_the_wheel_back_what_its_cancels_took() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[schedule("a", now + 5000)]);
-    h.committer.load_horizon().unwrap();
+    h.committer.advance().unwrap();
     let [held] = h.inserted().try_into().expect("a was loaded");
     // "b" points at an unreadable segment, so adding b fails the round after a's cancel.
-    let broken = SegmentKey {
-        bucket: bucket_of(now + 9000),
-        seq: 999,
-    };
+    let broken = SegmentKey::fine(bucket_of(now + 9000), 999);
     let mut batch = WriteBatch::default();
     batch.put_raw_segment(broken, Some(b"garbage".to_vec()));
     batch.index("b", broken);
@@ -421,13 +435,10 @@ fn a_failed_round_gives_the_wheel_back_what_its_cancels_took() {
 fn fired_removals_of_a_failed_round_are_retried() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[schedule("a", now - 10)]);
-    h.committer.load_horizon().unwrap();
+    h.committer.advance().unwrap();
     let fired = h.inserted();
     // "b" points at an unreadable segment: adding it fails the round that flushes a's removal.
-    let broken = SegmentKey {
-        bucket: bucket_of(now + 9000),
-        seq: 999,
-    };
+    let broken = SegmentKey::fine(bucket_of(now + 9000), 999);
     let mut batch = WriteBatch::default();
     batch.put_raw_segment(broken, Some(b"garbage".to_vec()));
     batch.index("b", broken);
@@ -452,4 +463,112 @@ fn fired_removals_of_a_failed_round_are_retried() {
     let deleted = std::iter::from_fn(|| h.wheel.try_recv().ok())
         .any(|c| matches!(c, WheelCommand::Deleted(d) if d.iter().any(|r| r.id == "a")));
     assert!(deleted, "and only then is the wheel told");
+}
+
+fn generated(due: UnixMs) -> Schedule {
+    crate::record::test_schedule(&protocol::generated_id(due), due, false)
+}
+
+fn add_all(h: &mut Harness, schedules: Vec<Schedule>) {
+    let adds = schedules.into_iter().map(|schedule| StoreCommand::Add {
+        schedule,
+        reply: None,
+    });
+    h.committer.round(adds, false);
+}
+
+#[test]
+fn sparse_far_ahead_schedules_go_to_far_segments_under_far_ids() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[]);
+    h.committer.advance().unwrap();
+    // Sparse: a few per fine bucket, far ahead, generated and caller ids.
+    let mut sparse: Vec<Schedule> = (0..50).map(|i| generated(now + DAY + i * 1000)).collect();
+    sparse.push(schedule("mine", now + DAY + 5));
+    // Dense: one bucket's worth that fills more than a small segment.
+    let dense: Vec<Schedule> = (0..40).map(|_| generated(now + 2 * DAY)).collect();
+    let dense_ids: Vec<String> = dense.iter().map(|s| s.id.clone()).collect();
+    // Near: inside the horizon, so it stays fine (and goes to the wheel).
+    let near = generated(now + 5_000);
+    let near_id = near.id.clone();
+    add_all(
+        &mut h,
+        sparse.into_iter().chain(dense).chain([near]).collect(),
+    );
+
+    let keys = h.segment_keys();
+    let far: Vec<_> = keys.iter().filter(|k| k.tier == Tier::Far).collect();
+    assert!(!far.is_empty() && far.len() < 10, "grouped: {far:?}");
+    assert_eq!(
+        keys.len() - far.len(),
+        2,
+        "the dense bucket and the near one"
+    );
+    let stored = h.stored();
+    assert_eq!(stored.len(), 92);
+    for (due, id) in &stored {
+        let key = h.committer.store.locate(id).unwrap().expect("findable");
+        let dense_or_near = dense_ids.contains(id) || *id == near_id;
+        assert_eq!(key.tier == Tier::Fine, dense_or_near, "{id}");
+        if key.tier == Tier::Far && id != "mine" {
+            assert_eq!(protocol::far_hint(id), Some((*due, key.seq)), "renamed");
+        }
+    }
+    assert_eq!(h.inserted().len(), 1, "only the near one is loaded");
+}
+
+#[test]
+fn far_buckets_move_to_fine_segments_before_the_horizon_reaches_them() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[]);
+    // Written long ago: a far segment now due within the horizon, and one still far off.
+    let soon = now + 20_000;
+    let soon_bucket = far_bucket_of(soon);
+    let later = now + DAY;
+    let far_soon = SegmentKey::far(soon_bucket, 7);
+    let far_later = SegmentKey::far(far_bucket_of(later), 8);
+    let generated_id = protocol::far_id(soon + 1, far_soon.seq, 0).unwrap();
+    let mut batch = WriteBatch::default();
+    batch.put_segment(
+        far_soon,
+        &[
+            Schedule {
+                caller_id: false,
+                ..schedule(&generated_id, soon + 1)
+            },
+            schedule("caller", soon + 500),
+        ],
+    );
+    batch.index("caller", far_soon);
+    batch.put_segment(far_later, &[schedule("later", later)]);
+    batch.index("later", far_later);
+    batch.set_next_seq(9);
+    h.committer.store.commit(batch).unwrap();
+
+    // The first step after a start migrates what the horizon needs, then loads it.
+    while h.committer.advance().unwrap() {}
+    let mut loaded: Vec<_> = h.inserted().into_iter().map(|r| r.schedule.id).collect();
+    loaded.sort();
+    let mut expected = [generated_id.clone(), "caller".to_owned()];
+    expected.sort();
+    assert_eq!(loaded, expected);
+    assert_eq!(
+        h.segment_keys().iter().filter(|k| **k == far_soon).count(),
+        0
+    );
+    for id in [&generated_id, "caller"] {
+        let key = h
+            .committer
+            .store
+            .locate(id)
+            .unwrap()
+            .expect("still findable");
+        assert_eq!(key.tier, Tier::Fine, "{id}");
+        assert_eq!(
+            key.bucket,
+            bucket_of(h.committer.store.get(id).unwrap().unwrap().due)
+        );
+    }
+    assert_eq!(h.committer.store.locate("later").unwrap(), Some(far_later));
+    assert_eq!(h.stored().len(), 3, "nothing lost or doubled");
 }

@@ -95,6 +95,27 @@ fn ids_are_taken_or_generated() {
 }
 
 #[test]
+fn far_ids_carry_their_segment() {
+    let due = 1_796_061_600_250;
+    let id = far_id(due, 123_456_789, 7).unwrap();
+    assert_eq!(id.len(), 26, "a ULID");
+    assert_eq!(due_of_generated_id(&id), Some(due));
+    assert_eq!(far_hint(&id), Some((due, 123_456_789)));
+    let largest = (1 << 48) - 1;
+    assert_eq!(
+        far_hint(&far_id(due, largest, u16::MAX).unwrap()),
+        Some((due, largest))
+    );
+    assert_eq!(far_id(due, 1 << 48, 0), None);
+    // Unique per (seq, index).
+    assert_ne!(far_id(due, 1, 0), far_id(due, 1, 1));
+    assert_ne!(far_id(due, 1, 0), far_id(due, 2, 0));
+    assert_eq!(far_hint("order-42"), None);
+    let unmarked = ulid::Ulid::from_parts(due, 5).to_string();
+    assert_eq!(far_hint(&unmarked), None);
+}
+
+#[test]
 fn reserved_names_match_any_case() {
     let s = add("t", &[("sched-delay", "5"), ("SCHED-ID", "x")]).unwrap();
     assert_eq!((s.due, s.id.as_str()), (NOW + 5, "x"));

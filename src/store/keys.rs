@@ -2,27 +2,43 @@
 //!
 //! | key                                          | value                                  |
 //! |----------------------------------------------|----------------------------------------|
-//! | `s` · bucket (`u64` BE Unix ms) · seq (`u64` BE) | a [segment](super::segment): the schedules of one commit round due in that bucket |
+//! | `f` · bucket (`u64` BE Unix ms) · seq (`u64` BE) | a *far* [segment](super::segment): sparse schedules of one commit round due in that [`FAR_BUCKET_MS`] bucket |
 //! | `i` · id                                     | the segment key holding that id        |
 //! | `m` · name                                   | metadata: format version, next segment seq, pending count |
+//! | `s` · bucket (`u64` BE Unix ms) · seq (`u64` BE) | a *fine* [segment](super::segment): the schedules of one commit round due in that [`BUCKET_MS`] bucket |
 //!
 //! Schedules are stored in *segments*, not one key each: a commit round writes one value per
-//! [`BUCKET_MS`]-wide time bucket its schedules fall in. That makes intake, loading and
-//! deletion cost per segment instead of per schedule (sled copies a whole leaf node on every
-//! key it inserts). Byte order of segment keys is bucket order, so "what is due next" is a
-//! range scan from a cursor.
+//! time bucket its schedules fall in. That makes intake, loading and deletion cost per segment
+//! instead of per schedule (sled copies a whole leaf node on every key it inserts, and costs
+//! a few hundred bytes of disk per key). Byte order of segment keys is bucket order, so "what
+//! is due next" is a range scan from a cursor.
+//!
+//! Two tiers, because one bucket width cannot suit both dense and sparse schedules:
+//!
+//! * **Fine** segments (100 ms buckets) are what the wheel loads and what firing deletes
+//!   from: a bucket fires within 100 ms, so a fired segment is usually deleted whole instead
+//!   of being rewritten again and again.
+//! * **Far** segments (1 min buckets) hold schedules too sparse to fill a fine segment (a few
+//!   per 100 ms, e.g. 10 million spread over 30 days) while they are still far from due; one
+//!   key per schedule would cost sled several times the schedule's own size. Before the
+//!   wheel's horizon reaches a far bucket, the store's writer moves its schedules into fine
+//!   segments (see `crate::committer`).
 //!
 //! Only ids given by callers (`Sched-Id`) are indexed under `i`. Ids natsched generates are
-//! ULIDs whose timestamp is the due instant, so their bucket, and from it their segment, can be
-//! found without an index entry.
+//! ULIDs whose timestamp is the due instant, so their fine bucket can be found without an
+//! index entry; a generated id of a far schedule also carries its far segment's seq (see
+//! [`crate::protocol::far_id`]).
 
 use crate::time::UnixMs;
 
-/// Width of a time bucket.
+/// Width of a fine time bucket.
 pub const BUCKET_MS: UnixMs = 100;
+/// Width of a far time bucket.
+pub const FAR_BUCKET_MS: UnixMs = 60_000;
 
-const SEGMENT_PREFIX: u8 = b's';
+const FAR_PREFIX: u8 = b'f';
 const ID_PREFIX: u8 = b'i';
+const FINE_PREFIX: u8 = b's';
 /// Where the store's format version is kept.
 pub(crate) const FORMAT_KEY: &[u8] = b"mformat";
 /// Where the next segment sequence number is kept.
@@ -30,37 +46,75 @@ pub(crate) const NEXT_SEQ_KEY: &[u8] = b"mnextseq";
 /// Where the number of pending schedules is kept.
 pub(crate) const PENDING_KEY: &[u8] = b"mpending";
 
-/// The start of the bucket `due` falls in.
+/// The start of the fine bucket `due` falls in.
 pub fn bucket_of(due: UnixMs) -> UnixMs {
     due - due % BUCKET_MS
 }
 
-/// The key of a segment, or a boundary between segment keys. Ordered as (bucket, seq).
+/// The start of the far bucket `due` falls in.
+pub fn far_bucket_of(due: UnixMs) -> UnixMs {
+    due - due % FAR_BUCKET_MS
+}
+
+/// Which kind of segment a key names. Ordered like the key bytes: far before fine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tier {
+    Far,
+    Fine,
+}
+
+/// The key of a segment, or a boundary between segment keys. Ordered as (tier, bucket, seq).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SegmentKey {
+    pub tier: Tier,
     /// Start of the bucket the segment's schedules are due in.
     pub bucket: UnixMs,
-    /// Unique, increasing per segment written.
+    /// Unique, increasing per segment written (shared by both tiers).
     pub seq: u64,
 }
 
 impl SegmentKey {
-    /// The boundary before every segment of `bucket` and later.
-    pub fn start_of(bucket: UnixMs) -> SegmentKey {
-        SegmentKey { bucket, seq: 0 }
+    /// The fine segment `seq` of `bucket`.
+    pub fn fine(bucket: UnixMs, seq: u64) -> SegmentKey {
+        SegmentKey {
+            tier: Tier::Fine,
+            bucket,
+            seq,
+        }
     }
 
-    /// The smallest key greater than this one.
+    /// The far segment `seq` of `bucket`.
+    pub fn far(bucket: UnixMs, seq: u64) -> SegmentKey {
+        SegmentKey {
+            tier: Tier::Far,
+            bucket,
+            seq,
+        }
+    }
+
+    /// The boundary before every fine segment of `bucket` and later.
+    pub fn start_of(bucket: UnixMs) -> SegmentKey {
+        SegmentKey::fine(bucket, 0)
+    }
+
+    /// The smallest key of the same tier greater than this one.
     pub fn successor(self) -> SegmentKey {
         match self.seq.checked_add(1) {
             Some(seq) => SegmentKey { seq, ..self },
-            None => SegmentKey::start_of(self.bucket.saturating_add(1)),
+            None => SegmentKey {
+                bucket: self.bucket.saturating_add(1),
+                seq: 0,
+                ..self
+            },
         }
     }
 
     pub fn to_bytes(self) -> [u8; 17] {
         let mut key = [0; 17];
-        key[0] = SEGMENT_PREFIX;
+        key[0] = match self.tier {
+            Tier::Far => FAR_PREFIX,
+            Tier::Fine => FINE_PREFIX,
+        };
         key[1..9].copy_from_slice(&self.bucket.to_be_bytes());
         key[9..].copy_from_slice(&self.seq.to_be_bytes());
         key
@@ -69,7 +123,13 @@ impl SegmentKey {
     /// Parses a segment key read from the store (or an id-index value).
     pub fn from_bytes(bytes: &[u8]) -> Option<SegmentKey> {
         let bytes: &[u8; 17] = bytes.try_into().ok()?;
-        (bytes[0] == SEGMENT_PREFIX).then(|| SegmentKey {
+        let tier = match bytes[0] {
+            FAR_PREFIX => Tier::Far,
+            FINE_PREFIX => Tier::Fine,
+            _ => return None,
+        };
+        Some(SegmentKey {
+            tier,
             bucket: u64::from_be_bytes(bytes[1..9].try_into().expect("8 bytes")),
             seq: u64::from_be_bytes(bytes[9..].try_into().expect("8 bytes")),
         })
@@ -92,40 +152,37 @@ mod tests {
     fn byte_order_is_bucket_then_seq_order() {
         let keys = [
             SegmentKey::start_of(0),
-            SegmentKey { bucket: 0, seq: 1 },
-            SegmentKey {
-                bucket: 0,
-                seq: 256,
-            },
+            SegmentKey::fine(0, 1),
+            SegmentKey::fine(0, 256),
             SegmentKey::start_of(100),
-            SegmentKey {
-                bucket: 100,
-                seq: u64::MAX,
-            },
+            SegmentKey::fine(100, u64::MAX),
             SegmentKey::start_of(25_600),
-            SegmentKey {
-                bucket: u64::MAX - 15,
-                seq: 3,
-            },
+            SegmentKey::fine(u64::MAX - 15, 3),
         ];
         for pair in keys.windows(2) {
             assert!(pair[0] < pair[1], "{pair:?}");
             assert!(pair[0].to_bytes() < pair[1].to_bytes(), "{pair:?}");
             assert!(pair[0].successor() <= pair[1], "{pair:?}");
         }
-        // Index and metadata keys sort before every segment key, so no segment range scan
-        // can run into them.
-        assert!(id_key("~~~~").as_slice() < SegmentKey::start_of(0).to_bytes().as_slice());
-        assert!(NEXT_SEQ_KEY < SegmentKey::start_of(0).to_bytes().as_slice());
+        // Index and metadata keys sort between the far and the fine segment keys, so no
+        // segment range scan can run into them.
+        let last_far = SegmentKey::far(u64::MAX, u64::MAX).to_bytes();
+        let first_fine = SegmentKey::start_of(0).to_bytes();
+        for key in [id_key(""), id_key("~~~~"), NEXT_SEQ_KEY.to_vec()] {
+            assert!(last_far.as_slice() < key.as_slice(), "{key:?}");
+            assert!(key.as_slice() < first_fine.as_slice(), "{key:?}");
+        }
+        assert!(SegmentKey::far(5, 0) < SegmentKey::start_of(0));
     }
 
     #[test]
     fn round_trips_and_rejects_other_keys() {
-        let key = SegmentKey {
-            bucket: 1_796_061_600_200,
-            seq: 42,
-        };
-        assert_eq!(SegmentKey::from_bytes(&key.to_bytes()), Some(key));
+        for key in [
+            SegmentKey::fine(1_796_061_600_200, 42),
+            SegmentKey::far(1_796_061_560_000, 43),
+        ] {
+            assert_eq!(SegmentKey::from_bytes(&key.to_bytes()), Some(key));
+        }
         assert_eq!(SegmentKey::from_bytes(&id_key("0123456789abcdef")), None);
         assert_eq!(SegmentKey::from_bytes(b"s"), None);
     }
@@ -136,5 +193,7 @@ mod tests {
         assert_eq!(bucket_of(99), 0);
         assert_eq!(bucket_of(100), 100);
         assert_eq!(bucket_of(1_796_061_600_250), 1_796_061_600_200);
+        assert_eq!(far_bucket_of(59_999), 0);
+        assert_eq!(far_bucket_of(1_796_061_600_250), 1_796_061_600_000);
     }
 }

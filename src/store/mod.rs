@@ -17,7 +17,7 @@ pub mod segment;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use keys::{BUCKET_MS, SegmentKey, bucket_of};
+pub use keys::{BUCKET_MS, FAR_BUCKET_MS, SegmentKey, Tier, bucket_of, far_bucket_of};
 
 use crate::protocol;
 use crate::record::{DecodeError, Schedule};
@@ -26,8 +26,10 @@ use crate::time::UnixMs;
 /// How long opening waits for the store's lock (see [`Store::open`]).
 const LOCK_WAIT: Duration = Duration::from_secs(3);
 
-/// The version of the key layout written by this build, kept under the `mformat` key.
-pub const STORE_FORMAT: u8 = 1;
+/// The version of the store format written by this build, kept under the `mformat` key.
+/// Version 2 added far segments and the compact segment format 2. Version 1 was only ever
+/// written by development builds, so it is refused rather than converted.
+pub const STORE_FORMAT: u8 = 2;
 
 /// What went wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,13 @@ pub struct StoreOptions {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+}
+
+/// The segments holding every schedule due in `start..end` (see [`Store::windows_from`]).
+pub struct Window {
+    pub start: UnixMs,
+    pub end: UnixMs,
+    pub segments: Vec<RawSegment>,
 }
 
 /// An encoded segment as stored; read it with [`segment::entries`].
@@ -211,7 +220,9 @@ impl Store {
     /// The segment holding the pending schedule `id`, if any.
     ///
     /// A caller-chosen id is looked up in the index. Otherwise, if `id` has the form of an id
-    /// natsched generates, the segments of the bucket its due instant falls in are searched.
+    /// natsched generates: a far id's segment is checked first (a far schedule is there until
+    /// it moves to a fine segment), then the fine segments of the bucket its due instant
+    /// falls in are searched.
     pub fn locate(&self, id: &str) -> Result<Option<SegmentKey>, StoreError> {
         if let Some(value) = self.db.get(keys::id_key(id))? {
             return Ok(SegmentKey::from_bytes(&value));
@@ -219,6 +230,15 @@ impl Store {
         let Some(due) = protocol::due_of_generated_id(id) else {
             return Ok(None);
         };
+        if let Some((due, seq)) = protocol::far_hint(id) {
+            let key = SegmentKey::far(far_bucket_of(due), seq);
+            if let Some(value) = self.db.get(key.to_bytes())?
+                && segment::holds_generated_id(&value, id)
+                    .map_err(|source| StoreError::Corrupt { key, source })?
+            {
+                return Ok(Some(key));
+            }
+        }
         let bucket = bucket_of(due);
         let from = SegmentKey::start_of(bucket).to_bytes();
         let to = SegmentKey::start_of(bucket + BUCKET_MS).to_bytes();
@@ -260,8 +280,8 @@ impl Store {
         Ok(self.segment(key)?.into_iter().find(|s| s.id == id))
     }
 
-    /// Whole segments with keys in `from..` and buckets starting before `bucket_before`, in key
-    /// order, until they hold at least `max_schedules` schedules. The bucket of the last
+    /// Whole segments of `from`'s tier with keys in `from..` and buckets starting before
+    /// `bucket_before`, in key order, until they hold at least `max_schedules` schedules. The bucket of the last
     /// segment is completed (up to twice `max_schedules`), so that callers can order what they
     /// get by due time without a later scan bringing something earlier. Costs what it returns
     /// plus one seek.
@@ -273,7 +293,11 @@ impl Store {
     ) -> Result<Vec<(SegmentKey, Vec<Schedule>)>, StoreError> {
         let mut out: Vec<(SegmentKey, Vec<Schedule>)> = Vec::new();
         let mut total = 0;
-        let end = SegmentKey::start_of(bucket_before);
+        let end = SegmentKey {
+            bucket: bucket_before,
+            seq: 0,
+            ..from
+        };
         if from >= end || max_schedules == 0 {
             return Ok(out);
         }
@@ -301,19 +325,72 @@ impl Store {
         Ok(out)
     }
 
-    /// The encoded segments of every bucket from `bucket` on, a whole bucket at a time (in
-    /// bucket order). Nothing is decoded (see [`segment::entries`]), and it is read lazily: a
-    /// caller that stops early pays only for what it took.
-    pub fn buckets_from(
+    /// Every stored schedule due at or after `due`, as the encoded segments of consecutive
+    /// time windows (in time order) that together hold every schedule due in the window:
+    /// a fine bucket, or a far bucket together with the fine buckets it spans. Nothing is
+    /// decoded (see [`segment::entries`]), and it is read lazily: a caller that stops early
+    /// pays only for what it took. (A window may also hold schedules due before `due`.)
+    pub fn windows_from(
         &self,
-        bucket: UnixMs,
-    ) -> impl Iterator<Item = Result<(UnixMs, Vec<RawSegment>), StoreError>> + use<> {
-        let mut range = self
-            .db
-            .range(SegmentKey::start_of(bucket).to_bytes()..)
+        due: UnixMs,
+    ) -> impl Iterator<Item = Result<Window, StoreError>> + use<> {
+        let mut fine = self
+            .buckets(SegmentKey::start_of(bucket_of(due)))
             .peekable();
+        let mut far = self
+            .buckets(SegmentKey::far(far_bucket_of(due), 0))
+            .peekable();
+        fn start(next: Option<&Result<Window, StoreError>>) -> Option<UnixMs> {
+            match next {
+                Some(Ok(window)) => Some(window.start),
+                Some(Err(_)) | None => None,
+            }
+        }
         std::iter::from_fn(move || {
-            let mut current: Option<(UnixMs, Vec<RawSegment>)> = None;
+            // Errors come out first, in whichever iterator they are.
+            if matches!(fine.peek(), Some(Err(_))) {
+                return fine.next();
+            }
+            if matches!(far.peek(), Some(Err(_))) {
+                return far.next();
+            }
+            match (start(fine.peek()), start(far.peek())) {
+                (None, None) => None,
+                (Some(f), c) if c.is_none_or(|c| f < c) => fine.next(),
+                _ => {
+                    let Some(Ok(mut window)) = far.next() else {
+                        unreachable!("peeked a far window")
+                    };
+                    window.end = window.start.saturating_add(FAR_BUCKET_MS);
+                    while start(fine.peek()).is_some_and(|f| f < window.end) {
+                        let Some(Ok(inner)) = fine.next() else {
+                            unreachable!("peeked a fine window")
+                        };
+                        window.segments.extend(inner.segments);
+                    }
+                    Some(Ok(window))
+                }
+            }
+        })
+    }
+
+    /// The segments of `from`'s tier from `from` on, one bucket at a time, lazily.
+    fn buckets(
+        &self,
+        from: SegmentKey,
+    ) -> impl Iterator<Item = Result<Window, StoreError>> + use<> {
+        let width = match from.tier {
+            Tier::Far => FAR_BUCKET_MS,
+            Tier::Fine => BUCKET_MS,
+        };
+        let last = SegmentKey {
+            bucket: UnixMs::MAX,
+            seq: u64::MAX,
+            ..from
+        };
+        let mut range = self.db.range(from.to_bytes()..=last.to_bytes()).peekable();
+        std::iter::from_fn(move || {
+            let mut current: Option<Window> = None;
             loop {
                 let next_bucket = match range.peek() {
                     Some(Ok((key, _))) => SegmentKey::from_bytes(key).map(|k| k.bucket),
@@ -324,16 +401,20 @@ impl Store {
                     None => None,
                 };
                 match (next_bucket, &current) {
-                    // Past the segment key space, or on to the next bucket: this one is done.
+                    // Past the segment keys, or on to the next bucket: this one is done.
                     (None, _) => return current.map(Ok),
-                    (Some(b), Some((c, _))) if b != *c => return current.map(Ok),
+                    (Some(b), Some(c)) if b != c.start => return current.map(Ok),
                     _ => {}
                 }
                 let (key, value) = range.next().expect("peeked").expect("peeked ok");
                 let key = SegmentKey::from_bytes(&key).expect("checked above");
                 current
-                    .get_or_insert_with(|| (key.bucket, Vec::new()))
-                    .1
+                    .get_or_insert_with(|| Window {
+                        start: key.bucket,
+                        end: key.bucket.saturating_add(width),
+                        segments: Vec::new(),
+                    })
+                    .segments
                     .push(RawSegment(value));
             }
         })

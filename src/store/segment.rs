@@ -1,51 +1,87 @@
 //! A segment: the schedules of one commit round that are due in one time bucket, stored as one
 //! value.
 //!
-//! Layout (integers big-endian):
+//! Layout, format version 2 (fixed-size integers big-endian, varints unsigned LEB128):
 //!
 //! | field    | encoding                                                              |
 //! |----------|-----------------------------------------------------------------------|
-//! | version  | `u8` = 1                                                              |
+//! | version  | `u8` = 2                                                              |
 //! | count    | `u32`                                                                 |
-//! | records  | per schedule: `u8` flags (bit 0: the id was given by the caller and is indexed), `u64` due, `u16` id length + id, `u32` value length + [record value](crate::record) |
+//! | base     | `u64` Unix ms: the earliest due of the segment when written           |
+//! | records  | per schedule: `u8` flags, varint due − base, the id, varint value length + [record value](crate::record) |
+//!
+//! Flags: bit 0, the id was given by the caller (and is indexed); bit 1, the id is *compact*:
+//! a ULID natsched generated whose timestamp is the due instant, stored as its 10 random
+//! bytes (instead of 26 characters). Any other id is a varint length + UTF-8.
+//!
+//! Records can be dropped from an encoded segment without decoding them ([`without`]), which
+//! is how fired schedules leave the store.
 
-use crate::record::{DecodeError, Schedule};
+use crate::record::{DecodeError, Reader, Schedule, put_varint};
 
-const SEGMENT_FORMAT: u8 = 1;
+const SEGMENT_FORMAT: u8 = 2;
+const HEADER_LEN: usize = 1 + 4 + 8;
 const FLAG_CALLER_ID: u8 = 1;
+const FLAG_COMPACT_ID: u8 = 2;
+/// Bytes of a compact id: a ULID's random part.
+const COMPACT_ID_LEN: usize = 10;
+/// Characters of a ULID.
+const ULID_LEN: usize = 26;
 
 /// Encodes `schedules` as one segment value.
 pub fn encode<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> Vec<u8> {
-    let mut out = vec![SEGMENT_FORMAT, 0, 0, 0, 0];
-    let mut count: u32 = 0;
+    let schedules: Vec<&Schedule> = schedules.into_iter().collect();
+    let base = schedules.iter().map(|s| s.due).min().unwrap_or(0);
+    let mut out = Vec::with_capacity(HEADER_LEN + 128 * schedules.len());
+    out.push(SEGMENT_FORMAT);
+    out.extend_from_slice(&(schedules.len() as u32).to_be_bytes());
+    out.extend_from_slice(&base.to_be_bytes());
+    let mut value = Vec::new();
     for schedule in schedules {
-        count += 1;
-        out.push(if schedule.caller_id {
-            FLAG_CALLER_ID
-        } else {
-            0
-        });
-        out.extend_from_slice(&schedule.due.to_be_bytes());
-        out.extend_from_slice(&(schedule.id.len() as u16).to_be_bytes());
-        out.extend_from_slice(schedule.id.as_bytes());
-        // The value's length goes before it: reserve it, write the value, then fill it in.
-        let length_at = out.len();
-        out.extend_from_slice(&[0; 4]);
-        schedule.encode_value_into(&mut out);
-        let length = (out.len() - length_at - 4) as u32;
-        out[length_at..length_at + 4].copy_from_slice(&length.to_be_bytes());
+        let compact = compact_id(schedule);
+        let mut flags = 0;
+        if schedule.caller_id {
+            flags |= FLAG_CALLER_ID;
+        }
+        if compact.is_some() {
+            flags |= FLAG_COMPACT_ID;
+        }
+        out.push(flags);
+        put_varint(&mut out, schedule.due - base);
+        match compact {
+            Some(random) => out.extend_from_slice(&random),
+            None => {
+                put_varint(&mut out, schedule.id.len() as u64);
+                out.extend_from_slice(schedule.id.as_bytes());
+            }
+        }
+        value.clear();
+        schedule.encode_value_into(&mut value);
+        put_varint(&mut out, value.len() as u64);
+        out.extend_from_slice(&value);
     }
-    out[1..5].copy_from_slice(&count.to_be_bytes());
     out
 }
 
-/// Decodes every schedule of a segment value.
+/// The random part of a generated id that can be stored compactly: a canonical ULID whose
+/// timestamp is the due instant.
+fn compact_id(schedule: &Schedule) -> Option<[u8; COMPACT_ID_LEN]> {
+    if schedule.caller_id || schedule.id.len() != ULID_LEN {
+        return None;
+    }
+    let ulid = ulid::Ulid::from_string(&schedule.id).ok()?;
+    let mut text = [0; ULID_LEN];
+    let canonical = ulid.timestamp_ms() == schedule.due
+        && ulid.array_to_str(&mut text).as_bytes() == schedule.id.as_bytes();
+    let bytes = ulid.to_bytes();
+    canonical.then(|| bytes[16 - COMPACT_ID_LEN..].try_into().expect("10 bytes"))
+}
+
+/// Decodes every schedule of a segment.
 pub fn decode(bytes: &[u8]) -> Result<Vec<Schedule>, DecodeError> {
     let mut out = Vec::new();
-    for_each(bytes, |flags, due, id, value| {
-        let mut schedule = Schedule::decode(utf8(id)?, due, value)?;
-        schedule.caller_id = flags & FLAG_CALLER_ID != 0;
-        out.push(schedule);
+    for_each(bytes, |entry, _| {
+        out.push(entry.decode()?);
         Ok(())
     })?;
     Ok(out)
@@ -54,8 +90,8 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Schedule>, DecodeError> {
 /// Whether the segment holds a schedule with this id that was *not* indexed (a generated id).
 pub fn holds_generated_id(bytes: &[u8], wanted: &str) -> Result<bool, DecodeError> {
     let mut found = false;
-    for_each(bytes, |flags, _, id, _| {
-        found |= flags & FLAG_CALLER_ID == 0 && id == wanted.as_bytes();
+    for_each(bytes, |entry, _| {
+        found |= entry.flags & FLAG_CALLER_ID == 0 && entry.id() == wanted;
         Ok(())
     })?;
     Ok(found)
@@ -68,10 +104,10 @@ pub fn without(
     drop: impl Fn(&str) -> bool,
 ) -> Result<(Option<Vec<u8>>, u32), DecodeError> {
     let mut out = Vec::with_capacity(bytes.len());
-    out.extend_from_slice(&[SEGMENT_FORMAT, 0, 0, 0, 0]);
+    out.extend_from_slice(bytes.get(..HEADER_LEN).ok_or(DecodeError::Truncated)?);
     let (mut count, mut dropped): (u32, u32) = (0, 0);
-    for_each_raw(bytes, |id, record| {
-        if drop(std::str::from_utf8(id).map_err(|_| DecodeError::NotUtf8)?) {
+    for_each(bytes, |entry, record| {
+        if drop(entry.id()) {
             dropped += 1;
         } else {
             count += 1;
@@ -86,23 +122,33 @@ pub fn without(
     Ok((Some(out), dropped))
 }
 
-fn utf8(bytes: &[u8]) -> Result<String, DecodeError> {
-    String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::NotUtf8)
-}
-
 /// One schedule of a segment, not yet decoded.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry<'a> {
     pub due: u64,
-    pub id: &'a str,
+    id: EntryId<'a>,
     flags: u8,
     value: &'a [u8],
 }
 
+#[derive(Debug, Clone, Copy)]
+enum EntryId<'a> {
+    Text(&'a str),
+    /// A compact id, rendered as its ULID text.
+    Compact([u8; ULID_LEN]),
+}
+
 impl Entry<'_> {
+    pub fn id(&self) -> &str {
+        match &self.id {
+            EntryId::Text(id) => id,
+            EntryId::Compact(text) => std::str::from_utf8(text).expect("ULID text is ASCII"),
+        }
+    }
+
     /// Decodes the whole schedule.
     pub fn decode(&self) -> Result<Schedule, DecodeError> {
-        let mut schedule = Schedule::decode(self.id.to_owned(), self.due, self.value)?;
+        let mut schedule = Schedule::decode(self.id().to_owned(), self.due, self.value)?;
         schedule.caller_id = self.flags & FLAG_CALLER_ID != 0;
         Ok(schedule)
     }
@@ -116,66 +162,58 @@ impl Entry<'_> {
 /// The schedules of a segment as cheap [`Entry`]s borrowing from `bytes`.
 pub fn entries(bytes: &[u8]) -> Result<Vec<Entry<'_>>, DecodeError> {
     let mut out = Vec::new();
-    for_each(bytes, |flags, due, id, value| {
-        let id = std::str::from_utf8(id).map_err(|_| DecodeError::NotUtf8)?;
-        out.push(Entry {
-            due,
-            id,
-            flags,
-            value,
-        });
+    for_each(bytes, |entry, _| {
+        out.push(entry);
         Ok(())
     })?;
     Ok(out)
 }
 
+/// Calls `visit(entry, whole encoded record)` for each record, checking the layout.
 fn for_each<'a>(
     bytes: &'a [u8],
-    mut visit: impl FnMut(u8, u64, &'a [u8], &'a [u8]) -> Result<(), DecodeError>,
+    mut visit: impl FnMut(Entry<'a>, &'a [u8]) -> Result<(), DecodeError>,
 ) -> Result<(), DecodeError> {
-    for_each_raw(bytes, |_, record| {
-        // The layout was checked by `for_each_raw`; these reads cannot fail.
-        let flags = record[0];
-        let due = u64::from_be_bytes(record[1..9].try_into().expect("8 bytes"));
-        let id_len = u16::from_be_bytes(record[9..11].try_into().expect("2 bytes")) as usize;
-        let id = &record[11..11 + id_len];
-        let value = &record[11 + id_len + 4..];
-        visit(flags, due, id, value)
-    })
-}
-
-/// Calls `visit(id, whole encoded record)` for each record, checking the layout.
-fn for_each_raw<'a>(
-    bytes: &'a [u8],
-    mut visit: impl FnMut(&'a [u8], &'a [u8]) -> Result<(), DecodeError>,
-) -> Result<(), DecodeError> {
-    let mut rest = bytes;
-    let mut take = |n: usize| -> Result<&[u8], DecodeError> {
-        if rest.len() < n {
-            return Err(DecodeError::Truncated);
-        }
-        let (head, tail) = rest.split_at(n);
-        rest = tail;
-        Ok(head)
-    };
-    let version = take(1)?[0];
+    let mut r = Reader(bytes);
+    let version = r.u8()?;
     if version != SEGMENT_FORMAT {
         return Err(DecodeError::UnknownVersion(version));
     }
-    let count = u32::from_be_bytes(take(4)?.try_into().expect("4 bytes"));
+    let count = u32::from_be_bytes(r.array()?);
+    let base = u64::from_be_bytes(r.array()?);
     for _ in 0..count {
-        let header = take(11)?; // flags, due, id length
-        let id_len = u16::from_be_bytes(header[9..11].try_into().expect("2 bytes")) as usize;
-        let id = take(id_len)?;
-        let value_len = u32::from_be_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
-        take(value_len)?;
-        let record_len = 11 + id_len + 4 + value_len;
-        // The record is the bytes just taken, contiguous in the input.
-        let start = id.as_ptr() as usize - bytes.as_ptr() as usize - 11;
-        visit(id, &bytes[start..start + record_len])?;
+        let record_start = r.0;
+        let flags = r.u8()?;
+        let due = base
+            .checked_add(r.varint()?)
+            .ok_or(DecodeError::BadVarint)?;
+        let id = if flags & FLAG_COMPACT_ID != 0 {
+            let random: [u8; COMPACT_ID_LEN] = r.array()?;
+            let mut bytes = [0; 16];
+            bytes[16 - COMPACT_ID_LEN..].copy_from_slice(&random);
+            let random = u128::from_be_bytes(bytes);
+            let mut text = [0; ULID_LEN];
+            ulid::Ulid::from_parts(due, random).array_to_str(&mut text);
+            EntryId::Compact(text)
+        } else {
+            let len = r.length()?;
+            EntryId::Text(std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError::NotUtf8)?)
+        };
+        let len = r.length()?;
+        let value = r.take(len)?;
+        let record = &record_start[..record_start.len() - r.0.len()];
+        visit(
+            Entry {
+                due,
+                id,
+                flags,
+                value,
+            },
+            record,
+        )?;
     }
-    if !rest.is_empty() {
-        return Err(DecodeError::TrailingBytes(rest.len()));
+    if !r.0.is_empty() {
+        return Err(DecodeError::TrailingBytes(r.0.len()));
     }
     Ok(())
 }
@@ -216,6 +254,37 @@ mod tests {
         );
         assert!(!holds_generated_id(&bytes, "zz").unwrap());
         assert_eq!(decode(&encode(&[])).unwrap(), []);
+    }
+
+    #[test]
+    fn generated_ids_are_stored_compactly() {
+        let due = 1_796_061_600_250;
+        let generated = crate::protocol::generated_id(due);
+        let far = crate::protocol::far_id(due + 7, 3, 1).unwrap();
+        let all = [
+            schedule(&generated, due, false),
+            schedule(&far, due + 7, false),
+            // Not compact: chosen by the caller, or not carrying the due instant.
+            schedule(&crate::protocol::generated_id(due), due, true),
+            schedule(&crate::protocol::generated_id(due - 1), due, false),
+            schedule(&generated.to_lowercase(), due, false),
+        ];
+        let bytes = encode(&all);
+        assert_eq!(decode(&bytes).unwrap(), all);
+        let entries = entries(&bytes).unwrap();
+        let ids: Vec<&str> = entries.iter().map(|e| e.id()).collect();
+        let expected: Vec<&str> = all.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, expected);
+        let one = |s: &Schedule| encode([s]).len();
+        assert_eq!(
+            one(&all[0]) + 17,
+            one(&all[3]),
+            "10 bytes instead of 1 + 26"
+        );
+        assert!(holds_generated_id(&bytes, &far).unwrap());
+        let (kept, dropped) = without(&bytes, |id| id == generated || id == far).unwrap();
+        assert_eq!(dropped, 2);
+        assert_eq!(decode(&kept.unwrap()).unwrap(), all[2..]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ fn open(dir: &Path) -> Store {
 }
 
 fn key(bucket: UnixMs, seq: u64) -> SegmentKey {
-    SegmentKey { bucket, seq }
+    SegmentKey::fine(bucket, seq)
 }
 
 #[test]
@@ -103,20 +103,25 @@ fn survives_reopen_after_flush() {
 }
 
 #[test]
-fn refuses_an_unknown_format() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let db = sled::open(dir.path()).unwrap();
-        db.insert(keys::FORMAT_KEY, &[9]).unwrap();
-        db.flush().unwrap();
+fn refuses_other_formats() {
+    for format in [1, 9] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.insert(keys::FORMAT_KEY, &[format]).unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(&StoreOptions {
+            path: dir.path().to_owned(),
+            cache_capacity: 1 << 20,
+        })
+        .err()
+        .expect("must be refused");
+        assert!(
+            matches!(err, StoreError::Format { found, .. } if found == format),
+            "{err}"
+        );
     }
-    let err = Store::open(&StoreOptions {
-        path: dir.path().to_owned(),
-        cache_capacity: 1 << 20,
-    })
-    .err()
-    .expect("format 9 must be refused");
-    assert!(matches!(err, StoreError::Format { found: 9, .. }), "{err}");
 }
 
 #[test]
@@ -141,4 +146,74 @@ fn an_unreadable_segment_is_skipped_not_fatal() {
         store.db.get(key(200, 2).to_bytes()).unwrap().is_some(),
         "left for inspection"
     );
+}
+
+#[test]
+fn windows_merge_far_buckets_with_the_fine_buckets_they_span() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let far_id = protocol::far_id(60_010, 5, 0).unwrap();
+    let mut batch = WriteBatch::default();
+    batch.put_segment(key(59_900, 1), &[schedule("before", 59_950, true)]);
+    batch.put_segment(key(60_000, 2), &[schedule("fine-a", 60_000, true)]);
+    batch.put_segment(key(119_900, 3), &[schedule("fine-b", 119_999, true)]);
+    batch.put_segment(key(120_000, 4), &[schedule("after", 120_000, true)]);
+    batch.put_segment(
+        SegmentKey::far(60_000, 5),
+        &[
+            schedule(&far_id, 60_010, false),
+            schedule("far-b", 90_000, true),
+        ],
+    );
+    batch.put_segment(
+        SegmentKey::far(180_000, 6),
+        &[schedule("far-c", 200_000, true)],
+    );
+    store.commit(batch).unwrap();
+
+    let windows: Vec<(UnixMs, UnixMs, Vec<String>)> = store
+        .windows_from(0)
+        .map(|w| {
+            let w = w.unwrap();
+            let mut ids: Vec<String> = w
+                .segments
+                .iter()
+                .flat_map(|raw| segment::decode(raw.as_ref()).unwrap())
+                .map(|s| s.id)
+                .collect();
+            ids.sort();
+            (w.start, w.end, ids)
+        })
+        .collect();
+    let ids = |list: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        windows,
+        [
+            (59_900, 60_000, ids(&["before"])),
+            (
+                60_000,
+                120_000,
+                ids(&[&far_id, "far-b", "fine-a", "fine-b"])
+            ),
+            (120_000, 120_100, ids(&["after"])),
+            (180_000, 240_000, ids(&["far-c"])),
+        ]
+    );
+    // Starting inside a far window starts with that whole window.
+    let first = store.windows_from(90_000).next().unwrap().unwrap();
+    assert_eq!((first.start, first.end), (60_000, 120_000));
+
+    // A far id is found through the segment it names.
+    assert_eq!(
+        store.locate(&far_id).unwrap(),
+        Some(SegmentKey::far(60_000, 5))
+    );
+    assert_eq!(store.get(&far_id).unwrap().unwrap().due, 60_010);
+    // Naming a segment that does not hold it (e.g. moved to a fine one): not found there.
+    let moved = protocol::far_id(60_010, 6, 0).unwrap();
+    assert_eq!(store.locate(&moved).unwrap(), None);
 }
