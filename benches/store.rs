@@ -249,7 +249,7 @@ fn sled_key_per_schedule_flush(group: &mut Group<'_>) {
                         key.push(b'd');
                         key.extend_from_slice(&schedule.due.to_be_bytes());
                         key.extend_from_slice(schedule.id.as_bytes());
-                        let mut value = schedule.encode_value();
+                        let mut value = schedule.encode_value(schedule.created);
                         value.resize(130, 0);
                         batch.insert(key, value);
 

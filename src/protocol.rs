@@ -312,17 +312,15 @@ pub fn far_id(due: UnixMs, seq: u64, index: u16) -> Option<String> {
     Some(ulid::Ulid::from_parts(due, random).to_string())
 }
 
-/// The due instant and far segment seq an id made by [`far_id`] names. Any ULID with the mark
-/// bit set parses (a random id may carry it too), so callers check the segment really holds
-/// the id.
-pub fn far_hint(id: &str) -> Option<(UnixMs, u64)> {
+/// The (due, seq, index) an id made by [`far_id`] was made from; `None` for any other id
+/// (a random ULID with the same mark bit cannot pass: the rest of its bits must match too).
+pub fn far_parts(id: &str) -> Option<(UnixMs, u64, u16)> {
     let ulid = ulid::Ulid::from_string(id).ok()?;
     let random = ulid.random();
-    if random & FAR_MARK == 0 {
-        return None;
-    }
-    let seq = (random >> FAR_SEQ_SHIFT) as u64 & ((1 << FAR_SEQ_BITS) - 1);
-    Some((ulid.timestamp_ms(), seq))
+    let seq = (random >> FAR_SEQ_SHIFT) as u64 & (FAR_SEQ_LIMIT - 1);
+    let index = random as u16;
+    let due = ulid.timestamp_ms();
+    (far_id(due, seq, index)? == id).then_some((due, seq, index))
 }
 
 fn is_reserved(name: &str) -> bool {

@@ -7,7 +7,7 @@
 //! | field        | encoding                                                          |
 //! |--------------|-------------------------------------------------------------------|
 //! | kind         | `u8`: bits 0-1 delivery (0 = core NATS publish; JetStream comes later), bit 2: a recurrence rule follows, bit 3: headers follow |
-//! | created      | varint: zigzag of (created − due) in ms                           |
+//! | created      | varint: zigzag of (created − base) in ms; the segment gives the base (its earliest `created`), so a round's schedules take a byte or two |
 //! | subject      | varint length + UTF-8                                             |
 //! | recurrence   | if kind bit 2: varint length + UTF-8 rule (reserved: never written yet) |
 //! | headers      | if kind bit 3: varint count, then per header varint name length + name, varint value length + value |
@@ -77,15 +77,16 @@ const KIND_RECURRENCE: u8 = 0b0100;
 const KIND_HEADERS: u8 = 0b1000;
 
 impl Schedule {
-    /// Encodes everything but the id and due (those are the segment entry's) into a value.
-    pub fn encode_value(&self) -> Vec<u8> {
+    /// Encodes everything but the id and due (those are the segment entry's) into a value,
+    /// with `created` stored relative to `created_base`.
+    pub fn encode_value(&self, created_base: UnixMs) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.subject.len() + self.payload.len());
-        self.encode_value_into(&mut out);
+        self.encode_value_into(&mut out, created_base);
         out
     }
 
     /// Appends the encoded value to `out` (what [`Schedule::encode_value`] returns).
-    pub fn encode_value_into(&self, out: &mut Vec<u8>) {
+    pub fn encode_value_into(&self, out: &mut Vec<u8>, created_base: UnixMs) {
         let mut kind = match self.delivery {
             Delivery::Core => 0,
         };
@@ -96,7 +97,7 @@ impl Schedule {
             kind |= KIND_HEADERS;
         }
         out.push(kind);
-        let created = (self.created as i64).wrapping_sub(self.due as i64);
+        let created = (self.created as i64).wrapping_sub(created_base as i64);
         put_varint(out, zigzag(created));
         put_str(out, &self.subject);
         if let Some(rule) = &self.recurrence {
@@ -121,14 +122,19 @@ impl Schedule {
     }
 
     /// Rebuilds a schedule from its segment entry's parts and stored value.
-    pub fn decode(id: String, due: UnixMs, value: &[u8]) -> Result<Schedule, DecodeError> {
+    pub fn decode(
+        id: String,
+        due: UnixMs,
+        created_base: UnixMs,
+        value: &[u8],
+    ) -> Result<Schedule, DecodeError> {
         let mut r = Reader(value);
         let kind = r.u8()?;
         let delivery = match kind & KIND_DELIVERY {
             0 => Delivery::Core,
             other => return Err(DecodeError::UnknownDelivery(other)),
         };
-        let created = (due as i64).wrapping_add(unzigzag(r.varint()?)) as u64;
+        let created = (created_base as i64).wrapping_add(unzigzag(r.varint()?)) as u64;
         let subject = r.str()?.to_owned();
         let recurrence = match kind & KIND_RECURRENCE {
             0 => None,
@@ -246,6 +252,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A segment's created base.
+    const BASE: UnixMs = 1_796_061_000_000;
+
     fn sample() -> Schedule {
         Schedule {
             id: "order-42".into(),
@@ -267,66 +276,72 @@ mod tests {
     #[test]
     fn round_trips() {
         let s = sample();
-        let back = Schedule::decode(s.id.clone(), s.due, &s.encode_value()).unwrap();
+        let back = Schedule::decode(s.id.clone(), s.due, BASE, &s.encode_value(BASE)).unwrap();
         assert_eq!(back, s);
         let with_rule = Schedule {
             recurrence: Some("*/5 * * * *".into()),
             ..sample()
         };
-        let back = Schedule::decode(s.id.clone(), s.due, &with_rule.encode_value()).unwrap();
+        let back =
+            Schedule::decode(s.id.clone(), s.due, BASE, &with_rule.encode_value(BASE)).unwrap();
         assert_eq!(back, with_rule);
     }
 
     #[test]
     fn peeks_the_subject() {
-        let value = sample().encode_value();
+        let value = sample().encode_value(BASE);
         assert_eq!(Schedule::peek_subject(&value), Ok("orders.expired"));
         assert!(Schedule::peek_subject(&value[..12]).is_err());
     }
 
     #[test]
     fn refuses_damage() {
-        let mut value = sample().encode_value();
+        let mut value = sample().encode_value(BASE);
         value[0] |= 1;
         assert_eq!(
-            Schedule::decode("x".into(), 0, &value),
+            Schedule::decode("x".into(), 0, BASE, &value),
             Err(DecodeError::UnknownDelivery(1))
         );
         // Anything cut before the payload is truncated; a cut payload is just a shorter one
         // (the segment's record length catches that).
-        let value = sample().encode_value();
+        let value = sample().encode_value(BASE);
         let payload_at = value.len() - sample().payload.len();
         for cut in 0..payload_at {
             assert!(
-                Schedule::decode("x".into(), sample().due, &value[..cut]).is_err(),
+                Schedule::decode("x".into(), sample().due, BASE, &value[..cut]).is_err(),
                 "cut at {cut}"
             );
         }
     }
 
     #[test]
-    fn created_may_be_after_due_and_zigzag_round_trips() {
+    fn created_may_be_before_its_base_and_zigzag_round_trips() {
         for n in [0, 1, -1, i64::MAX, i64::MIN, 600_000, -600_000] {
             assert_eq!(unzigzag(zigzag(n)), n);
         }
-        let overdue = Schedule {
-            created: sample().due + 5_000,
+        let earlier = Schedule {
+            created: BASE - 5_000,
             ..sample()
         };
-        let back = Schedule::decode(overdue.id.clone(), overdue.due, &overdue.encode_value());
-        assert_eq!(back.unwrap(), overdue);
+        let back = Schedule::decode(
+            earlier.id.clone(),
+            earlier.due,
+            BASE,
+            &earlier.encode_value(BASE),
+        );
+        assert_eq!(back.unwrap(), earlier);
     }
 
     #[test]
     fn a_small_schedule_is_small() {
         let small = Schedule {
             headers: vec![],
-            created: sample().due - 3_600_000,
+            created: BASE + 5,
             ..sample()
         };
-        // kind + created (4 bytes for an hour) + subject + payload.
-        let expected = 1 + 4 + 1 + small.subject.len() + small.payload.len();
-        assert_eq!(small.encode_value().len(), expected);
+        // kind + created (one byte: next to its base) + subject + payload.
+        let expected = 1 + 1 + 1 + small.subject.len() + small.payload.len();
+        assert_eq!(small.encode_value(BASE).len(), expected);
     }
 
     proptest! {
@@ -349,7 +364,7 @@ mod tests {
                 recurrence: rule,
                 caller_id: false,
             };
-            prop_assert_eq!(Schedule::decode("id".into(), 7, &s.encode_value()).unwrap(), s);
+            prop_assert_eq!(Schedule::decode("id".into(), 7, BASE, &s.encode_value(BASE)).unwrap(), s);
         }
     }
 }

@@ -449,7 +449,7 @@ async fn sparse_far_future_schedules_can_be_got_listed_and_cancelled_after_kill_
         ids.push(schedule(&client, "far", &[("Sched-At", &at)]).await);
     }
     for (id, due) in &ids {
-        let hint = natsched::protocol::far_hint(id).map(|(due, _)| due);
+        let hint = natsched::protocol::far_parts(id).map(|(due, _, _)| due);
         assert_eq!(hint, Some(*due), "{id} is stored in a far segment");
     }
     let near = schedule(&client, "far", &[("Sched-Delay", "1h")]).await;

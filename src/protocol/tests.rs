@@ -100,19 +100,27 @@ fn far_ids_carry_their_segment() {
     let id = far_id(due, 123_456_789, 7).unwrap();
     assert_eq!(id.len(), 26, "a ULID");
     assert_eq!(due_of_generated_id(&id), Some(due));
-    assert_eq!(far_hint(&id), Some((due, 123_456_789)));
+    assert_eq!(far_parts(&id), Some((due, 123_456_789, 7)));
     let largest = (1 << 48) - 1;
     assert_eq!(
-        far_hint(&far_id(due, largest, u16::MAX).unwrap()),
-        Some((due, largest))
+        far_parts(&far_id(due, largest, u16::MAX).unwrap()),
+        Some((due, largest, u16::MAX))
     );
     assert_eq!(far_id(due, 1 << 48, 0), None);
     // Unique per (seq, index).
     assert_ne!(far_id(due, 1, 0), far_id(due, 1, 1));
     assert_ne!(far_id(due, 1, 0), far_id(due, 2, 0));
-    assert_eq!(far_hint("order-42"), None);
+    assert_eq!(far_parts("order-42"), None);
     let unmarked = ulid::Ulid::from_parts(due, 5).to_string();
-    assert_eq!(far_hint(&unmarked), None);
+    assert_eq!(far_parts(&unmarked), None);
+    // Marked, but with bits set that a far id leaves clear.
+    let marked_but_random = ulid::Ulid::from_parts(due, (1 << 79) | (1 << 70) | (5 << 16) | 3);
+    assert_eq!(far_parts(&marked_but_random.to_string()), None);
+    assert_eq!(
+        far_parts(&id.to_lowercase()),
+        None,
+        "only the canonical text"
+    );
 }
 
 #[test]

@@ -230,7 +230,7 @@ impl Store {
         let Some(due) = protocol::due_of_generated_id(id) else {
             return Ok(None);
         };
-        if let Some((due, seq)) = protocol::far_hint(id) {
+        if let Some((due, seq, _)) = protocol::far_parts(id) {
             let key = SegmentKey::far(far_bucket_of(due), seq);
             if let Some(value) = self.db.get(key.to_bytes())?
                 && segment::holds_generated_id(&value, id)

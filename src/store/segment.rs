@@ -8,21 +8,30 @@
 //! | version  | `u8` = 2                                                              |
 //! | count    | `u32`                                                                 |
 //! | base     | `u64` Unix ms: the earliest due of the segment when written           |
+//! | created  | varint Unix ms: the earliest `created` of the segment when written (the record values' base) |
+//! | far seq  | varint: the seq of the far segment whose ids the records may carry (see below), 0 if none |
 //! | records  | per schedule: `u8` flags, varint due − base, the id, varint value length + [record value](crate::record) |
 //!
-//! Flags: bit 0, the id was given by the caller (and is indexed); bit 1, the id is *compact*:
-//! a ULID natsched generated whose timestamp is the due instant, stored as its 10 random
-//! bytes (instead of 26 characters). Any other id is a varint length + UTF-8.
+//! Flags: bit 0, the id was given by the caller (and is indexed). How the id is stored:
+//! * bit 2 set: a [far id](crate::protocol::far_id) of the header's far seq, stored as its
+//!   varint index (the due is the record's);
+//! * bit 1 set: a *compact* id, a ULID natsched generated whose timestamp is the due instant,
+//!   stored as its 10 random bytes;
+//! * neither: varint length + UTF-8.
+//!
+//! Ids natsched generates thus take 1 or 10 bytes instead of 26 characters: at 10 million
+//! schedules that is a large share of the store.
 //!
 //! Records can be dropped from an encoded segment without decoding them ([`without`]), which
 //! is how fired schedules leave the store.
 
+use crate::protocol;
 use crate::record::{DecodeError, Reader, Schedule, put_varint};
 
 const SEGMENT_FORMAT: u8 = 2;
-const HEADER_LEN: usize = 1 + 4 + 8;
 const FLAG_CALLER_ID: u8 = 1;
 const FLAG_COMPACT_ID: u8 = 2;
+const FLAG_FAR_ID: u8 = 4;
 /// Bytes of a compact id: a ULID's random part.
 const COMPACT_ID_LEN: usize = 10;
 /// Characters of a ULID.
@@ -32,35 +41,59 @@ const ULID_LEN: usize = 26;
 pub fn encode<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> Vec<u8> {
     let schedules: Vec<&Schedule> = schedules.into_iter().collect();
     let base = schedules.iter().map(|s| s.due).min().unwrap_or(0);
-    let mut out = Vec::with_capacity(HEADER_LEN + 128 * schedules.len());
+    let created_base = schedules.iter().map(|s| s.created).min().unwrap_or(0);
+    // The far seq of the first far id (a far segment's ids all share it).
+    let far_seq = schedules
+        .iter()
+        .find_map(|s| far_index(s, None).map(|(seq, _)| seq))
+        .unwrap_or(0);
+    let mut out = Vec::with_capacity(32 + 128 * schedules.len());
     out.push(SEGMENT_FORMAT);
     out.extend_from_slice(&(schedules.len() as u32).to_be_bytes());
     out.extend_from_slice(&base.to_be_bytes());
+    put_varint(&mut out, created_base);
+    put_varint(&mut out, far_seq);
     let mut value = Vec::new();
     for schedule in schedules {
-        let compact = compact_id(schedule);
-        let mut flags = 0;
-        if schedule.caller_id {
-            flags |= FLAG_CALLER_ID;
-        }
-        if compact.is_some() {
+        let mut flags = if schedule.caller_id {
+            FLAG_CALLER_ID
+        } else {
+            0
+        };
+        let far = far_index(schedule, Some(far_seq));
+        let compact = far.is_none().then(|| compact_id(schedule)).flatten();
+        if far.is_some() {
+            flags |= FLAG_FAR_ID;
+        } else if compact.is_some() {
             flags |= FLAG_COMPACT_ID;
         }
         out.push(flags);
         put_varint(&mut out, schedule.due - base);
-        match compact {
-            Some(random) => out.extend_from_slice(&random),
-            None => {
+        match (far, compact) {
+            (Some((_, index)), _) => put_varint(&mut out, u64::from(index)),
+            (None, Some(random)) => out.extend_from_slice(&random),
+            (None, None) => {
                 put_varint(&mut out, schedule.id.len() as u64);
                 out.extend_from_slice(schedule.id.as_bytes());
             }
         }
         value.clear();
-        schedule.encode_value_into(&mut value);
+        schedule.encode_value_into(&mut value, created_base);
         put_varint(&mut out, value.len() as u64);
         out.extend_from_slice(&value);
     }
     out
+}
+
+/// The (seq, index) of a generated far id due at the schedule's due (of segment `seq` if
+/// given).
+fn far_index(schedule: &Schedule, seq: Option<u64>) -> Option<(u64, u16)> {
+    if schedule.caller_id {
+        return None;
+    }
+    let (due, far_seq, index) = protocol::far_parts(&schedule.id)?;
+    (due == schedule.due && far_seq != 0 && seq.is_none_or(|seq| seq == far_seq))
+        .then_some((far_seq, index))
 }
 
 /// The random part of a generated id that can be stored compactly: a canonical ULID whose
@@ -104,9 +137,13 @@ pub fn without(
     drop: impl Fn(&str) -> bool,
 ) -> Result<(Option<Vec<u8>>, u32), DecodeError> {
     let mut out = Vec::with_capacity(bytes.len());
-    out.extend_from_slice(bytes.get(..HEADER_LEN).ok_or(DecodeError::Truncated)?);
     let (mut count, mut dropped): (u32, u32) = (0, 0);
     for_each(bytes, |entry, record| {
+        if out.is_empty() {
+            // The header, unchanged but for the count: the records keep their meaning.
+            let header_len = record.as_ptr() as usize - bytes.as_ptr() as usize;
+            out.extend_from_slice(&bytes[..header_len]);
+        }
         if drop(entry.id()) {
             dropped += 1;
         } else {
@@ -128,6 +165,7 @@ pub struct Entry<'a> {
     pub due: u64,
     id: EntryId<'a>,
     flags: u8,
+    created_base: u64,
     value: &'a [u8],
 }
 
@@ -148,7 +186,12 @@ impl Entry<'_> {
 
     /// Decodes the whole schedule.
     pub fn decode(&self) -> Result<Schedule, DecodeError> {
-        let mut schedule = Schedule::decode(self.id().to_owned(), self.due, self.value)?;
+        let mut schedule = Schedule::decode(
+            self.id().to_owned(),
+            self.due,
+            self.created_base,
+            self.value,
+        )?;
         schedule.caller_id = self.flags & FLAG_CALLER_ID != 0;
         Ok(schedule)
     }
@@ -181,13 +224,21 @@ fn for_each<'a>(
     }
     let count = u32::from_be_bytes(r.array()?);
     let base = u64::from_be_bytes(r.array()?);
+    let created_base = r.varint()?;
+    let far_seq = r.varint()?;
     for _ in 0..count {
         let record_start = r.0;
         let flags = r.u8()?;
         let due = base
             .checked_add(r.varint()?)
             .ok_or(DecodeError::BadVarint)?;
-        let id = if flags & FLAG_COMPACT_ID != 0 {
+        let id = if flags & FLAG_FAR_ID != 0 {
+            let index = u16::try_from(r.varint()?).map_err(|_| DecodeError::BadVarint)?;
+            let id = protocol::far_id(due, far_seq, index).ok_or(DecodeError::BadVarint)?;
+            let mut text = [0; ULID_LEN];
+            text.copy_from_slice(id.as_bytes());
+            EntryId::Compact(text)
+        } else if flags & FLAG_COMPACT_ID != 0 {
             let random: [u8; COMPACT_ID_LEN] = r.array()?;
             let mut bytes = [0; 16];
             bytes[16 - COMPACT_ID_LEN..].copy_from_slice(&random);
@@ -207,6 +258,7 @@ fn for_each<'a>(
                 due,
                 id,
                 flags,
+                created_base,
                 value,
             },
             record,
@@ -282,6 +334,9 @@ mod tests {
             "10 bytes instead of 1 + 26"
         );
         assert!(holds_generated_id(&bytes, &far).unwrap());
+        // A far id of the segment's own far seq takes a byte: its index.
+        let far_alone = schedule(&far, due + 7, false);
+        assert_eq!(one(&far_alone) + 9, one(&all[0]), "1 byte instead of 10");
         let (kept, dropped) = without(&bytes, |id| id == generated || id == far).unwrap();
         assert_eq!(dropped, 2);
         assert_eq!(decode(&kept.unwrap()).unwrap(), all[2..]);
@@ -321,5 +376,66 @@ mod tests {
         let mut other = bytes;
         other[0] = 9;
         assert_eq!(decode(&other), Err(DecodeError::UnknownVersion(9)));
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::record::test_schedule;
+    use proptest::prelude::*;
+
+    /// A schedule with an id of any kind the store sees: caller-chosen, generated, a far id
+    /// (of one of two segments), or a ULID-looking id that is not the due's.
+    fn any_schedule() -> impl Strategy<Value = Schedule> {
+        let due = 1_700_000_000_000u64..1_700_100_000_000;
+        let created = 1_690_000_000_000u64..1_710_000_000_000;
+        (
+            due,
+            created,
+            0u8..5,
+            1u64..3,
+            any::<u16>(),
+            "[a-z0-9]{1,20}",
+        )
+            .prop_map(|(due, created, kind, seq, index, text)| {
+                let (id, caller_id) = match kind {
+                    0 => (text, true),
+                    1 => (crate::protocol::generated_id(due), false),
+                    2 => (crate::protocol::far_id(due, seq, index).unwrap(), false),
+                    3 => (crate::protocol::generated_id(due + 1), false),
+                    _ => (text, false),
+                };
+                Schedule {
+                    created,
+                    ..test_schedule(&id, due, caller_id)
+                }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_segment_round_trips_and_filters(
+            schedules in proptest::collection::vec(any_schedule(), 0..40),
+            drop_mask in any::<u64>(),
+        ) {
+            let bytes = encode(&schedules);
+            prop_assert_eq!(decode(&bytes).unwrap(), schedules.clone());
+            let dropped_ids: Vec<&str> = schedules
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| drop_mask >> i & 1 == 1)
+                .map(|(_, s)| s.id.as_str())
+                .collect();
+            let kept: Vec<Schedule> = schedules
+                .iter()
+                .filter(|s| !dropped_ids.contains(&s.id.as_str()))
+                .cloned()
+                .collect();
+            let (rest, dropped) = without(&bytes, |id| dropped_ids.contains(&id)).unwrap();
+            prop_assert_eq!(dropped as usize, schedules.len() - kept.len());
+            let rest = rest.map(|r| decode(&r).unwrap()).unwrap_or_default();
+            prop_assert_eq!(rest, kept);
+        }
     }
 }
