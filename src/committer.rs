@@ -32,7 +32,6 @@
 
 mod round;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -100,7 +99,7 @@ pub struct Committer {
     next_seq: u64,
     /// Fired schedules still in the store, by segment (with whether their id is indexed), and
     /// since when the oldest waits.
-    fired: HashMap<SegmentKey, Vec<(ScheduleRef, bool)>>,
+    fired: foldhash::HashMap<SegmentKey, Vec<(ScheduleRef, bool)>>,
     fired_since: Option<Instant>,
     /// Schedules in the store, as of the last commit.
     pending: u64,
@@ -131,7 +130,7 @@ impl Committer {
             resident,
             cursor: SegmentKey::start_of(0),
             far_cursor: 0,
-            fired: HashMap::new(),
+            fired: foldhash::HashMap::default(),
             fired_since: None,
         })
     }

@@ -5,6 +5,7 @@
 //! inside the loaded horizon, and horizon loads); what leaves goes to [`crate::firing`].
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
@@ -194,11 +195,12 @@ impl Scheduler {
             }
             WheelCommand::Deleted(copies) => {
                 for copy in copies {
-                    if let Some(held) = self.held.get(&copy.id)
-                        && held.is(&copy)
-                        && held.entry.is_none()
+                    // One lookup in the common case: take it out, and put it back if it
+                    // turns out to be another copy (a replacement) or still in the wheel.
+                    if let Some((id, held)) = self.held.remove_entry(&copy.id)
+                        && !(held.is(&copy) && held.entry.is_none())
                     {
-                        self.held.remove(&copy.id);
+                        self.held.insert(id, held);
                     }
                 }
             }
@@ -206,36 +208,42 @@ impl Scheduler {
     }
 
     fn insert(&mut self, resident: Resident) {
-        let schedule = &resident.schedule;
-        if let Some(held) = self.held.get(&schedule.id) {
-            if held.due == schedule.due && held.segment == resident.segment {
-                // A reload of the copy already held or firing.
-                self.resident.fetch_sub(1, Ordering::Relaxed);
-                return;
-            }
-            // The committer removes a replaced copy before inserting its successor, so
-            // a different copy here can only be an older one that is already firing;
-            // the new one takes over the id.
-            debug_assert!(
-                held.entry.is_none(),
-                "two wheel entries for {}",
-                schedule.id
-            );
-            if let Some(entry) = held.entry {
-                self.drop_entry(entry);
-            }
-        }
-        let id = schedule.id.clone();
-        let (due, segment) = (schedule.due, resident.segment);
-        let entry = Some(self.wheel.insert(due, resident));
-        self.held.insert(
-            id,
-            Held {
+        let (due, segment) = (resident.schedule.due, resident.segment);
+        let slot = match self.held.entry(resident.schedule.id.clone()) {
+            Entry::Vacant(slot) => slot.insert_entry(Held {
                 due,
                 segment,
-                entry,
-            },
-        );
+                entry: None,
+            }),
+            Entry::Occupied(slot) => {
+                let held = *slot.get();
+                if held.due == due && held.segment == segment {
+                    // A reload of the copy already held or firing.
+                    self.resident.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+                // The committer removes a replaced copy before inserting its successor, so
+                // a different copy here can only be an older one that is already firing;
+                // the new one takes over the id.
+                debug_assert!(
+                    held.entry.is_none(),
+                    "two wheel entries for {}",
+                    resident.schedule.id
+                );
+                if let Some(entry) = held.entry
+                    && self.wheel.remove(entry).is_some()
+                {
+                    self.resident.fetch_sub(1, Ordering::Relaxed);
+                }
+                slot
+            }
+        };
+        let entry = self.wheel.insert(due, resident);
+        *slot.into_mut() = Held {
+            due,
+            segment,
+            entry: Some(entry),
+        };
     }
 
     fn drop_entry(&mut self, entry: EntryKey) {
