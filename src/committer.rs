@@ -301,8 +301,15 @@ impl Committer {
                     let index = u16::try_from(index).expect("a far segment holds < 65536");
                     let id = protocol::far_id(schedule.due, key.seq, index)
                         .expect("far_from keeps seqs in range");
-                    round.rename(&schedule.id, id.clone());
-                    schedule.id = id;
+                    if round.holds_caller_id(&self.store, &id)? {
+                        // A far id is predictable, so a caller may already use it as a
+                        // Sched-Id. Then this schedule keeps its random id, which nothing
+                        // else can find in a far segment: it is indexed like a caller's.
+                        schedule.caller_id = true;
+                    } else {
+                        round.rename(&schedule.id, id.clone());
+                        schedule.id = id;
+                    }
                 }
                 round.write_segment(key, &schedules);
             }

@@ -312,8 +312,10 @@ pub fn far_id(due: UnixMs, seq: u64, index: u16) -> Option<String> {
     Some(ulid::Ulid::from_parts(due, random).to_string())
 }
 
-/// The (due, seq, index) an id made by [`far_id`] was made from; `None` for any other id
-/// (a random ULID with the same mark bit cannot pass: the rest of its bits must match too).
+/// The (due, seq, index) an id made by [`far_id`] would be made from; `None` for any id
+/// `far_id` cannot make. (A random ULID passes 1 time in 2^16; callers check the segment
+/// really holds the id.) Far ids are predictable, and ids are not secrets anyway (`list` shows
+/// them): the committer never hands out a far id that a caller already uses as `Sched-Id`.
 pub fn far_parts(id: &str) -> Option<(UnixMs, u64, u16)> {
     let ulid = ulid::Ulid::from_string(id).ok()?;
     let random = ulid.random();

@@ -50,8 +50,9 @@ pub struct Schedule {
     /// Reserved for recurring schedules (a cron or interval rule); `None` for one-shot schedules.
     pub recurrence: Option<String>,
     /// Whether the caller chose the id (`Sched-Id`). Caller ids are indexed in the store;
-    /// generated ones are found from the due instant they encode. Kept in the store's
-    /// segment entry, not in the value.
+    /// generated ones are found from the due instant they encode (so are not, except in the
+    /// rare case that the committer has to index one: see `Committer::commit`). Kept in the
+    /// store's segment entry, not in the value.
     pub caller_id: bool,
 }
 

@@ -10,7 +10,7 @@ use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
 use crate::replies::{Ack, Reply};
 use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
-use crate::store::{SegmentKey, Store, StoreError, WriteBatch, bucket_of, segment};
+use crate::store::{SegmentKey, Store, StoreError, Tier, WriteBatch, bucket_of, segment};
 use crate::time::UnixMs;
 
 /// Largest fine segment written, roughly. sled 0.34 writes a page over 128 KiB as a separate
@@ -175,7 +175,12 @@ impl Round {
                 let remaining = self.rewrite(store, key)?;
                 match remaining.iter().position(|s| s.id == id) {
                     None => Outcome::Refused(ApiError::not_found(&id)),
-                    Some(at) => match withdraw(ScheduleRef::of(key, &remaining[at])) {
+                    // Far segments are never loaded into the wheel: nothing to ask.
+                    Some(at) => match if key.tier == Tier::Far {
+                        Withdrawal::NotHeld
+                    } else {
+                        withdraw(ScheduleRef::of(key, &remaining[at]))
+                    } {
                         Withdrawal::Firing => Outcome::Refused(ApiError {
                             code: 404,
                             description: format!("schedule {id:?} is already being delivered"),
@@ -323,6 +328,15 @@ impl Round {
                 })
             })
             .collect()
+    }
+
+    /// Whether a caller-chosen id `id` is pending: in the store, or added by this round.
+    pub fn holds_caller_id(&self, store: &Store, id: &str) -> Result<bool, StoreError> {
+        match self.places.get(id) {
+            Some(Place::Gone) => Ok(false),
+            Some(Place::New(_) | Place::Stored(_)) => Ok(true),
+            None => store.is_indexed(id),
+        }
     }
 
     fn place_of(&self, store: &Store, id: &str) -> Result<Place, StoreError> {

@@ -573,3 +573,24 @@ fn far_buckets_move_to_fine_segments_before_the_horizon_reaches_them() {
     assert_eq!(h.committer.store.locate("later").unwrap(), Some(far_later));
     assert_eq!(h.stored().len(), 3, "nothing lost or doubled");
 }
+
+#[test]
+fn a_far_id_already_taken_as_a_sched_id_is_not_handed_out() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[]);
+    h.committer.advance().unwrap();
+    let due = now + DAY;
+    // The first round writes segment 1; the id the next round's far segment would give its
+    // first schedule is taken by a caller now.
+    let predicted = protocol::far_id(due, 2, 0).unwrap();
+    h.add(schedule(&predicted, due));
+    h.add(generated(due));
+    let stored = h.stored();
+    assert_eq!(stored.len(), 2);
+    assert_ne!(stored[0].1, stored[1].1, "two schedules, two ids");
+    let mine = h.committer.store.get(&predicted).unwrap().unwrap();
+    assert!(mine.caller_id, "the caller's schedule keeps its id");
+    let other = stored.iter().find(|(_, id)| *id != predicted).unwrap();
+    let theirs = h.committer.store.get(&other.1).unwrap();
+    assert!(theirs.is_some(), "the other one is found too (indexed)");
+}

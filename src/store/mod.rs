@@ -23,6 +23,8 @@ use crate::protocol;
 use crate::record::{DecodeError, Schedule};
 use crate::time::UnixMs;
 
+/// How often [`Store::get`] follows a schedule that moved while it was being read.
+const GET_ATTEMPTS: usize = 3;
 /// How long opening waits for the store's lock (see [`Store::open`]).
 const LOCK_WAIT: Duration = Duration::from_secs(3);
 
@@ -272,12 +274,30 @@ impl Store {
         Ok(self.db.get(key.to_bytes())?)
     }
 
+    /// Whether the caller-chosen id `id` is indexed (pending).
+    pub fn is_indexed(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.db.contains_key(keys::id_key(id))?)
+    }
+
     /// The pending schedule `id`, if any.
     pub fn get(&self, id: &str) -> Result<Option<Schedule>, StoreError> {
-        let Some(key) = self.locate(id)? else {
-            return Ok(None);
-        };
-        Ok(self.segment(key)?.into_iter().find(|s| s.id == id))
+        // The writer may move the schedule between finding and reading its segment (a
+        // replace, or a far segment migrating): then it is found again where it went.
+        let mut located = self.locate(id)?;
+        for _ in 0..GET_ATTEMPTS {
+            let Some(key) = located else {
+                return Ok(None);
+            };
+            if let Some(schedule) = self.segment(key)?.into_iter().find(|s| s.id == id) {
+                return Ok(Some(schedule));
+            }
+            let again = self.locate(id)?;
+            if again == located {
+                return Ok(None);
+            }
+            located = again;
+        }
+        Ok(None)
     }
 
     /// Whole segments of `from`'s tier with keys in `from..` and buckets starting before
