@@ -8,10 +8,11 @@
 //! published again. Only then are the schedules' keys sent to the committer for deletion, so a
 //! crash or outage at any point means a second delivery, never a lost one (at-least-once).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use async_nats::header::{HeaderName, IntoHeaderName};
 use async_nats::{Client, HeaderMap, Subscriber};
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -44,14 +45,19 @@ fn is_permanent(err: &async_nats::PublishError) -> bool {
     )
 }
 
+/// `Sched-Id` and `Sched-Due` as header names, made once: cloning one is a reference count,
+/// where naming a header by `&str` checks and copies the name on every publish.
+static ID_NAME: LazyLock<HeaderName> = LazyLock::new(|| protocol::ID.into_header_name());
+static DUE_NAME: LazyLock<HeaderName> = LazyLock::new(|| protocol::DUE.into_header_name());
+
 /// The message a schedule is delivered as: its own headers plus `Sched-Id` and `Sched-Due`.
 pub fn delivery_headers(schedule: &Schedule, due: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, value) in &schedule.headers {
         headers.append(name.as_str(), value.as_str());
     }
-    headers.insert(protocol::ID, schedule.id.as_str());
-    headers.insert(protocol::DUE, due);
+    headers.insert(ID_NAME.clone(), schedule.id.as_str());
+    headers.insert(DUE_NAME.clone(), due);
     headers
 }
 
