@@ -244,7 +244,12 @@ impl Committer {
             self.fired_since = Some(Instant::now());
         }
         for Resident { segment, schedule } in residents {
-            let copy = ScheduleRef::of(segment, &schedule);
+            // The rest of the schedule is done with: keep only its id (moved, not copied).
+            let copy = ScheduleRef {
+                segment,
+                due: schedule.due,
+                id: schedule.id,
+            };
             self.fired
                 .entry(segment)
                 .or_default()
