@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the performance targets end to end and writes benches/results.md.
 #
-#   benches/run.sh            # every target (about 15 minutes on 2 cores)
+#   benches/run.sh            # every target (about 17 minutes on 2 cores)
 #   benches/run.sh quick      # targets 1-3 only, smaller counts
 #   benches/run.sh store      # targets 4-5 only (store size, restart, churn)
 #
@@ -84,24 +84,33 @@ p99=$(json "$r" 'lateness_ms["p99"]')
 row "2b. lateness at 100 000 fires/s, p50 / p99 (ms)" "$(json "$r" 'lateness_ms["p50"]') / $p99 (intake $(json "$r" 'round(intake_per_sec)')/s, due before ack $(json "$r" 'due_before_ack'); missing $(json "$r" 'missing'), duplicates $(json "$r" 'duplicates'))" "p99 ≤ 25" "$(verdict "$p99 <= 25")"
 stop_natsched
 
-# Target 3: a backlog of overdue schedules when natsched starts.
+# Target 3: a backlog of overdue schedules when natsched starts; the median of three runs in
+# full mode (it is the target nearest the machine's limit, and the one that varies most).
 BACKLOG=$([ "$MODE" = quick ] && echo 300000 || echo 1000000)
-start_natsched "$WORK/store3"; ready
-lead=$(( BACKLOG / 40000 + 5 ))s
-r=$(bench --stage schedule --count "$BACKLOG" --rate 1000000 --lead "$lead")
-run=$(json "$r" 'run_id'); first=$(json "$r" 'first_due')
-stop_natsched
-while [ "$(now_ms)" -lt $(( first + 1500 )) ]; do sleep 0.2; done
-bench --stage receive --run-id "$run" --first-due "$first" --count "$BACKLOG" --rate 1000000 --grace 120s >"$WORK/backlog.json" &
-RECV=$!
-sleep 1
-t0=$(now_ms)
-start_natsched "$WORK/store3"
-wait $RECV
-r=$(cat "$WORK/backlog.json")
-rate=$(json "$r" 'round(fire_per_sec or 0)')
-row "3. backlog drain, $BACKLOG overdue at start (fires/s)" "$rate (first fire $(( $(json "$r" 'first_receipt_ms') - t0 )) ms after start; missing $(json "$r" 'missing'))" "≥ 300 000" "$(verdict "$rate >= 300000")"
-stop_natsched
+BACKLOG_RUNS=$([ "$MODE" = quick ] && echo 1 || echo 3)
+rates=(); firsts=(); missing=0
+for attempt in $(seq "$BACKLOG_RUNS"); do
+  rm -rf "$WORK/store3"
+  start_natsched "$WORK/store3"; ready
+  lead=$(( BACKLOG / 40000 + 5 ))s
+  r=$(bench --stage schedule --count "$BACKLOG" --rate 1000000 --lead "$lead")
+  run=$(json "$r" 'run_id'); first=$(json "$r" 'first_due')
+  stop_natsched
+  while [ "$(now_ms)" -lt $(( first + 1500 )) ]; do sleep 0.2; done
+  bench --stage receive --run-id "$run" --first-due "$first" --count "$BACKLOG" --rate 1000000 --grace 120s >"$WORK/backlog.json" &
+  RECV=$!
+  sleep 1
+  t0=$(now_ms)
+  start_natsched "$WORK/store3"
+  wait $RECV
+  r=$(cat "$WORK/backlog.json")
+  rates+=("$(json "$r" 'round(fire_per_sec or 0)')")
+  firsts+=("$(( $(json "$r" 'first_receipt_ms') - t0 ))")
+  missing=$(( missing + $(json "$r" 'missing') ))
+  stop_natsched
+done
+rate=$(printf '%s\n' "${rates[@]}" | sort -n | sed -n "$(( (BACKLOG_RUNS + 1) / 2 ))p")
+row "3. backlog drain, $BACKLOG overdue at start (fires/s)" "$rate (median of ${rates[*]}; first fire ${firsts[*]} ms after start; missing $missing)" "≥ 300 000" "$(verdict "$rate >= 300000 and $missing == 0")"
 fi
 
 if [ "$MODE" != quick ]; then
