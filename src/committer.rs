@@ -30,6 +30,7 @@
 //! need no fsync of their own (a crash only means a second delivery), and batching them turns
 //! many small segment rewrites into few.
 
+mod far;
 mod round;
 
 use std::sync::Arc;
@@ -46,9 +47,7 @@ use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
 use std::collections::BTreeMap;
 
 use crate::protocol;
-use crate::store::{
-    BUCKET_MS, FAR_BUCKET_MS, SegmentKey, Store, StoreError, WriteBatch, bucket_of, far_bucket_of,
-};
+use crate::store::{BUCKET_MS, SegmentKey, Store, StoreError, bucket_of, far_bucket_of};
 use crate::time::{self, UnixMs};
 
 use round::{MAX_FAR_SEGMENT_BYTES, MAX_SEGMENT_BYTES, Round, SPARSE_BYTES, split};
@@ -353,70 +352,6 @@ impl Committer {
     fn take_seq(&mut self) -> u64 {
         self.next_seq += 1;
         self.next_seq - 1
-    }
-
-    /// Far buckets starting before this are migrated (or being migrated) to fine segments:
-    /// everything up to two far buckets past the horizon.
-    fn migrate_before(&self, now: UnixMs) -> UnixMs {
-        let horizon = now.saturating_add(self.options.lookahead.as_millis() as u64);
-        far_bucket_of(horizon).saturating_add(2 * FAR_BUCKET_MS)
-    }
-
-    /// The first fine bucket whose sparse schedules may go to a far segment: one whose far
-    /// bucket the migration has not passed (nor will soon). Never, once segment seqs no longer
-    /// fit into a far id.
-    fn far_from(&self, now: UnixMs) -> UnixMs {
-        if self.next_seq >= protocol::FAR_SEQ_LIMIT / 2 {
-            return UnixMs::MAX;
-        }
-        self.far_cursor.max(self.migrate_before(now))
-    }
-
-    /// Moves the far segments of buckets that the horizon approaches into fine segments, up to
-    /// one chunk of schedules. Returns whether more is waiting to migrate now.
-    fn migrate_far(&mut self) -> Result<bool, StoreError> {
-        let before = self.migrate_before(time::now_ms());
-        if self.far_cursor >= before {
-            return Ok(false);
-        }
-        let from = SegmentKey::far(self.far_cursor, 0);
-        let segments = self.store.scan(from, before, LOAD_CHUNK)?;
-        let count: usize = segments.iter().map(|(_, s)| s.len()).sum();
-        let full = count >= LOAD_CHUNK;
-        let last_bucket = segments.last().map(|(key, _)| key.bucket);
-        let mut batch = WriteBatch::default();
-        let mut fine: BTreeMap<UnixMs, Vec<Schedule>> = BTreeMap::new();
-        for (key, schedules) in segments {
-            batch.put_raw_segment(key, None);
-            for schedule in schedules {
-                fine.entry(bucket_of(schedule.due))
-                    .or_default()
-                    .push(schedule);
-            }
-        }
-        for (bucket, schedules) in fine {
-            for schedules in split(schedules, MAX_SEGMENT_BYTES) {
-                let key = SegmentKey::fine(bucket, self.take_seq());
-                batch.put_segment(key, &schedules);
-                for schedule in schedules.iter().filter(|s| s.caller_id) {
-                    batch.index(&schedule.id, key);
-                }
-                // The loader stops at the migration cursor, so it has not passed these yet;
-                // should it have, pulling its cursor back makes it load them.
-                self.cursor = self.cursor.min(key);
-            }
-        }
-        if !batch.is_empty() {
-            batch.set_next_seq(self.next_seq);
-            self.store.commit(batch)?;
-        }
-        // A bucket cut short by the chunk is resumed from its start: what was moved is gone
-        // from it.
-        self.far_cursor = match last_bucket {
-            Some(bucket) if full => bucket,
-            _ => before,
-        };
-        Ok(full)
     }
 
     /// Moves the cursor forward by up to one chunk. Returns whether more is waiting to load now.
