@@ -305,24 +305,43 @@ const FAR_SEQ_SHIFT: u32 = 16;
 /// lookup instead of searching a whole far bucket. Unique because (seq, index) is. `None` if
 /// `seq` does not fit (after 2^48 segments; the schedule then simply stays in a fine segment).
 pub fn far_id(due: UnixMs, seq: u64, index: u16) -> Option<String> {
+    far_ulid(due, seq, index).map(|ulid| ulid.to_string())
+}
+
+/// [`far_id`] as a ULID, without its text.
+pub fn far_ulid(due: UnixMs, seq: u64, index: u16) -> Option<ulid::Ulid> {
     if seq >= FAR_SEQ_LIMIT {
         return None;
     }
     let random = FAR_MARK | u128::from(seq) << FAR_SEQ_SHIFT | u128::from(index);
-    Some(ulid::Ulid::from_parts(due, random).to_string())
+    Some(ulid::Ulid::from_parts(due, random))
 }
 
-/// The (due, seq, index) an id made by [`far_id`] would be made from; `None` for any id
-/// `far_id` cannot make. (A random ULID passes 1 time in 2^16; callers check the segment
-/// really holds the id.) Far ids are predictable, and ids are not secrets anyway (`list` shows
-/// them): the committer never hands out a far id that a caller already uses as `Sched-Id`.
-pub fn far_parts(id: &str) -> Option<(UnixMs, u64, u16)> {
-    let ulid = ulid::Ulid::from_string(id).ok()?;
+/// The (seq, index) that [`far_ulid`] would make `ulid` from; `None` for any ULID it cannot
+/// make. (A random ULID passes 1 time in 2^16; callers check the segment really holds it.)
+pub fn far_layout(ulid: ulid::Ulid) -> Option<(u64, u16)> {
     let random = ulid.random();
     let seq = (random >> FAR_SEQ_SHIFT) as u64 & (FAR_SEQ_LIMIT - 1);
     let index = random as u16;
-    let due = ulid.timestamp_ms();
-    (far_id(due, seq, index)? == id).then_some((due, seq, index))
+    (far_ulid(ulid.timestamp_ms(), seq, index)? == ulid).then_some((seq, index))
+}
+
+/// The (due, seq, index) an id made by [`far_id`] would be made from; `None` for any id
+/// `far_id` cannot make. Far ids are predictable, and ids are not secrets anyway (`list`
+/// shows them): the committer never hands out a far id that a caller already uses as
+/// `Sched-Id`.
+pub fn far_parts(id: &str) -> Option<(UnixMs, u64, u16)> {
+    let ulid = canonical_ulid(id)?;
+    let (seq, index) = far_layout(ulid)?;
+    Some((ulid.timestamp_ms(), seq, index))
+}
+
+/// The ULID `id` spells in canonical (upper-case) text, if it does: the text natsched
+/// generates, so the ULID gives the same text back.
+pub fn canonical_ulid(id: &str) -> Option<ulid::Ulid> {
+    let ulid = ulid::Ulid::from_string(id).ok()?;
+    let mut text = [0; ulid::ULID_LEN];
+    (ulid.array_to_str(&mut text).as_bytes() == id.as_bytes()).then_some(ulid)
 }
 
 fn is_reserved(name: &str) -> bool {

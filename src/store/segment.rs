@@ -25,6 +25,8 @@
 //! Records can be dropped from an encoded segment without decoding them ([`without`]), which
 //! is how fired schedules leave the store.
 
+use ulid::Ulid;
+
 use crate::protocol;
 use crate::record::{DecodeError, Reader, Schedule, put_varint};
 
@@ -34,18 +36,24 @@ const FLAG_COMPACT_ID: u8 = 2;
 const FLAG_FAR_ID: u8 = 4;
 /// Bytes of a compact id: a ULID's random part.
 const COMPACT_ID_LEN: usize = 10;
-/// Characters of a ULID.
-const ULID_LEN: usize = 26;
+const ULID_LEN: usize = ulid::ULID_LEN;
 
 /// Encodes `schedules` as one segment value.
 pub fn encode<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> Vec<u8> {
     let schedules: Vec<&Schedule> = schedules.into_iter().collect();
     let base = schedules.iter().map(|s| s.due).min().unwrap_or(0);
     let created_base = schedules.iter().map(|s| s.created).min().unwrap_or(0);
-    // The far seq of the first far id (a far segment's ids all share it).
-    let far_seq = schedules
+    // Each id is parsed once: a generated one is stored as a far index or compactly.
+    let generated: Vec<Option<Ulid>> = schedules.iter().map(|s| generated_ulid(s)).collect();
+    // The far seq of the first far id (a far segment's ids all share it); 0 means none.
+    let far_seq = generated
         .iter()
-        .find_map(|s| far_index(s, None).map(|(seq, _)| seq))
+        .flatten()
+        .find_map(|ulid| {
+            protocol::far_layout(*ulid)
+                .map(|(seq, _)| seq)
+                .filter(|seq| *seq != 0)
+        })
         .unwrap_or(0);
     let mut out = Vec::with_capacity(32 + 128 * schedules.len());
     out.push(SEGMENT_FORMAT);
@@ -54,25 +62,29 @@ pub fn encode<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> Vec<u8> 
     put_varint(&mut out, created_base);
     put_varint(&mut out, far_seq);
     let mut value = Vec::new();
-    for schedule in schedules {
-        let mut flags = if schedule.caller_id {
+    for (schedule, ulid) in schedules.into_iter().zip(generated) {
+        let caller = if schedule.caller_id {
             FLAG_CALLER_ID
         } else {
             0
         };
-        let far = far_index(schedule, Some(far_seq));
-        let compact = far.is_none().then(|| compact_id(schedule)).flatten();
-        if far.is_some() {
-            flags |= FLAG_FAR_ID;
-        } else if compact.is_some() {
-            flags |= FLAG_COMPACT_ID;
-        }
-        out.push(flags);
-        put_varint(&mut out, schedule.due - base);
-        match (far, compact) {
-            (Some((_, index)), _) => put_varint(&mut out, u64::from(index)),
-            (None, Some(random)) => out.extend_from_slice(&random),
+        let far_index = ulid
+            .and_then(protocol::far_layout)
+            .filter(|(seq, _)| far_seq != 0 && *seq == far_seq);
+        match (far_index, ulid) {
+            (Some((_, index)), _) => {
+                out.push(caller | FLAG_FAR_ID);
+                put_varint(&mut out, schedule.due - base);
+                put_varint(&mut out, u64::from(index));
+            }
+            (None, Some(ulid)) => {
+                out.push(caller | FLAG_COMPACT_ID);
+                put_varint(&mut out, schedule.due - base);
+                out.extend_from_slice(&ulid.to_bytes()[16 - COMPACT_ID_LEN..]);
+            }
             (None, None) => {
+                out.push(caller);
+                put_varint(&mut out, schedule.due - base);
                 put_varint(&mut out, schedule.id.len() as u64);
                 out.extend_from_slice(schedule.id.as_bytes());
             }
@@ -85,29 +97,13 @@ pub fn encode<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> Vec<u8> 
     out
 }
 
-/// The (seq, index) of a generated far id due at the schedule's due (of segment `seq` if
-/// given).
-fn far_index(schedule: &Schedule, seq: Option<u64>) -> Option<(u64, u16)> {
-    if schedule.caller_id {
-        return None;
-    }
-    let (due, far_seq, index) = protocol::far_parts(&schedule.id)?;
-    (due == schedule.due && far_seq != 0 && seq.is_none_or(|seq| seq == far_seq))
-        .then_some((far_seq, index))
-}
-
-/// The random part of a generated id that can be stored compactly: a canonical ULID whose
-/// timestamp is the due instant.
-fn compact_id(schedule: &Schedule) -> Option<[u8; COMPACT_ID_LEN]> {
+/// The ULID of a generated id that can be stored without its text: canonical, with the due
+/// instant as its timestamp.
+fn generated_ulid(schedule: &Schedule) -> Option<Ulid> {
     if schedule.caller_id || schedule.id.len() != ULID_LEN {
         return None;
     }
-    let ulid = ulid::Ulid::from_string(&schedule.id).ok()?;
-    let mut text = [0; ULID_LEN];
-    let canonical = ulid.timestamp_ms() == schedule.due
-        && ulid.array_to_str(&mut text).as_bytes() == schedule.id.as_bytes();
-    let bytes = ulid.to_bytes();
-    canonical.then(|| bytes[16 - COMPACT_ID_LEN..].try_into().expect("10 bytes"))
+    protocol::canonical_ulid(&schedule.id).filter(|ulid| ulid.timestamp_ms() == schedule.due)
 }
 
 /// Decodes every schedule of a segment.
@@ -234,9 +230,9 @@ fn for_each<'a>(
             .ok_or(DecodeError::BadVarint)?;
         let id = if flags & FLAG_FAR_ID != 0 {
             let index = u16::try_from(r.varint()?).map_err(|_| DecodeError::BadVarint)?;
-            let id = protocol::far_id(due, far_seq, index).ok_or(DecodeError::BadVarint)?;
+            let ulid = protocol::far_ulid(due, far_seq, index).ok_or(DecodeError::BadVarint)?;
             let mut text = [0; ULID_LEN];
-            text.copy_from_slice(id.as_bytes());
+            ulid.array_to_str(&mut text);
             EntryId::Compact(text)
         } else if flags & FLAG_COMPACT_ID != 0 {
             let random: [u8; COMPACT_ID_LEN] = r.array()?;
