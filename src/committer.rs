@@ -290,7 +290,7 @@ impl Committer {
                 } else {
                     inserts.extend(schedules.into_iter().map(|schedule| Resident {
                         segment: key,
-                        schedule,
+                        schedule: Box::new(schedule),
                     }));
                 }
             }
@@ -373,14 +373,13 @@ impl Committer {
             Some((last, _)) if full => last.successor(),
             _ => SegmentKey::start_of(horizon_end),
         };
-        let mut residents: Vec<Resident> = loaded
-            .into_iter()
-            .flat_map(|(segment, schedules)| {
-                schedules
-                    .into_iter()
-                    .map(move |schedule| Resident { segment, schedule })
-            })
-            .collect();
+        let mut residents = Vec::with_capacity(count);
+        for (segment, schedules) in loaded {
+            residents.extend(schedules.into_iter().map(|schedule| Resident {
+                segment,
+                schedule: Box::new(schedule),
+            }));
+        }
         // Overdue schedules fire in the order they reach the wheel, so hand them over oldest
         // first (the scan returned whole buckets, so nothing earlier is left behind).
         residents.sort_by_key(|r| r.schedule.due);

@@ -44,10 +44,15 @@ impl ScheduleRef {
 }
 
 /// A schedule held in memory, with the store segment it came from.
+///
+/// The schedule is boxed: a resident is moved from the loader's batch through the channel,
+/// the wheel's slab, the expired list and firing's batch, and a pointer moves cheaply where
+/// the whole schedule (about 150 bytes) made those moves and the vectors' regrowth a tenth of
+/// a backlog drain's CPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resident {
     pub segment: SegmentKey,
-    pub schedule: Schedule,
+    pub schedule: Box<Schedule>,
 }
 
 /// A change to the wheel's contents.
@@ -70,7 +75,7 @@ pub enum WheelCommand {
 #[derive(Debug, PartialEq)]
 pub enum Withdrawal {
     /// It was in the wheel and is no longer; here it is, in case the cancel fails to commit.
-    Withdrawn(Box<Resident>),
+    Withdrawn(Resident),
     /// The wheel does not hold it (it is only on disk).
     NotHeld,
     /// It is being published or already was: too late to cancel.
@@ -182,7 +187,7 @@ impl Scheduler {
                             match self.wheel.remove(entry) {
                                 Some((_, resident)) => {
                                     self.resident.fetch_sub(1, Ordering::Relaxed);
-                                    Withdrawal::Withdrawn(Box::new(resident))
+                                    Withdrawal::Withdrawn(resident)
                                 }
                                 None => Withdrawal::NotHeld,
                             }
@@ -272,7 +277,7 @@ mod tests {
     fn schedule(id: &str, due: UnixMs) -> Resident {
         Resident {
             segment: SegmentKey::start_of(0),
-            schedule: Schedule {
+            schedule: Box::new(Schedule {
                 id: id.into(),
                 due,
                 subject: "t".into(),
@@ -282,7 +287,7 @@ mod tests {
                 delivery: Delivery::Core,
                 recurrence: None,
                 caller_id: true,
-            },
+            }),
         }
     }
 

@@ -191,7 +191,7 @@ impl Round {
                         decided => {
                             let cancelled = remaining.remove(at);
                             if let Withdrawal::Withdrawn(resident) = decided {
-                                self.withdrawn.push(*resident);
+                                self.withdrawn.push(resident);
                             }
                             self.pending_delta -= 1;
                             if cancelled.caller_id {

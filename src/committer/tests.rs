@@ -234,7 +234,7 @@ fn a_generated_id_given_back_as_sched_id_replaces_it() {
         // Cancelled the way a fired copy is removed: gone from the store.
         h.fire(vec![Resident {
             segment: h.committer.store.locate(&id).unwrap().unwrap(),
-            schedule: schedule(&id, due + DAY),
+            schedule: Box::new(schedule(&id, due + DAY)),
         }]);
         assert!(h.stored().is_empty());
     }
@@ -255,7 +255,7 @@ fn a_fired_copy_never_deletes_its_replacement() {
     let segment = h.committer.store.locate("x").unwrap().unwrap();
     let new = Resident {
         segment,
-        schedule: schedule("x", now + DAY),
+        schedule: Box::new(schedule("x", now + DAY)),
     };
     h.fire(vec![new]);
     assert_eq!(h.committer.store.get("x").unwrap(), None);
@@ -405,7 +405,7 @@ fn a_failed_round_gives_the_wheel_back_what_its_cancels_took() {
         while let Ok(command) = wheel_rx.recv() {
             match command {
                 WheelCommand::Withdraw(_, answer) => {
-                    let _ = answer.send(Withdrawal::Withdrawn(Box::new(held.clone())));
+                    let _ = answer.send(Withdrawal::Withdrawn(held.clone()));
                 }
                 WheelCommand::Insert(back) => inserted_back.extend(back),
                 _ => {}
