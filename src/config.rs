@@ -97,7 +97,9 @@ pub struct WheelConfig {
     /// How far ahead schedules are loaded from disk into memory, e.g. `"10s"`.
     #[serde(deserialize_with = "duration")]
     pub lookahead: Duration,
-    /// Most schedules held in memory at once; beyond it the rest waits on disk.
+    /// Most schedules held in memory at once; beyond it the rest waits on disk. Each costs
+    /// about 1 KiB with its index entries (plus its payload beyond 64 bytes), so this bounds
+    /// the memory used while a backlog drains.
     pub max_resident: usize,
 }
 
