@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Runs natsched against a local NATS on a fresh Debian/Ubuntu machine: installs nats-server from
-# the OS packages if missing, starts it on 127.0.0.1:4222 if nothing listens there, then builds
-# and runs natsched in the foreground with config/local.toml (store under ./data). Ctrl-C stops it.
+# Runs natsched against a local NATS on a fresh Debian/Ubuntu machine: installs nats-server (and a
+# C compiler) from the OS packages if missing, starts it on 127.0.0.1:4222 if nothing listens
+# there, then builds and runs natsched in the foreground with config/local.toml (store under
+# ./data). Ctrl-C stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
+missing=()
+command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+command -v cc >/dev/null || missing+=(gcc libc6-dev) # the allocator, mimalloc, is built from C
+if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nats-server
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
 NATS_SERVER=$(command -v nats-server || echo /usr/sbin/nats-server)
 
