@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
+use futures::StreamExt;
 use natsched::time::{format_ms, now_ms};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,6 +96,80 @@ async fn kill_9_after_acks_loses_nothing() {
         assert!(fired.insert(sched_id(&message)), "duplicate delivery");
     }
     assert_eq!(fired, acked);
+    assert_eq!(daemon.terminate().code(), Some(0), "SIGTERM exits 0");
+}
+
+/// `kill -9` while schedules are being fired: whatever was not yet delivered, and whatever was
+/// delivered but not yet deleted from the store, fires after restart. Every acked schedule
+/// arrives; a repeat is only ever of a message the killed process had already published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_firing_loses_nothing() {
+    const COUNT: usize = 4000;
+    const SPREAD_MS: u64 = 2000;
+    let server = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let client = connect(&server).await;
+    let mut sub = subscribe(&client, "orders.expired").await;
+
+    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let start = now_ms() + 1500;
+    // Due times spread over two seconds, half with caller ids and half with generated ones.
+    let requests = (0..COUNT).map(|i| {
+        let client = client.clone();
+        async move {
+            let due = format_ms(start + i as u64 * SPREAD_MS / COUNT as u64);
+            let id = format!("order-{i}");
+            let mut headers = vec![("Sched-At", due.as_str())];
+            if i % 2 == 0 {
+                headers.push(("Sched-Id", &id));
+            }
+            schedule(&client, "orders.expired", &headers).await.0
+        }
+    });
+    let acked: BTreeSet<String> = futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(acked.len(), COUNT);
+
+    let mut before_kill = BTreeSet::new();
+    while before_kill.len() < COUNT / 4 {
+        before_kill.insert(sched_id(&next(&mut sub).await));
+    }
+    daemon.kill_9();
+    // Whatever the killed process published is already queued for `sub`: drain it, so that
+    // only the new process's deliveries are counted below.
+    let killed_at = now_ms();
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await
+    {
+        before_kill.insert(sched_id(&message));
+    }
+    assert!(
+        before_kill.len() < COUNT,
+        "everything fired before the kill at {killed_at}: the test did not kill mid-firing"
+    );
+
+    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let mut after_restart = BTreeSet::new();
+    while !acked
+        .iter()
+        .all(|id| before_kill.contains(id) || after_restart.contains(id))
+    {
+        let id = sched_id(&next(&mut sub).await);
+        assert!(acked.contains(&id), "unknown id {id}");
+        assert!(
+            after_restart.insert(id.clone()),
+            "{id} delivered twice by one process"
+        );
+    }
+    let repeats = after_restart.intersection(&before_kill).count();
+    eprintln!(
+        "{} before the kill, {} after restart, {repeats} of them again",
+        before_kill.len(),
+        after_restart.len()
+    );
+    assert_quiet(&mut sub, Duration::from_millis(500)).await;
     assert_eq!(daemon.terminate().code(), Some(0), "SIGTERM exits 0");
 }
 
