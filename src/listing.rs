@@ -106,24 +106,25 @@ pub fn page(
     let mut scanned = 0;
     for window in store.windows_from(start) {
         let window = window?;
-        let bucket = window.start;
         let mut entries = Vec::new();
-        for raw in &window.segments {
-            entries
-                .extend(segment::entries(raw.as_ref()).map_err(|source| corrupt(bucket, source))?);
+        for (key, raw) in &window.segments {
+            let corrupt = |source| StoreError::Corrupt { key: *key, source };
+            let segment_entries = segment::entries(raw.as_ref()).map_err(corrupt)?;
+            entries.extend(segment_entries.into_iter().map(|entry| (key, entry)));
         }
-        entries.sort_unstable_by(|a, b| (a.due, a.id()).cmp(&(b.due, b.id())));
+        entries.sort_unstable_by(|(_, a), (_, b)| (a.due, a.id()).cmp(&(b.due, b.id())));
         // A schedule that moved from a far to a fine segment while this window was read can
         // be seen twice.
-        entries.dedup_by(|a, b| (a.due, a.id()) == (b.due, b.id()));
-        for entry in entries {
+        entries.dedup_by(|(_, a), (_, b)| (a.due, a.id()) == (b.due, b.id()));
+        for (&key, entry) in entries {
+            let corrupt = |source| StoreError::Corrupt { key, source };
             if after
                 .as_ref()
                 .is_some_and(|c| (entry.due, entry.id()) <= (c.due, c.id.as_str()))
             {
                 continue;
             }
-            let subject = entry.subject().map_err(|source| corrupt(bucket, source))?;
+            let subject = entry.subject().map_err(corrupt)?;
             if subject_matches(&request.subject, subject) {
                 if items.len() == request.limit {
                     // One more exists: the page is full and is not the last.
@@ -134,7 +135,7 @@ pub fn page(
                     };
                     return Ok((items, Some(cursor.encode())));
                 }
-                items.push(entry.decode().map_err(|source| corrupt(bucket, source))?);
+                items.push(entry.decode().map_err(corrupt)?);
             } else if scanned + 1 >= SCAN_BUDGET {
                 // Out of budget on a sparse filter: continue from here next time.
                 let cursor = Cursor {
@@ -147,13 +148,6 @@ pub fn page(
         }
     }
     Ok((items, None))
-}
-
-fn corrupt(bucket: UnixMs, source: crate::record::DecodeError) -> StoreError {
-    StoreError::Corrupt {
-        key: crate::store::SegmentKey::start_of(bucket),
-        source,
-    }
 }
 
 /// Whether `filter` is a valid subscription subject: non-empty tokens, `>` only last.
@@ -206,6 +200,30 @@ mod tests {
         assert!(!valid_filter("a.>.b"));
         assert!(!valid_filter("a..b"));
         assert!(!valid_filter(""));
+    }
+
+    #[test]
+    fn a_corrupt_segment_is_named_by_its_own_key() {
+        use crate::record::test_schedule;
+        use crate::store::{SegmentKey, StoreOptions, WriteBatch};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreOptions {
+            path: dir.path().to_owned(),
+            cache_capacity: 1 << 20,
+        })
+        .unwrap();
+        // A far window holding a good fine segment and a corrupt far one.
+        let (fine, far) = (SegmentKey::fine(60_100, 1), SegmentKey::far(60_000, 2));
+        let mut batch = WriteBatch::default();
+        batch.put_segment(fine, &[test_schedule("a", 60_150, true)]);
+        batch.put_raw_segment(far, Some(vec![2, 0, 0, 0, 9]));
+        store.commit(batch).unwrap();
+
+        let request = ListRequest::parse(b"").unwrap();
+        match page(&store, &request) {
+            Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, far),
+            other => panic!("expected the far segment to be reported corrupt: {other:?}"),
+        }
     }
 
     #[test]

@@ -178,7 +178,7 @@ fn windows_merge_far_buckets_with_the_fine_buckets_they_span() {
             let mut ids: Vec<String> = w
                 .segments
                 .iter()
-                .flat_map(|raw| segment::decode(raw.as_ref()).unwrap())
+                .flat_map(|(_, raw)| segment::decode(raw.as_ref()).unwrap())
                 .map(|s| s.id)
                 .collect();
             ids.sort();

@@ -10,7 +10,8 @@ use crate::time::UnixMs;
 pub struct Window {
     pub start: UnixMs,
     pub end: UnixMs,
-    pub segments: Vec<RawSegment>,
+    /// The encoded segments, each with its key (which names it if it turns out corrupt).
+    pub segments: Vec<(SegmentKey, RawSegment)>,
 }
 
 impl Store {
@@ -104,7 +105,7 @@ impl Store {
                         segments: Vec::new(),
                     })
                     .segments
-                    .push(RawSegment(value));
+                    .push((key, RawSegment(value)));
             }
         })
     }
