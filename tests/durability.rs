@@ -59,13 +59,11 @@ async fn restart_fires_pending_and_overdue_oldest_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_after_acks_loses_nothing() {
     const COUNT: usize = 500;
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let client = connect(&server).await;
+    let harness = ProcessHarness::new();
+    let client = connect(&harness.server).await;
     let mut sub = subscribe(&client, "orders.expired").await;
 
-    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let daemon = harness.start().await;
     let due = format_ms(now_ms() + 2500);
     // Pipelined requests, as a busy client would send them, so they share fsyncs.
     let requests = (0..COUNT).map(|i| {
@@ -89,7 +87,7 @@ async fn kill_9_after_acks_loses_nothing() {
     assert_eq!(acked.len(), COUNT);
     daemon.kill_9();
 
-    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let daemon = harness.start().await;
     let mut fired = BTreeSet::new();
     while fired.len() < COUNT {
         let message = next(&mut sub).await;
@@ -106,13 +104,11 @@ async fn kill_9_after_acks_loses_nothing() {
 async fn kill_9_while_firing_loses_nothing() {
     const COUNT: usize = 4000;
     const SPREAD_MS: u64 = 2000;
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let client = connect(&server).await;
+    let harness = ProcessHarness::new();
+    let client = connect(&harness.server).await;
     let mut sub = subscribe(&client, "orders.expired").await;
 
-    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let daemon = harness.start().await;
     let start = now_ms() + 1500;
     // Due times spread over two seconds, half with caller ids and half with generated ones.
     let requests = (0..COUNT).map(|i| {
@@ -150,7 +146,7 @@ async fn kill_9_while_firing_loses_nothing() {
         "everything fired before the kill at {killed_at}: the test did not kill mid-firing"
     );
 
-    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let daemon = harness.start().await;
     let mut after_restart = BTreeSet::new();
     while !acked
         .iter()
@@ -175,17 +171,15 @@ async fn kill_9_while_firing_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero_and_keeps_pending() {
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let client = connect(&server).await;
+    let harness = ProcessHarness::new();
+    let client = connect(&harness.server).await;
     let mut sub = subscribe(&client, "later").await;
 
-    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let daemon = harness.start().await;
     let (id, _) = schedule(&client, "later", &[("Sched-Delay", "1500ms")]).await;
     assert_eq!(daemon.terminate().code(), Some(0));
 
-    let _daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let _daemon = harness.start().await;
     assert_eq!(sched_id(&next(&mut sub).await), id);
 }
 

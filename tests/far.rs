@@ -15,12 +15,10 @@ use natsched::time::{format_ms, now_ms};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sparse_far_schedules_fire_on_time_after_kill_9() {
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let client = connect(&server).await;
+    let harness = ProcessHarness::new();
+    let client = connect(&harness.server).await;
     let mut sub = subscribe(&client, "far.t").await;
-    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let daemon = harness.start().await;
 
     // With the default 10 s lookahead, anything 135 s ahead is past the far line (at most
     // 130 s ahead), and one schedule a second is sparse.
@@ -55,7 +53,7 @@ async fn sparse_far_schedules_fire_on_time_after_kill_9() {
     daemon.kill_9();
 
     // A fresh start: the far segments are found, moved in time, and fired.
-    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let daemon = harness.start().await;
     let last_due = *due_of.values().max().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(last_due - now_ms()) + WAIT;
     while !due_of.is_empty() {

@@ -78,13 +78,11 @@ async fn a_cancelled_schedule_never_fires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_survives_restart_and_kill_9() {
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let client = connect(&server).await;
+    let harness = ProcessHarness::new();
+    let client = connect(&harness.server).await;
     let mut sub = subscribe(&client, "t").await;
 
-    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let daemon = harness.start().await;
     let at = format_ms(now_ms() + 1500);
     for id in ["a", "b"] {
         schedule(&client, "t", &[("Sched-Id", id), ("Sched-At", &at)]).await;
@@ -92,7 +90,7 @@ async fn a_cancel_survives_restart_and_kill_9() {
     cancel(&client, "a").await.unwrap();
     daemon.kill_9(); // right after the reply
 
-    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let daemon = harness.start().await;
     assert_eq!(sched_id(&next(&mut sub).await), "b");
     assert_quiet(&mut sub, Duration::from_millis(500)).await;
     assert_eq!(daemon.terminate().code(), Some(0));
@@ -431,11 +429,9 @@ async fn list_ids(client: &Client) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sparse_far_future_schedules_can_be_got_listed_and_cancelled_after_kill_9() {
-    let server = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let client = connect(&server).await;
-    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let harness = ProcessHarness::new();
+    let client = connect(&harness.server).await;
+    let daemon = harness.start().await;
 
     // A day ahead and seconds apart: too sparse for a segment each, so stored in far
     // segments under ids that name them. One more, due first, with a random id.
@@ -464,7 +460,7 @@ async fn sparse_far_future_schedules_can_be_got_listed_and_cancelled_after_kill_
     }
     daemon.kill_9(); // right after the last reply
 
-    let daemon = DaemonProcess::start(&server, store.path(), dir.path()).await;
+    let daemon = harness.start().await;
     for (i, (id, due)) in ids.iter().enumerate() {
         let reply = call(&client, "sched.get", id).await;
         if i % 2 == 0 {

@@ -201,6 +201,29 @@ pub struct DaemonProcess {
     pub config_path: PathBuf,
 }
 
+/// A nats-server and a store for natsched run as its binary, started and restarted (or
+/// killed) by a test as often as it likes.
+pub struct ProcessHarness {
+    pub server: NatsServer,
+    store: TempDir,
+    dir: TempDir,
+}
+
+impl ProcessHarness {
+    pub fn new() -> ProcessHarness {
+        ProcessHarness {
+            server: NatsServer::start(),
+            store: tempfile::tempdir().unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Starts natsched on this harness's store; waits until it answers.
+    pub async fn start(&self) -> DaemonProcess {
+        DaemonProcess::start(&self.server, self.store.path(), self.dir.path()).await
+    }
+}
+
 impl DaemonProcess {
     /// Writes a config file into `dir` and starts the binary; waits until it answers.
     pub async fn start(server: &NatsServer, store: &Path, dir: &Path) -> DaemonProcess {
