@@ -18,7 +18,7 @@
 //! would exceed the bound stays on disk (the cursor moves back to it).
 //!
 //! **Far segments** (see [`crate::store`]) keep disk use low for sparse far-future schedules:
-//! a round's schedules of one fine bucket that are few (under [`round::SPARSE_BYTES`]) and
+//! a round's schedules of one fine bucket that are few (under `SPARSE_BYTES`, 1 KiB) and
 //! due at least two far buckets past the horizon are written into far segments instead, a
 //! 1-minute bucket at a time, and their generated ids name that far segment. Far buckets are
 //! *migrated* before the horizon reaches them: a second cursor sweeps them in order, and each

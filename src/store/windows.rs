@@ -18,7 +18,7 @@ impl Store {
     /// Every stored schedule due at or after `due`, as the encoded segments of consecutive
     /// time windows (in time order) that together hold every schedule due in the window:
     /// a fine bucket, or a far bucket together with the fine buckets it spans. Nothing is
-    /// decoded (see [`segment::entries`]), and it is read lazily: a caller that stops early
+    /// decoded (see [`super::segment::entries`]), and it is read lazily: a caller that stops early
     /// pays only for what it took. (A window may also hold schedules due before `due`.)
     pub fn windows_from(
         &self,
