@@ -33,6 +33,7 @@
 mod far;
 mod round;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -41,12 +42,10 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
+use crate::protocol;
 use crate::record::Schedule;
 use crate::replies::{Ack, Reply};
 use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
-use std::collections::BTreeMap;
-
-use crate::protocol;
 use crate::store::{BUCKET_MS, SegmentKey, Store, StoreError, bucket_of, far_bucket_of};
 use crate::time::{self, UnixMs};
 

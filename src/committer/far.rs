@@ -53,10 +53,7 @@ impl Committer {
         for (bucket, schedules) in fine {
             for schedules in split(schedules, MAX_SEGMENT_BYTES) {
                 let key = SegmentKey::fine(bucket, self.take_seq());
-                batch.put_segment(key, &schedules);
-                for schedule in schedules.iter().filter(|s| s.caller_id) {
-                    batch.index(&schedule.id, key);
-                }
+                batch.put_new_segment(key, &schedules);
                 // The loader stops at the migration cursor, so it has not passed these yet;
                 // should it have, pulling its cursor back makes it load them.
                 self.cursor = self.cursor.min(key);

@@ -173,34 +173,33 @@ impl Round {
             }
             Place::Stored(key) => {
                 let remaining = self.rewrite(store, key)?;
-                match remaining.iter().position(|s| s.id == id) {
-                    None => Outcome::Refused(ApiError::not_found(&id)),
+                let found = remaining.iter().position(|s| s.id == id);
+                let decided = found.map(|at| match key.tier {
                     // Far segments are never loaded into the wheel: nothing to ask.
-                    Some(at) => match if key.tier == Tier::Far {
-                        Withdrawal::NotHeld
-                    } else {
-                        withdraw(ScheduleRef::of(key, &remaining[at]))
-                    } {
-                        Withdrawal::Firing => Outcome::Refused(ApiError {
-                            code: 404,
-                            description: format!("schedule {id:?} is already being delivered"),
-                        }),
-                        Withdrawal::Undecided => Outcome::Refused(ApiError::unavailable(
-                            "natsched is shutting down; retry the cancel",
-                        )),
-                        decided => {
-                            let cancelled = remaining.remove(at);
-                            if let Withdrawal::Withdrawn(resident) = decided {
-                                self.withdrawn.push(resident);
-                            }
-                            self.pending_delta -= 1;
-                            if cancelled.caller_id {
-                                self.batch.unindex(&id);
-                            }
-                            self.places.insert(id.clone(), Place::Gone);
-                            Outcome::Cancelled { id }
+                    Tier::Far => Withdrawal::NotHeld,
+                    Tier::Fine => withdraw(ScheduleRef::of(key, &remaining[at])),
+                });
+                match found.zip(decided) {
+                    None => Outcome::Refused(ApiError::not_found(&id)),
+                    Some((_, Withdrawal::Firing)) => Outcome::Refused(ApiError {
+                        code: 404,
+                        description: format!("schedule {id:?} is already being delivered"),
+                    }),
+                    Some((_, Withdrawal::Undecided)) => Outcome::Refused(ApiError::unavailable(
+                        "natsched is shutting down; retry the cancel",
+                    )),
+                    Some((at, decided)) => {
+                        let cancelled = remaining.remove(at);
+                        if let Withdrawal::Withdrawn(resident) = decided {
+                            self.withdrawn.push(resident);
                         }
-                    },
+                        self.pending_delta -= 1;
+                        if cancelled.caller_id {
+                            self.batch.unindex(&id);
+                        }
+                        self.places.insert(id.clone(), Place::Gone);
+                        Outcome::Cancelled { id }
+                    }
                 }
             }
         };
@@ -254,10 +253,7 @@ impl Round {
 
     /// Stages the write of a new segment and the index entries of its caller ids.
     pub fn write_segment(&mut self, key: SegmentKey, schedules: &[Schedule]) {
-        self.batch.put_segment(key, schedules);
-        for schedule in schedules.iter().filter(|s| s.caller_id) {
-            self.batch.index(&schedule.id, key);
-        }
+        self.batch.put_new_segment(key, schedules);
     }
 
     /// The batch to commit and the wheel changes to send after it; `pending` is the number of

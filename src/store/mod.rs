@@ -100,6 +100,14 @@ impl WriteBatch {
         self.len += 1;
     }
 
+    /// Writes the new segment `key` holding `schedules` and indexes their caller-chosen ids.
+    pub fn put_new_segment(&mut self, key: SegmentKey, schedules: &[Schedule]) {
+        self.put_segment(key, schedules);
+        for schedule in schedules.iter().filter(|s| s.caller_id) {
+            self.index(&schedule.id, key);
+        }
+    }
+
     /// Writes an already encoded segment (see [`segment::without`]), or removes the segment
     /// when `value` is `None`.
     pub fn put_raw_segment(&mut self, key: SegmentKey, value: Option<Vec<u8>>) {
@@ -297,10 +305,10 @@ impl Store {
     }
 
     /// Whole segments of `from`'s tier with keys in `from..` and buckets starting before
-    /// `bucket_before`, in key order, until they hold at least `max_schedules` schedules. The bucket of the last
-    /// segment is completed (up to twice `max_schedules`), so that callers can order what they
-    /// get by due time without a later scan bringing something earlier. Costs what it returns
-    /// plus one seek.
+    /// `bucket_before`, in key order, until they hold at least `max_schedules` schedules. The
+    /// bucket of the last segment is completed (up to twice `max_schedules`), so that callers
+    /// can order what they get by due time without a later scan bringing something earlier.
+    /// Costs what it returns plus one seek.
     pub fn scan(
         &self,
         from: SegmentKey,
