@@ -89,6 +89,15 @@ impl Intake {
     }
 
     async fn handle(&self, message: Message, store: &tokio::sync::mpsc::Sender<StoreCommand>) {
+        if message.sanitized {
+            // What the client library had to repair cannot be stored or delivered verbatim.
+            let error = ApiError::bad_request(
+                "the request is not valid NATS protocol text: invalid UTF-8 in its subject \
+                 or headers, a bare CR or LF in a header, or a header line without a colon",
+            );
+            self.refuse(message, error).await;
+            return;
+        }
         let target = message
             .subject
             .strip_prefix(self.add_prefix.as_str())
@@ -115,7 +124,7 @@ impl Intake {
                 }
             }
             Err(error) => {
-                tracing::debug!(subject = %message.subject, %error, "refused schedule request");
+                tracing::debug!(subject = ?message.subject, %error, "refused schedule request");
                 self.refuse(message, error).await;
             }
         }

@@ -73,8 +73,9 @@ impl ListRequest {
         } else {
             body
         };
-        let request: ListRequest = serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("invalid list request: {e}")))?;
+        let request: ListRequest = serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!("invalid list request: {:?}", e.to_string()))
+        })?;
         if !(1..=MAX_LIMIT).contains(&request.limit) {
             return Err(ApiError::bad_request(format!(
                 "limit must be 1 to {MAX_LIMIT}"
@@ -154,7 +155,9 @@ pub fn page(
 fn valid_filter(filter: &str) -> bool {
     let tokens: Vec<&str> = filter.split('.').collect();
     tokens.iter().enumerate().all(|(i, t)| {
-        !t.is_empty() && !t.chars().any(char::is_whitespace) && (*t != ">" || i == tokens.len() - 1)
+        !t.is_empty()
+            && !t.chars().any(|c| c.is_whitespace() || c.is_control())
+            && (*t != ">" || i == tokens.len() - 1)
     })
 }
 
@@ -200,6 +203,7 @@ mod tests {
         assert!(!valid_filter("a.>.b"));
         assert!(!valid_filter("a..b"));
         assert!(!valid_filter(""));
+        assert!(!valid_filter("a\0b"));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! the NATS micro-service error convention ([`ApiError`]).
 
 use async_nats::HeaderMap;
+use async_nats::header::HeaderValue;
 use bytes::Bytes;
 use jiff::Timestamp;
 use serde::Serialize;
@@ -37,6 +38,10 @@ pub const ERROR_HEADER: &str = "Nats-Service-Error";
 pub const MAX_ID_LEN: usize = 128;
 
 /// An error reply: an HTTP-like code and a human-readable description.
+///
+/// Descriptions quote input with `{:?}`, and [`ApiError::new`] escapes any control character
+/// left (a library's error text may quote input raw), so a description can always travel in
+/// the `Nats-Service-Error` header: a header value cannot hold CR or LF.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code} {description}")]
 pub struct ApiError {
@@ -45,43 +50,47 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// An error with this code; control characters in `description` are escaped.
+    pub fn new(code: u16, description: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            description: escape_controls(description.into()),
+        }
+    }
+
     /// 400: the request is malformed.
     pub fn bad_request(description: impl Into<String>) -> ApiError {
-        ApiError {
-            code: 400,
-            description: description.into(),
-        }
+        ApiError::new(400, description)
     }
 
     /// 413: the payload exceeds `api.max_payload`.
     pub fn too_large(size: usize, max: usize) -> ApiError {
-        ApiError {
-            code: 413,
-            description: format!("payload of {size} bytes exceeds the limit of {max} bytes"),
-        }
+        ApiError::new(
+            413,
+            format!("payload of {size} bytes exceeds the limit of {max} bytes"),
+        )
     }
 
     /// 404: no pending schedule has this id.
     pub fn not_found(id: &str) -> ApiError {
-        ApiError {
-            code: 404,
-            description: format!("no pending schedule with id {id:?}"),
-        }
+        ApiError::new(404, format!("no pending schedule with id {id:?}"))
     }
 
     /// 503: the store could not make the schedule durable.
     pub fn unavailable(description: impl Into<String>) -> ApiError {
-        ApiError {
-            code: 503,
-            description: description.into(),
-        }
+        ApiError::new(503, description)
     }
 
-    /// The reply headers of the micro-service convention.
+    /// The reply headers of the micro-service convention. Never panics, whatever the
+    /// description holds (the fields are public, so it may not have come through
+    /// [`ApiError::new`]).
     pub fn headers(&self) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(ERROR_CODE_HEADER, self.code.to_string().as_str());
-        headers.insert(ERROR_HEADER, self.description.as_str());
+        headers.insert(ERROR_CODE_HEADER, HeaderValue::from(self.code));
+        let description = escape_controls(self.description.clone());
+        if let Ok(value) = description.parse::<HeaderValue>() {
+            headers.insert(ERROR_HEADER, value);
+        }
         headers
     }
 
@@ -106,6 +115,23 @@ impl ApiError {
             .expect("plain struct serializes")
             .into()
     }
+}
+
+/// `text` with every control character (CR, LF, NUL, ESC, …) written as an escape such as
+/// `\n` or `\u{1b}`: safe in a header value and in a log line.
+pub fn escape_controls(text: String) -> String {
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The success reply to an add: `{"id":"…","due":"…"}`.
@@ -207,7 +233,7 @@ pub fn parse_add(
             &mut id
         } else {
             return Err(ApiError::bad_request(format!(
-                "unknown header {name}: names starting with Sched- are reserved \
+                "unknown header {name:?}: names starting with Sched- are reserved \
                  (known: {AT}, {DELAY}, {ID})"
             )));
         };
@@ -215,7 +241,7 @@ pub fn parse_add(
             [value] if slot.is_none() => *slot = Some(value.as_str()),
             _ => {
                 return Err(ApiError::bad_request(format!(
-                    "{name} given more than once"
+                    "{name:?} given more than once"
                 )));
             }
         }
@@ -268,14 +294,14 @@ pub fn parse_add(
     // Refused now rather than accepted and never deliverable.
     let size = delivered_size(&schedule);
     if size > limits.server_max_payload {
-        return Err(ApiError {
-            code: 413,
-            description: format!(
+        return Err(ApiError::new(
+            413,
+            format!(
                 "the delivered message ({size} bytes with headers, Sched-Id and Sched-Due) \
                  exceeds the server's max_payload of {} bytes",
                 limits.server_max_payload
             ),
-        });
+        ));
     }
     Ok(schedule)
 }
@@ -382,9 +408,10 @@ fn validate_id(id: &str) -> Result<&str, ApiError> {
 }
 
 fn parse_at(value: &str) -> Result<UnixMs, ApiError> {
-    let ts: Timestamp = value.trim().parse().map_err(|e| {
+    let ts: Timestamp = value.trim().parse().map_err(|e: jiff::Error| {
         ApiError::bad_request(format!(
-            "invalid {AT} {value:?}: expected RFC 3339 such as 2026-11-24T18:00:00.250Z ({e})"
+            "invalid {AT} {value:?}: expected RFC 3339 such as 2026-11-24T18:00:00.250Z ({:?})",
+            e.to_string()
         ))
     })?;
     Ok(time::timestamp_to_ms(ts))
@@ -399,7 +426,8 @@ fn parse_delay(value: &str) -> Result<UnixMs, ApiError> {
     }
     let duration = humantime::parse_duration(value).map_err(|e| {
         ApiError::bad_request(format!(
-            "invalid {DELAY} {value:?}: expected e.g. 15m, 1h30m, 250ms or milliseconds ({e})"
+            "invalid {DELAY} {value:?}: expected e.g. 15m, 1h30m, 250ms or milliseconds ({:?})",
+            e.to_string()
         ))
     })?;
     // Round up: a delay of 1.5 ms must not fire after 1 ms.

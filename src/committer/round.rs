@@ -181,10 +181,10 @@ impl Round {
                 });
                 match found.zip(decided) {
                     None => Outcome::Refused(ApiError::not_found(&id)),
-                    Some((_, Withdrawal::Firing)) => Outcome::Refused(ApiError {
-                        code: 404,
-                        description: format!("schedule {id:?} is already being delivered"),
-                    }),
+                    Some((_, Withdrawal::Firing)) => Outcome::Refused(ApiError::new(
+                        404,
+                        format!("schedule {id:?} is already being delivered"),
+                    )),
                     Some((_, Withdrawal::Undecided)) => Outcome::Refused(ApiError::unavailable(
                         "natsched is shutting down; retry the cancel",
                     )),

@@ -1,6 +1,8 @@
 //! Test harness: a real `nats-server` per test, and natsched in-process or as its binary.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod raw;
+
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -55,6 +57,8 @@ pub struct NatsServer {
     child: Child,
     pub port: u16,
     pub url: String,
+    /// The HTTP monitoring port, if started with [`NatsServer::start_monitored`].
+    pub monitor_port: Option<u16>,
     dir: TempDir,
 }
 
@@ -63,11 +67,43 @@ impl NatsServer {
         NatsServer::start_on(free_port(), tempfile::tempdir().unwrap())
     }
 
+    /// A server with its HTTP monitoring on (see [`NatsServer::connections`]) and the config
+    /// file text `config` (e.g. `"max_payload: 8MB"`).
+    pub fn start_monitored(config: &str) -> NatsServer {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("nats.conf"), config).unwrap();
+        let monitor = free_port();
+        let mut server = NatsServer::spawn(
+            free_port(),
+            dir,
+            &["-m", &monitor.to_string(), "-c", "nats.conf"],
+        );
+        server.monitor_port = Some(monitor);
+        wait_until("nats-server monitoring to listen", || {
+            TcpStream::connect(("127.0.0.1", monitor)).is_ok()
+        });
+        server
+    }
+
+    /// The server's client connections with their subscriptions (monitoring `/connz`).
+    pub fn connections(&self) -> Vec<serde_json::Value> {
+        let port = self.monitor_port.expect("started with monitoring");
+        let body = raw::http_get(port, "/connz?subs=1&limit=1024");
+        let connz: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        connz["connections"].as_array().cloned().unwrap_or_default()
+    }
+
     fn start_on(port: u16, dir: TempDir) -> NatsServer {
+        NatsServer::spawn(port, dir, &[])
+    }
+
+    fn spawn(port: u16, dir: TempDir, extra: &[&str]) -> NatsServer {
         let child = Command::new(nats_server_binary())
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .arg("--pid")
             .arg(dir.path().join("nats.pid"))
+            .args(extra)
+            .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -80,6 +116,7 @@ impl NatsServer {
             child,
             port,
             url,
+            monitor_port: None,
             dir,
         }
     }

@@ -157,8 +157,8 @@ impl Connection {
         }
 
         if self.read_buf.starts_with(b"-ERR") {
-            let description = str::from_utf8(&self.read_buf[5..len])
-                .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?
+            // natsched patch: an error may quote a subject of invalid UTF-8.
+            let description = String::from_utf8_lossy(&self.read_buf[5..len])
                 .trim_matches('\'')
                 .to_owned();
 
@@ -177,8 +177,9 @@ impl Connection {
         }
 
         if self.read_buf.starts_with(b"MSG ") {
-            let line = str::from_utf8(&self.read_buf[4..len])
-                .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+            // natsched patch: a subject or reply of invalid UTF-8 is repaired, not fatal.
+            let line = String::from_utf8_lossy(&self.read_buf[4..len]).into_owned();
+            let line_sanitized = str::from_utf8(&self.read_buf[4..len]).is_err();
             let mut args = line.split(' ').filter(|s| !s.is_empty());
 
             // Parse the operation syntax: MSG <subject> <sid> [reply-to] <#bytes>
@@ -246,13 +247,15 @@ impl Connection {
                 payload,
                 status: None,
                 description: None,
+                sanitized: line_sanitized,
             }));
         }
 
         if self.read_buf.starts_with(b"HMSG ") {
             // Extract whitespace-delimited arguments that come after "HMSG".
-            let line = std::str::from_utf8(&self.read_buf[5..len])
-                .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+            // natsched patch: a subject or reply of invalid UTF-8 is repaired, not fatal.
+            let line = String::from_utf8_lossy(&self.read_buf[5..len]).into_owned();
+            let line_sanitized = str::from_utf8(&self.read_buf[5..len]).is_err();
             let mut args = line.split_whitespace().filter(|s| !s.is_empty());
 
             // <subject> <sid> [reply-to] <# header bytes><# total bytes>
@@ -331,69 +334,12 @@ impl Connection {
             let payload = self.read_buf.split_to(total_len - header_len).freeze();
             self.read_buf.advance(2);
 
-            let mut lines = std::str::from_utf8(&header)
-                .map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "header isn't valid utf-8")
-                })?
-                .lines()
-                .peekable();
-            let version_line = lines.next().ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, "no header version line found")
-            })?;
-
-            let version_line_suffix = version_line
-                .strip_prefix("NATS/1.0")
-                .map(str::trim)
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "header version line does not begin with `NATS/1.0`",
-                    )
-                })?;
-
-            let (status, description) = version_line_suffix
-                .split_once(' ')
-                .map(|(status, description)| (status.trim(), description.trim()))
-                .unwrap_or((version_line_suffix, ""));
-            let status = if !status.is_empty() {
-                Some(
-                    status
-                        .parse::<StatusCode>()
-                        .map_err(|_| std::io::Error::other("could not parse status parameter"))?,
-                )
-            } else {
-                None
-            };
-            let description = if !description.is_empty() {
-                Some(description.to_owned())
-            } else {
-                None
-            };
-
-            let mut headers = HeaderMap::new();
-            while let Some(line) = lines.next() {
-                if line.is_empty() {
-                    continue;
-                }
-
-                let (name, value) = line.split_once(':').ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "no header version line found")
-                })?;
-
-                let name = HeaderName::from_str(name)
-                    .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
-
-                // Read the header value, which might have been split into multiple lines
-                // `trim_start` and `trim_end` do the same job as doing `value.trim().to_owned()` at the end, but without a reallocation
-                let mut value = value.trim_start().to_owned();
-                while let Some(v) = lines.next_if(|s| s.starts_with(char::is_whitespace)) {
-                    value.push_str(v);
-                }
-                value.truncate(value.trim_end().len());
-
-                headers.append(name, value.into_header_value());
-            }
-
+            // natsched patch: a header block the server forwarded unchecked (invalid UTF-8, a
+            // bare CR or LF, a line without `:`, a bad status) used to panic in
+            // `HeaderValue::from` or fail the whole connection. It is repaired instead, and
+            // the message says so in `sanitized`, so one hostile publisher cannot take down
+            // every subscription of the client.
+            let (headers, status, description, sanitized) = parse_header_block(&header);
             trace!(
                 subject = %subject,
                 sid = %sid,
@@ -414,6 +360,7 @@ impl Connection {
                 payload,
                 status,
                 description,
+                sanitized: sanitized || line_sanitized,
             }));
         }
 
@@ -860,6 +807,72 @@ where
             .poll_close_unpin(cx)
             .map_err(std::io::Error::other)
     }
+}
+
+/// natsched patch: parses the header block of an `HMSG` without failing on its content.
+///
+/// The server forwards a publisher's header block unchecked, so it may hold invalid UTF-8,
+/// a bare CR or LF, lines without `:`, invalid names or an unparsable status. Each is
+/// repaired rather than fatal: invalid UTF-8 and bare CRs become U+FFFD, a line that is not
+/// `Name: value` (with its continuation lines) and an unparsable status are dropped. The
+/// last value says whether anything was repaired.
+fn parse_header_block(
+    header: &[u8],
+) -> (HeaderMap, Option<StatusCode>, Option<String>, bool) {
+    let text = String::from_utf8_lossy(header);
+    let mut sanitized = matches!(text, std::borrow::Cow::Owned(_));
+    let mut lines = text.lines().peekable();
+    let mut status = None;
+    let mut description = None;
+    match lines.next().and_then(|line| line.strip_prefix("NATS/1.0")) {
+        Some(suffix) => {
+            let suffix = suffix.trim();
+            let (code, text) = suffix
+                .split_once(' ')
+                .map(|(code, text)| (code.trim(), text.trim()))
+                .unwrap_or((suffix, ""));
+            if !code.is_empty() {
+                match code.parse::<StatusCode>() {
+                    Ok(code) => status = Some(code),
+                    Err(_) => sanitized = true,
+                }
+            }
+            if !text.is_empty() {
+                description = Some(text.to_owned());
+            }
+        }
+        None => sanitized = true,
+    }
+
+    let mut headers = HeaderMap::new();
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
+            continue;
+        }
+        let parsed = line
+            .split_once(':')
+            .filter(|(name, _)| !name.is_empty())
+            .and_then(|(name, value)| Some((HeaderName::from_str(name).ok()?, value)));
+        // Read the header value, which might have been split into multiple lines
+        let mut value = parsed
+            .as_ref()
+            .map(|(_, value)| value.trim_start().to_owned())
+            .unwrap_or_default();
+        while let Some(more) = lines.next_if(|s| s.starts_with(char::is_whitespace)) {
+            value.push_str(more);
+        }
+        let Some((name, _)) = parsed else {
+            sanitized = true;
+            continue;
+        };
+        value.truncate(value.trim_end().len());
+        if value.contains('\r') {
+            value = value.replace('\r', "\u{FFFD}");
+            sanitized = true;
+        }
+        headers.append(name, value.into_header_value());
+    }
+    (headers, status, description, sanitized)
 }
 
 #[cfg(test)]

@@ -369,6 +369,8 @@ pub(crate) enum ServerOp {
         status: Option<StatusCode>,
         description: Option<String>,
         length: usize,
+        /// natsched patch: see [`Message::sanitized`].
+        sanitized: bool,
     },
 }
 
@@ -733,6 +735,7 @@ impl ConnectionHandler {
                 status,
                 description,
                 length,
+                sanitized,
             } => {
                 debug!("received MESSAGE: sid={}, subject={}", sid, subject);
                 self.connector
@@ -749,6 +752,7 @@ impl ConnectionHandler {
                         status,
                         description,
                         length,
+                        sanitized,
                     };
 
                     // if the channel for subscription was dropped, remove the
@@ -797,6 +801,7 @@ impl ConnectionHandler {
                                     status,
                                     description,
                                     length,
+                                    sanitized,
                                 };
 
                                 let _ = sender.send(message);

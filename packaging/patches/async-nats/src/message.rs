@@ -37,6 +37,12 @@ pub struct Message {
     pub description: Option<String>,
 
     pub length: usize,
+    /// natsched patch: whether the server sent this message in a form that is not valid NATS
+    /// protocol text (the server forwards what publishers send unchecked), and it was
+    /// repaired rather than dropping the connection: invalid UTF-8 in the subject, reply or
+    /// headers and bare CRs in header values became U+FFFD; header lines that are not
+    /// `Name: value` and an unparsable status were dropped.
+    pub sanitized: bool,
 }
 
 /// An outbound message to be published.
