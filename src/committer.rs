@@ -162,7 +162,7 @@ impl Committer {
                 break;
             }
         }
-        self.store.flush()
+        self.store.close()
     }
 
     /// Applies one round of commands atomically; see [`Round`].

@@ -101,33 +101,22 @@ pub enum RunError {
 /// Schedules already overdue when it starts are fired first, oldest first.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     config.validate()?;
-    let store_path = config.store.path.clone();
-    let store = tokio::task::spawn_blocking(move || {
-        Store::open(&StoreOptions {
-            path: store_path,
-            cache_capacity: config.store.cache_capacity,
-        })
-    })
-    .await
-    .map_err(|e| RunError::Task(e.to_string()))??;
-    tracing::info!(path = %config.store.path.display(), "store open");
-
-    let client = connect(&config).await?;
-    let metrics = Arc::new(Metrics::default());
-    let prefix = &config.api.prefix;
-    let intake = Intake::subscribe(
-        client.clone(),
-        prefix,
-        config.api.max_payload,
-        metrics.clone(),
-    )
-    .await?;
-    let api = Api::subscribe(client.clone(), prefix, store.clone(), metrics.clone()).await?;
-    let firing = Firing::new(client.clone(), metrics.clone()).await?;
-    let micro = MicroService::subscribe(client.clone(), prefix).await?;
-    client.flush().await.ok();
-    tracing::info!(prefix = %config.api.prefix, url = %config.nats.url, "accepting schedules");
-
+    tokio::pin!(shutdown);
+    // Until it serves, a stop request ends start-up at whatever stage it is (waiting for the
+    // store's lock, or for an unreachable NATS): nothing has been accepted yet.
+    let Some(started) = until_stopped(&mut shutdown, start(&config)).await else {
+        tracing::info!("stopped before serving");
+        return Ok(());
+    };
+    let Started {
+        store,
+        client,
+        metrics,
+        intake,
+        api,
+        firing,
+        micro,
+    } = started?;
     let (store_tx, store_rx) = mpsc::channel(INTAKE_QUEUE);
     let (wheel_tx, wheel_rx) = std::sync::mpsc::channel();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -168,7 +157,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut store_finished = false;
     let mut timer_finished = false;
     let failure = tokio::select! {
-        () = shutdown => None,
+        () = &mut shutdown => None,
         result = &mut store_done => {
             store_finished = true;
             Some(match result {
@@ -221,6 +210,80 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     store_result?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// What start-up makes before the daemon serves.
+struct Started {
+    store: Store,
+    client: async_nats::Client,
+    metrics: Arc<Metrics>,
+    intake: Intake,
+    api: Api,
+    firing: Firing,
+    micro: MicroService,
+}
+
+/// Opens the store, connects, subscribes, and waits until NATS has the subscriptions.
+async fn start(config: &Config) -> Result<Started, RunError> {
+    let store_options = StoreOptions {
+        path: config.store.path.clone(),
+        cache_capacity: config.store.cache_capacity,
+    };
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_options))
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))??;
+    tracing::info!(path = %config.store.path.display(), "store open");
+
+    let client = connect(config).await?;
+    let metrics = Arc::new(Metrics::default());
+    let prefix = &config.api.prefix;
+    let intake = Intake::subscribe(
+        client.clone(),
+        prefix,
+        config.api.max_payload,
+        metrics.clone(),
+    )
+    .await?;
+    let api = Api::subscribe(client.clone(), prefix, store.clone(), metrics.clone()).await?;
+    let firing = Firing::new(client.clone(), metrics.clone()).await?;
+    let micro = MicroService::subscribe(client.clone(), prefix).await?;
+    // The client keeps retrying an unreachable server by itself; say so while it does.
+    loop {
+        match tokio::time::timeout(NATS_WAIT_REPORT, client.flush()).await {
+            Ok(Ok(())) => break,
+            Ok(Err(err)) => {
+                tracing::warn!(url = %config.nats.url, error = %err, "NATS flush failed; retrying")
+            }
+            Err(_) => tracing::warn!(
+                url = %config.nats.url,
+                "waiting for NATS: the server is unreachable; retrying (SIGTERM stops natsched)"
+            ),
+        }
+    }
+    tracing::info!(prefix = %config.api.prefix, url = %config.nats.url, "accepting schedules");
+    Ok(Started {
+        store,
+        client,
+        metrics,
+        intake,
+        api,
+        firing,
+        micro,
+    })
+}
+
+/// How often start-up reports that it still waits for NATS.
+const NATS_WAIT_REPORT: Duration = Duration::from_secs(2);
+
+/// `work`'s result, or `None` if `stop` completes first.
+async fn until_stopped<T>(
+    stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        result = work => Some(result),
+        () = stop.as_mut() => None,
+    }
 }
 
 /// How long each shutdown step may take before it is given up.

@@ -134,7 +134,14 @@ fn run(config_path: PathBuf) -> Result<(), String> {
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     runtime
-        .block_on(natsched::run(config, shutdown_signal()))
+        .block_on(async {
+            // Listening from the start: a SIGTERM while the store opens or NATS is still
+            // unreachable stops natsched cleanly instead of killing it.
+            let shutdown = shutdown_signal()?;
+            natsched::run(config, shutdown)
+                .await
+                .map_err(|e| e.to_string())
+        })
         .map_err(|e| format!("{e} (config {})", config_path.display()))
 }
 
@@ -164,19 +171,17 @@ fn bench(options: natsched::loadgen::LoadOptions) -> Result<(), String> {
     Ok(())
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// A future that completes on SIGINT or SIGTERM; the handlers are installed at once.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops natsched");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot listen for SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot listen for SIGINT: {e}"))?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    })
 }

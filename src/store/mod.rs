@@ -14,6 +14,7 @@
 
 mod keys;
 pub mod segment;
+mod watermark;
 mod windows;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,22 @@ pub enum StoreError {
     Open { path: PathBuf, source: sled::Error },
     #[error("store at {path} has format version {found}; this build reads version {STORE_FORMAT}")]
     Format { path: PathBuf, found: u8 },
+    #[error(
+        "store at {path} has lost writes: its next segment seq is {found}, but it was at least \
+         {expected} when natsched last opened or closed it (truncated, or restored from an \
+         older copy?). Refusing to use it; to accept the loss, delete {path}/{}",
+        watermark::FILE
+    )]
+    RolledBack {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("cannot read or write the store's mark {path}: {source}")]
+    Watermark {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("store I/O failed: {0}")]
     Io(#[from] sled::Error),
     #[error("stored segment {key:?} is unreadable: {source}")]
@@ -65,6 +82,7 @@ pub struct StoreOptions {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    path: PathBuf,
 }
 
 /// An encoded segment as stored; read it with [`segment::entries`].
@@ -174,9 +192,31 @@ impl Store {
                 Err(err) => return Err(open_err(err)),
             }
         };
-        let store = Store { db };
+        let store = Store {
+            db,
+            path: options.path.clone(),
+        };
+        // Checked before anything is written, so a refused store is left as it was.
+        if let Some(expected) = watermark::read(&options.path)? {
+            let found = store.next_seq()?;
+            if found < expected || store.db.get(keys::FORMAT_KEY)?.is_none() {
+                return Err(StoreError::RolledBack {
+                    path: options.path.clone(),
+                    found,
+                    expected,
+                });
+            }
+        }
         store.check_format(&options.path)?;
+        watermark::write(&options.path, store.next_seq()?)?;
         Ok(store)
+    }
+
+    /// Makes everything durable and records how far the store has got (see
+    /// `watermark.rs`): the last thing the writer does before natsched exits.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.flush()?;
+        watermark::write(&self.path, self.next_seq()?)
     }
 
     fn check_format(&self, path: &Path) -> Result<(), StoreError> {

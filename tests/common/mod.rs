@@ -36,7 +36,7 @@ pub fn nats_server_binary() -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -93,7 +93,7 @@ impl NatsServer {
         connz["connections"].as_array().cloned().unwrap_or_default()
     }
 
-    fn start_on(port: u16, dir: TempDir) -> NatsServer {
+    pub fn start_on(port: u16, dir: TempDir) -> NatsServer {
         NatsServer::spawn(port, dir, &[])
     }
 
@@ -236,6 +236,8 @@ pub async fn wait_ready(client: &Client, prefix: &str) {
 pub struct DaemonProcess {
     child: Child,
     pub config_path: PathBuf,
+    /// Everything it wrote to stderr so far (also echoed to the test's stderr).
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 /// A nats-server and a store for natsched run as its binary, started and restarted (or
@@ -264,31 +266,81 @@ impl ProcessHarness {
 impl DaemonProcess {
     /// Writes a config file into `dir` and starts the binary; waits until it answers.
     pub async fn start(server: &NatsServer, store: &Path, dir: &Path) -> DaemonProcess {
+        let daemon = DaemonProcess::spawn(&server.url, store, dir);
+        wait_ready(&connect(server).await, "sched").await;
+        daemon
+    }
+
+    /// Writes a config file (NATS at `url`) into `dir` and starts the binary, without waiting.
+    pub fn spawn(url: &str, store: &Path, dir: &Path) -> DaemonProcess {
         let config_path = dir.join("natsched.toml");
         std::fs::write(
             &config_path,
             format!(
                 "[nats]\nurl = \"{}\"\n[api]\nprefix = \"sched\"\n[store]\npath = \"{}\"\n",
-                server.url,
+                url,
                 store.display()
             ),
         )
         .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_natsched"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_natsched"))
             .args(["run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "natsched=debug")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn natsched");
-        wait_ready(&connect(server).await, "sched").await;
-        DaemonProcess { child, config_path }
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        DaemonProcess {
+            child,
+            config_path,
+            log,
+        }
+    }
+
+    /// Waits until its stderr holds `needle`; returns the log so far.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let mut log = String::new();
+        wait_until(&format!("natsched to log {needle:?}"), || {
+            log = self.log.lock().unwrap().clone();
+            log.contains(needle)
+        });
+        log
+    }
+
+    /// What it wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn kill_9(mut self) {
         self.child.kill().unwrap(); // SIGKILL
         self.child.wait().unwrap();
+    }
+
+    /// Waits (bounded) for it to exit by itself; returns the status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(start.elapsed() < WAIT, "natsched did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Sends SIGTERM and returns the exit status.
