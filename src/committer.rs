@@ -42,7 +42,6 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::protocol;
 use crate::record::Schedule;
 use crate::replies::{Ack, Reply};
 use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
@@ -271,8 +270,9 @@ impl Committer {
                     .extend(schedules);
                 continue;
             }
-            for schedules in split(schedules, MAX_SEGMENT_BYTES) {
+            for mut schedules in split(schedules, MAX_SEGMENT_BYTES) {
                 let key = SegmentKey::fine(bucket, self.take_seq());
+                round.name_generated(key, &mut schedules);
                 round.write_segment(key, &schedules);
                 if key >= self.cursor {
                     continue; // the loader will bring it in
@@ -297,23 +297,7 @@ impl Committer {
         for (far_bucket, schedules) in far {
             for mut schedules in split(schedules, MAX_FAR_SEGMENT_BYTES) {
                 let key = SegmentKey::far(far_bucket, self.take_seq());
-                for (index, schedule) in schedules.iter_mut().enumerate() {
-                    if schedule.caller_id {
-                        continue;
-                    }
-                    let index = u16::try_from(index).expect("a far segment holds < 65536");
-                    let id = protocol::far_id(schedule.due, key.seq, index)
-                        .expect("far_from keeps seqs in range");
-                    if round.holds_caller_id(&self.store, &id)? {
-                        // A far id is predictable, so a caller may already use it as a
-                        // Sched-Id. Then this schedule keeps its random id, which nothing
-                        // else can find in a far segment: it is indexed like a caller's.
-                        schedule.caller_id = true;
-                    } else {
-                        round.rename(&schedule.id, id.clone());
-                        schedule.id = id;
-                    }
-                }
+                round.name_generated(key, &mut schedules);
                 round.write_segment(key, &schedules);
             }
         }

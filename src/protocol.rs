@@ -277,7 +277,14 @@ pub fn parse_add(
     }
     let caller_id = id.is_some();
     let id = match id {
+        Some(id) if far_parts(id).is_some() => {
+            // Ids of this form name a segment (see `far_id`): they are natsched's to give.
+            return Err(ApiError::bad_request(format!(
+                "invalid {ID} {id:?}: it has the form of an id natsched generates; choose another"
+            )));
+        }
         Some(id) => validate_id(id)?.to_owned(),
+        // A placeholder: the store writer gives the schedule its final id (see `far_id`).
         None => generated_id(due),
     };
     let schedule = Schedule {
@@ -318,18 +325,21 @@ pub fn due_of_generated_id(id: &str) -> Option<UnixMs> {
     ulid::Ulid::from_string(id).ok().map(|u| u.timestamp_ms())
 }
 
-/// Marks the random part of a generated id that says where its far segment is.
+/// Marks the random part of a generated id that says where its segment is.
 const FAR_MARK: u128 = 1 << 79;
 const FAR_SEQ_BITS: u32 = 48;
 /// Segment seqs from this on do not fit into a [`far_id`].
 pub const FAR_SEQ_LIMIT: u64 = 1 << FAR_SEQ_BITS;
 const FAR_SEQ_SHIFT: u32 = 16;
 
-/// The id of the `index`-th schedule of far segment `seq`, due at `due`: a ULID like
-/// [`generated_id`]'s, whose 80 "random" bits are instead a mark bit, the segment's seq (48
-/// bits) and the index (16 bits), so the store finds a sparse far-future schedule with one
-/// lookup instead of searching a whole far bucket. Unique because (seq, index) is. `None` if
-/// `seq` does not fit (after 2^48 segments; the schedule then simply stays in a fine segment).
+/// The id of the `index`-th schedule of segment `seq`, due at `due`: the id natsched gives
+/// every schedule without a `Sched-Id` (the name is from when only far segments did). A ULID
+/// whose timestamp is the due instant and whose 80 "random" bits are instead a mark bit, the
+/// segment's seq (48 bits) and the index (16 bits), so the store finds the schedule with one
+/// lookup however many share its bucket, and an id it did not make with none. Unique because
+/// (seq, index) is. `None` if `seq` does not fit (after 2^48 segments; the schedule is then
+/// indexed under a random id instead). One random ULID in 65 536 has this form, and such a
+/// `Sched-Id` is refused.
 pub fn far_id(due: UnixMs, seq: u64, index: u16) -> Option<String> {
     far_ulid(due, seq, index).map(|ulid| ulid.to_string())
 }
@@ -353,9 +363,9 @@ pub fn far_layout(ulid: ulid::Ulid) -> Option<(u64, u16)> {
 }
 
 /// The (due, seq, index) an id made by [`far_id`] would be made from; `None` for any id
-/// `far_id` cannot make. Far ids are predictable, and ids are not secrets anyway (`list`
-/// shows them): the committer never hands out a far id that a caller already uses as
-/// `Sched-Id`.
+/// `far_id` cannot make. Such ids are predictable, and ids are not secrets anyway (`list`
+/// shows them): a caller may not use one as `Sched-Id`, so the ones natsched hands out are
+/// never taken.
 pub fn far_parts(id: &str) -> Option<(UnixMs, u64, u16)> {
     let ulid = canonical_ulid(id)?;
     let (seq, index) = far_layout(ulid)?;

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use super::round::{MAX_SEGMENT_BYTES, split};
 use super::{Committer, LOAD_CHUNK};
 use crate::protocol;
 use crate::record::Schedule;
@@ -41,28 +40,26 @@ impl Committer {
         let full = count >= LOAD_CHUNK;
         let last_bucket = segments.last().map(|(key, _)| key.bucket);
         let mut batch = WriteBatch::default();
-        let mut fine: BTreeMap<UnixMs, Vec<Schedule>> = BTreeMap::new();
+        // Each far segment's schedules move to fine segments of the same seq, one per fine
+        // bucket: a generated id names its segment's seq, and the store finds it under that
+        // seq in either tier. The fine keys are free: a seq is used by one segment only.
+        let mut fine: BTreeMap<SegmentKey, Vec<Schedule>> = BTreeMap::new();
         for (key, schedules) in segments {
             batch.put_raw_segment(key, None);
             for schedule in schedules {
-                fine.entry(bucket_of(schedule.due))
+                fine.entry(SegmentKey::fine(bucket_of(schedule.due), key.seq))
                     .or_default()
                     .push(schedule);
             }
         }
-        for (bucket, schedules) in fine {
-            for schedules in split(schedules, MAX_SEGMENT_BYTES) {
-                let key = SegmentKey::fine(bucket, self.take_seq());
-                batch.put_new_segment(key, &schedules);
-                // The loader stops at the migration cursor, so it has not passed these yet;
-                // should it have, pulling its cursor back makes it load them.
-                self.cursor = self.cursor.min(key);
-            }
+        for (key, schedules) in fine {
+            // A far segment holds at most about 2 KiB, so this needs no splitting.
+            batch.put_new_segment(key, &schedules);
+            // The loader stops at the migration cursor, so it has not passed these yet;
+            // should it have, pulling its cursor back makes it load them.
+            self.cursor = self.cursor.min(key);
         }
-        if !batch.is_empty() {
-            batch.set_next_seq(self.next_seq);
-            self.store.commit(batch)?;
-        }
+        self.store.commit(batch)?;
         // A bucket cut short by the chunk is resumed from its start: what was moved is gone
         // from it.
         self.far_cursor = match last_bucket {

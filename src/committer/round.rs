@@ -77,7 +77,8 @@ pub struct Round {
     rewrites: HashMap<SegmentKey, Vec<Schedule>>,
     /// Ids this round touched.
     places: HashMap<String, Place>,
-    /// Generated ids replaced by the id of their far segment (see [`Round::rename`]).
+    /// Ids intake generated, replaced by the id naming their segment (see
+    /// [`Round::name_generated`]).
     renamed: HashMap<String, String>,
     /// Wheel changes to send once committed (removals; inserts are added by the committer).
     wheel: Vec<WheelCommand>,
@@ -245,10 +246,27 @@ impl Round {
         std::mem::take(&mut self.new)
     }
 
-    /// Records that the generated id `old` was replaced by `new` (a [`protocol::far_id`]), so
-    /// that the reply carries the id the schedule is stored under.
-    pub fn rename(&mut self, old: &str, new: String) {
-        self.renamed.insert(old.to_owned(), new);
+    /// Gives the new schedules of segment `key` that have no caller-chosen id their final
+    /// id: the [`protocol::far_id`] of their place in the segment, which is what lets the
+    /// store find them with one lookup. Their replies carry it. Should the segment's seq or
+    /// the index not fit into such an id (after 2^48 segments), a schedule keeps the random
+    /// id intake gave it and is indexed like a caller's.
+    pub fn name_generated(&mut self, key: SegmentKey, schedules: &mut [Schedule]) {
+        for (index, schedule) in schedules.iter_mut().enumerate() {
+            if schedule.caller_id {
+                continue;
+            }
+            let id = u16::try_from(index)
+                .ok()
+                .and_then(|index| protocol::far_id(schedule.due, key.seq, index));
+            match id {
+                Some(id) => {
+                    let random = std::mem::replace(&mut schedule.id, id.clone());
+                    self.renamed.insert(random, id);
+                }
+                None => schedule.caller_id = true,
+            }
+        }
     }
 
     /// Stages the write of a new segment and the index entries of its caller ids.
@@ -324,15 +342,6 @@ impl Round {
                 })
             })
             .collect()
-    }
-
-    /// Whether a caller-chosen id `id` is pending: in the store, or added by this round.
-    pub fn holds_caller_id(&self, store: &Store, id: &str) -> Result<bool, StoreError> {
-        match self.places.get(id) {
-            Some(Place::Gone) => Ok(false),
-            Some(Place::New(_) | Place::Stored(_)) => Ok(true),
-            None => store.is_indexed(id),
-        }
     }
 
     fn place_of(&self, store: &Store, id: &str) -> Result<Place, StoreError> {

@@ -487,10 +487,8 @@ fn sparse_far_ahead_schedules_go_to_far_segments_under_far_ids() {
     sparse.push(schedule("mine", now + DAY + 5));
     // Dense: one bucket's worth that fills more than a small segment.
     let dense: Vec<Schedule> = (0..40).map(|_| generated(now + 2 * DAY)).collect();
-    let dense_ids: Vec<String> = dense.iter().map(|s| s.id.clone()).collect();
     // Near: inside the horizon, so it stays fine (and goes to the wheel).
     let near = generated(now + 5_000);
-    let near_id = near.id.clone();
     add_all(
         &mut h,
         sparse.into_iter().chain(dense).chain([near]).collect(),
@@ -508,11 +506,12 @@ fn sparse_far_ahead_schedules_go_to_far_segments_under_far_ids() {
     assert_eq!(stored.len(), 92);
     for (due, id) in &stored {
         let key = h.committer.store.locate(id).unwrap().expect("findable");
-        let dense_or_near = dense_ids.contains(id) || *id == near_id;
+        let dense_or_near = *due == now + 2 * DAY || *due == now + 5_000;
         assert_eq!(key.tier == Tier::Fine, dense_or_near, "{id}");
-        if key.tier == Tier::Far && id != "mine" {
-            let (far_due, seq, _) = protocol::far_parts(id).expect("renamed");
-            assert_eq!((far_due, seq), (*due, key.seq));
+        if id != "mine" {
+            // Every generated id, fine or far, names its segment.
+            let (named_due, seq, _) = protocol::far_parts(id).expect("renamed");
+            assert_eq!((named_due, seq), (*due, key.seq));
         }
     }
     assert_eq!(h.inserted().len(), 1, "only the near one is loaded");
@@ -566,31 +565,14 @@ fn far_buckets_move_to_fine_segments_before_the_horizon_reaches_them() {
             .expect("still findable");
         assert_eq!(key.tier, Tier::Fine, "{id}");
         assert_eq!(
+            key.seq, far_soon.seq,
+            "the far segment's seq, which its ids name"
+        );
+        assert_eq!(
             key.bucket,
             bucket_of(h.committer.store.get(id).unwrap().unwrap().due)
         );
     }
     assert_eq!(h.committer.store.locate("later").unwrap(), Some(far_later));
     assert_eq!(h.stored().len(), 3, "nothing lost or doubled");
-}
-
-#[test]
-fn a_far_id_already_taken_as_a_sched_id_is_not_handed_out() {
-    let now = time::now_ms();
-    let mut h = Harness::new(1000, &[]);
-    h.committer.advance().unwrap();
-    let due = now + DAY;
-    // The first round writes segment 1; the id the next round's far segment would give its
-    // first schedule is taken by a caller now.
-    let predicted = protocol::far_id(due, 2, 0).unwrap();
-    h.add(schedule(&predicted, due));
-    h.add(generated(due));
-    let stored = h.stored();
-    assert_eq!(stored.len(), 2);
-    assert_ne!(stored[0].1, stored[1].1, "two schedules, two ids");
-    let mine = h.committer.store.get(&predicted).unwrap().unwrap();
-    assert!(mine.caller_id, "the caller's schedule keeps its id");
-    let other = stored.iter().find(|(_, id)| *id != predicted).unwrap();
-    let theirs = h.committer.store.get(&other.1).unwrap();
-    assert!(theirs.is_some(), "the other one is found too (indexed)");
 }

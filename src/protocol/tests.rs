@@ -233,3 +233,16 @@ fn oversized_names_are_400() {
     let long = "h".repeat(MAX_NAME_LEN + 1);
     assert_eq!(code(add("t", &[(DELAY, "1s"), (&long, "v")])), 400);
 }
+
+#[test]
+fn a_sched_id_shaped_like_a_generated_id_is_refused() {
+    let ours = far_id(NOW + 1000, 42, 3).unwrap();
+    assert_eq!(code(add("t", &[(DELAY, "1s"), (ID, &ours)])), 400);
+    // Any other ULID is a fine Sched-Id.
+    let random = ulid::Ulid::from_parts(NOW + 1000, 0x1234_5678_9abc_def0).to_string();
+    assert!(far_parts(&random).is_none());
+    assert_eq!(
+        add("t", &[(DELAY, "1s"), (ID, &random)]).unwrap().id,
+        random
+    );
+}

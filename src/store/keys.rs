@@ -45,6 +45,11 @@ pub(crate) const FORMAT_KEY: &[u8] = b"mformat";
 pub(crate) const NEXT_SEQ_KEY: &[u8] = b"mnextseq";
 /// Where the number of pending schedules is kept.
 pub(crate) const PENDING_KEY: &[u8] = b"mpending";
+/// Where the end of the last bucket that may hold ids of store format 2 is kept (see
+/// `Store::locate`).
+pub(crate) const LEGACY_IDS_KEY: &[u8] = b"mlegacyids";
+/// The first byte of every id-index key.
+pub(crate) const ID_KEYS: &[u8] = &[ID_PREFIX];
 
 /// The start of the fine bucket `due` falls in.
 pub fn bucket_of(due: UnixMs) -> UnixMs {
@@ -69,7 +74,9 @@ pub struct SegmentKey {
     pub tier: Tier,
     /// Start of the bucket the segment's schedules are due in.
     pub bucket: UnixMs,
-    /// Unique, increasing per segment written (shared by both tiers).
+    /// Unique, increasing per segment written (shared by both tiers); a far segment's
+    /// schedules move to fine segments of its seq (one per fine bucket), so the ids that name
+    /// the seq stay valid.
     pub seq: u64,
 }
 
@@ -89,6 +96,15 @@ impl SegmentKey {
             tier: Tier::Far,
             bucket,
             seq,
+        }
+    }
+
+    /// The boundary before every segment of `tier` (all of its keys are above it).
+    pub fn first_of(tier: Tier) -> SegmentKey {
+        SegmentKey {
+            tier,
+            bucket: 0,
+            seq: 0,
         }
     }
 

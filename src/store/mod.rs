@@ -33,9 +33,10 @@ const GET_ATTEMPTS: usize = 3;
 const LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// The version of the store format written by this build, kept under the `mformat` key.
-/// Version 2 added far segments and the compact segment format 2. Version 1 was only ever
-/// written by development builds, so it is refused rather than converted.
-pub const STORE_FORMAT: u8 = 2;
+/// Version 3: every id natsched generates names its segment's seq (see [`Store::locate`]).
+/// Version 2 (far segments, compact segment format 2) is upgraded in place when opened.
+/// Version 1 was only ever written by development builds, so it is refused.
+pub const STORE_FORMAT: u8 = 3;
 
 /// What went wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,9 @@ pub struct StoreOptions {
 pub struct Store {
     db: sled::Db,
     path: PathBuf,
+    /// Ids natsched generated before store format 3 did not name their segment; such an id
+    /// due before this instant is searched for in its bucket (see [`Store::locate`]).
+    legacy_ids_until: UnixMs,
 }
 
 /// An encoded segment as stored; read it with [`segment::entries`].
@@ -192,9 +196,10 @@ impl Store {
                 Err(err) => return Err(open_err(err)),
             }
         };
-        let store = Store {
+        let mut store = Store {
             db,
             path: options.path.clone(),
+            legacy_ids_until: 0,
         };
         // Checked before anything is written, so a refused store is left as it was.
         if let Some(expected) = watermark::read(&options.path)? {
@@ -219,19 +224,61 @@ impl Store {
         watermark::write(&self.path, self.next_seq()?)
     }
 
-    fn check_format(&self, path: &Path) -> Result<(), StoreError> {
-        match self.db.get(keys::FORMAT_KEY)? {
-            Some(v) if v.as_ref() == [STORE_FORMAT] => Ok(()),
-            Some(v) => Err(StoreError::Format {
-                path: path.to_owned(),
-                found: v.first().copied().unwrap_or(0),
-            }),
+    fn check_format(&mut self, path: &Path) -> Result<(), StoreError> {
+        match self.db.get(keys::FORMAT_KEY)?.as_deref() {
+            Some([STORE_FORMAT]) => {}
+            Some([2]) => self.upgrade_from_2()?,
+            Some(other) => {
+                return Err(StoreError::Format {
+                    path: path.to_owned(),
+                    found: other.first().copied().unwrap_or(0),
+                });
+            }
             None => {
                 self.db.insert(keys::FORMAT_KEY, &[STORE_FORMAT])?;
                 self.db.flush()?;
-                Ok(())
             }
         }
+        self.legacy_ids_until = self.meta_u64(keys::LEGACY_IDS_KEY)?.unwrap_or(0);
+        Ok(())
+    }
+
+    /// Store format 2 to 3, in one atomic batch. Format 2 generated random ids for fine
+    /// segments (found by searching their bucket): that search stays on for ids due up to the
+    /// end of the last bucket holding a segment now. Format 2 accepted caller ids shaped like
+    /// the ids format 3 generates: the seqs they name are never handed out.
+    fn upgrade_from_2(&self) -> Result<(), StoreError> {
+        let mut legacy_until = 0;
+        for tier in [Tier::Far, Tier::Fine] {
+            let from = SegmentKey::first_of(tier).to_bytes();
+            let last = self.db.range(from..).next_back().transpose()?;
+            if let Some(key) = last.and_then(|(key, _)| SegmentKey::from_bytes(&key))
+                && key.tier == tier
+            {
+                let width = if tier == Tier::Far {
+                    FAR_BUCKET_MS
+                } else {
+                    BUCKET_MS
+                };
+                legacy_until = legacy_until.max(key.bucket.saturating_add(width));
+            }
+        }
+        let mut next_seq = self.next_seq()?;
+        for item in self.db.scan_prefix(keys::ID_KEYS) {
+            let (key, _) = item?;
+            let id = std::str::from_utf8(&key[1..]).unwrap_or_default();
+            if let Some((_, seq, _)) = protocol::far_parts(id) {
+                next_seq = next_seq.max(seq.saturating_add(1));
+            }
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(keys::LEGACY_IDS_KEY, &legacy_until.to_be_bytes());
+        batch.insert(keys::NEXT_SEQ_KEY, &next_seq.to_be_bytes());
+        batch.insert(keys::FORMAT_KEY, &[STORE_FORMAT]);
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        tracing::info!(legacy_until, "store upgraded from format 2 to 3");
+        Ok(())
     }
 
     /// The next free segment sequence number (kept up to date by the writer's batches).
@@ -263,34 +310,48 @@ impl Store {
         Ok(())
     }
 
-    /// The segment holding the pending schedule `id`, if any.
+    /// The segment holding the pending schedule `id`, if any: at most three lookups.
     ///
-    /// A caller-chosen id is looked up in the index. Otherwise, if `id` has the form of an id
-    /// natsched generates: a far id's segment is checked first (a far schedule is there until
-    /// it moves to a fine segment), then the fine segments of the bucket its due instant
-    /// falls in are searched.
+    /// A caller-chosen id is looked up in the index. An id natsched generated names its due
+    /// instant and its segment's seq ([`protocol::far_parts`]); the segment is the far or the
+    /// fine segment of that seq in the due's bucket (a far segment's schedules move to fine
+    /// segments of the same seq). Any other id is unknown without reading further, however
+    /// many schedules share its bucket, so a made-up id costs no more than a real one. (Ids
+    /// generated by store format 2 are the exception: random ULIDs, searched for in their
+    /// bucket while any may still be pending.)
     pub fn locate(&self, id: &str) -> Result<Option<SegmentKey>, StoreError> {
         if let Some(value) = self.db.get(keys::id_key(id))? {
             return Ok(SegmentKey::from_bytes(&value));
         }
-        let Some(due) = protocol::due_of_generated_id(id) else {
-            return Ok(None);
-        };
         if let Some((due, seq, _)) = protocol::far_parts(id) {
-            let key = SegmentKey::far(far_bucket_of(due), seq);
-            if let Some(value) = self.db.get(key.to_bytes())?
-                && segment::holds_generated_id(&value, id)
-                    .map_err(|source| StoreError::Corrupt { key, source })?
-            {
-                return Ok(Some(key));
+            for key in [
+                SegmentKey::far(far_bucket_of(due), seq),
+                SegmentKey::fine(bucket_of(due), seq),
+            ] {
+                if let Some(value) = self.db.get(key.to_bytes())?
+                    && segment::holds_generated_id(&value, id)
+                        .map_err(|source| StoreError::Corrupt { key, source })?
+                {
+                    return Ok(Some(key));
+                }
             }
         }
+        match protocol::due_of_generated_id(id) {
+            Some(due) if due < self.legacy_ids_until => self.search_bucket(id, due),
+            _ => Ok(None),
+        }
+    }
+
+    /// Searches the fine bucket of `due` for the generated id `id` (store format 2's ids).
+    fn search_bucket(&self, id: &str, due: UnixMs) -> Result<Option<SegmentKey>, StoreError> {
         let bucket = bucket_of(due);
         let from = SegmentKey::start_of(bucket).to_bytes();
         let to = SegmentKey::start_of(bucket + BUCKET_MS).to_bytes();
         for item in self.db.range(from..to) {
             let (key, value) = item?;
-            let key = SegmentKey::from_bytes(&key).expect("range stays among segment keys");
+            let Some(key) = SegmentKey::from_bytes(&key) else {
+                continue; // not a segment key: not ours to read
+            };
             let found = segment::holds_generated_id(&value, id)
                 .map_err(|source| StoreError::Corrupt { key, source })?;
             if found {
@@ -367,7 +428,10 @@ impl Store {
         }
         for item in self.db.range(from.to_bytes()..end.to_bytes()) {
             let (key, value) = item?;
-            let key = SegmentKey::from_bytes(&key).expect("range stays among segment keys");
+            let Some(key) = SegmentKey::from_bytes(&key) else {
+                tracing::error!(key = ?key, "skipping a key that is not a segment key");
+                continue;
+            };
             if total >= max_schedules {
                 let same_bucket = out
                     .last()

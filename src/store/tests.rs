@@ -20,7 +20,7 @@ fn key(bucket: UnixMs, seq: u64) -> SegmentKey {
 fn segments_scan_in_bucket_order_and_ids_are_found() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    let generated = protocol::generated_id(1_250);
+    let generated = protocol::far_id(1_250, 3, 1).unwrap();
     let mut batch = WriteBatch::default();
     batch.put_segment(
         key(1_200, 3),
@@ -67,6 +67,12 @@ fn segments_scan_in_bucket_order_and_ids_are_found() {
     );
     assert_eq!(store.get(&generated).unwrap().unwrap().due, 1_250);
     assert_eq!(store.locate(&protocol::generated_id(1_260)).unwrap(), None);
+    assert_eq!(
+        store
+            .locate(&protocol::far_id(1_250, 4, 1).unwrap())
+            .unwrap(),
+        None
+    );
     assert_eq!(store.locate("nope").unwrap(), None);
 
     // Rewriting a segment without a schedule, and removing an emptied one.
@@ -216,4 +222,57 @@ fn windows_merge_far_buckets_with_the_fine_buckets_they_span() {
     // Naming a segment that does not hold it (e.g. moved to a fine one): not found there.
     let moved = protocol::far_id(60_010, 6, 0).unwrap();
     assert_eq!(store.locate(&moved).unwrap(), None);
+}
+
+#[test]
+fn an_id_natsched_did_not_make_is_unknown_without_reading_its_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // A bucket holding a readable and an unreadable segment: reading the bucket would fail.
+    let mut batch = WriteBatch::default();
+    let ours = protocol::far_id(1_250, 3, 0).unwrap();
+    batch.put_segment(key(1_200, 3), &[schedule(&ours, 1_250, false)]);
+    batch.put_raw_segment(key(1_200, 4), Some(vec![2, 0, 0, 0, 9]));
+    batch.set_next_seq(5);
+    store.commit(batch).unwrap();
+    // A ULID due in that bucket that natsched never made (any random one): one index lookup,
+    // no bucket read, so the corrupt segment is never touched.
+    assert_eq!(store.locate(&protocol::generated_id(1_250)).unwrap(), None);
+    assert_eq!(store.locate(&ours).unwrap(), Some(key(1_200, 3)));
+    // A made-up id in our layout names one segment: only that one is read.
+    let made_up = protocol::far_id(1_250, 4, 0).unwrap();
+    assert!(matches!(
+        store.locate(&made_up),
+        Err(StoreError::Corrupt { key: k, .. }) if k == key(1_200, 4)
+    ));
+}
+
+#[test]
+fn format_2_stores_are_upgraded_and_their_random_ids_still_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = protocol::generated_id(1_250);
+    let caller_shaped = protocol::far_id(9_999, 77, 0).unwrap();
+    {
+        // A format 2 store: random generated ids, and a caller id of the new form.
+        let store = open(dir.path());
+        let mut batch = WriteBatch::default();
+        batch.put_segment(key(1_200, 3), &[schedule(&legacy, 1_250, false)]);
+        batch.put_new_segment(key(9_900, 4), &[schedule(&caller_shaped, 9_999, true)]);
+        batch.set_next_seq(5);
+        store.commit(batch).unwrap();
+        store.db.insert(keys::FORMAT_KEY, &[2]).unwrap();
+        store.db.remove(keys::LEGACY_IDS_KEY).unwrap();
+        store.flush().unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(
+        store.db.get(keys::FORMAT_KEY).unwrap().unwrap().as_ref(),
+        [3]
+    );
+    assert_eq!(store.legacy_ids_until, 10_000, "the end of the last bucket");
+    assert_eq!(store.locate(&legacy).unwrap(), Some(key(1_200, 3)));
+    assert_eq!(store.locate(&caller_shaped).unwrap(), Some(key(9_900, 4)));
+    assert_eq!(store.next_seq().unwrap(), 78, "seq 77 is never handed out");
+    // Ids due after the last legacy bucket are never searched for.
+    assert_eq!(store.locate(&protocol::generated_id(10_050)).unwrap(), None);
 }
