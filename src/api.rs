@@ -24,6 +24,7 @@ use crate::metrics::{Endpoint, LatenessMs, Metrics};
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
 use crate::replies::{self, Reply};
+use crate::retries::Retries;
 use crate::store::{Store, StoreError};
 use crate::time;
 
@@ -32,6 +33,7 @@ pub struct Api {
     client: Client,
     store: Store,
     metrics: Arc<Metrics>,
+    retries: Arc<Retries>,
     cancels: Subscriber,
     gets: Subscriber,
     lists: Subscriber,
@@ -44,6 +46,7 @@ impl Api {
         prefix: &str,
         store: Store,
         metrics: Arc<Metrics>,
+        retries: Arc<Retries>,
     ) -> Result<Api, async_nats::SubscribeError> {
         Ok(Api {
             cancels: client.subscribe(format!("{prefix}.cancel")).await?,
@@ -53,6 +56,7 @@ impl Api {
             client,
             store,
             metrics,
+            retries,
         })
     }
 
@@ -92,6 +96,9 @@ impl Api {
             fired_total: u64,
             cancelled_total: u64,
             errors_total: u64,
+            delivery_errors_total: u64,
+            undeliverable: usize,
+            corrupt_segments_total: u64,
             store_bytes: u64,
             lateness_ms: LatenessMs,
         }
@@ -109,6 +116,9 @@ impl Api {
             fired_total: m.fired_total.load(Ordering::Relaxed),
             cancelled_total: m.cancelled_total.load(Ordering::Relaxed),
             errors_total: m.errors_total.load(Ordering::Relaxed),
+            delivery_errors_total: m.delivery_errors_total.load(Ordering::Relaxed),
+            undeliverable: self.retries.waiting(),
+            corrupt_segments_total: self.store.damaged_total(),
             store_bytes,
             lateness_ms: m.lateness(),
         };
@@ -143,7 +153,7 @@ impl Api {
                 .read(move |store| store.get(&id).map(|found| (found, id)))
                 .await
                 .and_then(|(found, id)| match found {
-                    Some(schedule) => Ok(describe(&schedule)),
+                    Some(schedule) => Ok(describe(&schedule, &self.retries)),
                     None => Err(ApiError::not_found(&id)),
                 }),
         };
@@ -157,7 +167,7 @@ impl Api {
             Ok(request) => self
                 .read(move |store| listing::page(store, &request))
                 .await
-                .map(|(items, next)| page_json(&items, next)),
+                .map(|(items, next)| page_json(&items, next, &self.retries)),
         };
         self.answer(reply, result).await;
     }
@@ -170,6 +180,7 @@ impl Api {
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || read(&store)).await {
             Ok(Ok(value)) => Ok(value),
+            Ok(Err(err @ StoreError::Corrupt { .. })) => Err(ApiError::new(500, err.to_string())),
             Ok(Err(err)) => Err(ApiError::unavailable(format!("store unavailable: {err}"))),
             Err(err) => Err(ApiError::unavailable(format!("store read failed: {err}"))),
         }
@@ -183,13 +194,13 @@ impl Api {
 }
 
 /// `{"items":[…],"next_cursor":…}`, the items as [`describe`] writes them.
-fn page_json(items: &[Schedule], next_cursor: Option<String>) -> Bytes {
+fn page_json(items: &[Schedule], next_cursor: Option<String>, retries: &Retries) -> Bytes {
     let mut out = b"{\"items\":[".to_vec();
     for (i, schedule) in items.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(&describe(schedule));
+        out.extend_from_slice(&describe(schedule, retries));
     }
     out.extend_from_slice(b"],\"next_cursor\":");
     out.extend_from_slice(&serde_json::to_vec(&next_cursor).expect("string serializes"));
@@ -197,8 +208,9 @@ fn page_json(items: &[Schedule], next_cursor: Option<String>) -> Bytes {
     out.into()
 }
 
-/// The JSON a get answers with.
-pub fn describe(schedule: &Schedule) -> Bytes {
+/// The JSON a get answers with: the schedule, and its failed delivery attempts (counted since
+/// natsched started) with the last error, if any.
+pub fn describe(schedule: &Schedule, retries: &Retries) -> Bytes {
     #[derive(Serialize)]
     struct Description<'a> {
         id: &'a str,
@@ -207,7 +219,10 @@ pub fn describe(schedule: &Schedule) -> Bytes {
         created: String,
         headers: BTreeMap<&'a str, Vec<&'a str>>,
         payload_size: usize,
+        attempts: u32,
+        last_error: Option<String>,
     }
+    let failure = retries.get(&schedule.id, schedule.due);
     let mut headers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (name, value) in &schedule.headers {
         headers.entry(name).or_default().push(value);
@@ -219,6 +234,8 @@ pub fn describe(schedule: &Schedule) -> Bytes {
         created: time::format_ms(schedule.created),
         headers,
         payload_size: schedule.payload.len(),
+        attempts: failure.as_ref().map_or(0, |f| f.attempts),
+        last_error: failure.map(|f| f.last_error),
     };
     serde_json::to_vec(&description)
         .expect("plain struct serializes")

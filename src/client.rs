@@ -169,11 +169,21 @@ pub async fn get(connection: &Connection, id: &str) -> Result<String, ClientErro
     }
     let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let mut out = String::new();
-    for key in ["id", "subject", "due", "created", "payload_size"] {
+    for key in [
+        "id",
+        "subject",
+        "due",
+        "created",
+        "payload_size",
+        "attempts",
+    ] {
         out.push_str(&format!(
             "{key:>12}: {}\n",
             value[key].to_string().trim_matches('"')
         ));
+    }
+    if let Some(error) = value["last_error"].as_str() {
+        out.push_str(&format!("{:>12}: {error}\n", "last_error"));
     }
     if let Some(headers) = value["headers"].as_object() {
         for (name, values) in headers {
@@ -205,6 +215,8 @@ pub async fn stats(connection: &Connection) -> Result<String, ClientError> {
         "fired_total",
         "cancelled_total",
         "errors_total",
+        "delivery_errors_total",
+        "undeliverable",
         "store_bytes",
     ] {
         out.push_str(&format!("{key:>16}: {}\n", value[key]));

@@ -329,7 +329,14 @@ impl Committer {
     /// waiting now.
     fn advance(&mut self) -> Result<bool, StoreError> {
         // Not `||`: both get their turn.
-        Ok(self.migrate_far()? | self.load_horizon()?)
+        let more = self.migrate_far()? | self.load_horizon()?;
+        // The scans repaired damaged segments, recording the new count themselves.
+        let lost = self.store.take_lost();
+        if lost > 0 {
+            self.pending = self.pending.saturating_sub(lost);
+            self.metrics.pending.store(self.pending, Ordering::Relaxed);
+        }
+        Ok(more)
     }
 
     fn take_seq(&mut self) -> u64 {

@@ -7,12 +7,22 @@
 //! server's client id changed), publishes may have died with the old socket, so the batch is
 //! published again. Only then are the schedules' keys sent to the committer for deletion, so a
 //! crash or outage at any point means a second delivery, never a lost one (at-least-once).
+//!
+//! A schedule NATS will not take is never deleted: the client refuses some publishes at once
+//! (larger than the server's `max_payload`, an invalid subject), and the server reports a
+//! publish its permissions refuse only afterwards, as an `-ERR` beside the message stream.
+//! So a confirmed batch *settles* for [`SETTLE`] before its schedules are reported for
+//! deletion, and a refusal that arrives meanwhile takes the schedules to that subject back.
+//! Either way they return to the wheel and are tried again after a backoff
+//! ([`crate::retries`]). (A refusal reported later than [`SETTLE`] after the confirmation
+//! cannot be matched any more; it is logged with its subject.)
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use async_nats::header::{HeaderName, IntoHeaderName};
+use async_nats::header::{HeaderName, HeaderValue, IntoHeaderName};
 use async_nats::{Client, HeaderMap, Subscriber};
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -22,7 +32,8 @@ use crate::committer::StoreCommand;
 use crate::metrics::Metrics;
 use crate::protocol;
 use crate::record::Schedule;
-use crate::scheduler::Resident;
+use crate::retries::Retries;
+use crate::scheduler::{Resident, WheelCommand};
 use crate::time;
 
 /// Most schedules published per fence.
@@ -36,7 +47,13 @@ const SLOW_FENCE: Duration = Duration::from_secs(5);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Pause before publishing a batch again after a failure.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// How long a confirmed batch waits for a permissions refusal from the server before its
+/// schedules are reported for deletion. The server sends the refusal before it processes the
+/// fence, so it is normally read before the fence returns; this is the margin for the client
+/// library's event task to hand it over.
+pub const SETTLE: Duration = Duration::from_millis(100);
 
+/// A failure that publishing the same message again will not cure by itself.
 fn is_permanent(err: &async_nats::PublishError) -> bool {
     use async_nats::client::PublishErrorKind;
     matches!(
@@ -45,20 +62,55 @@ fn is_permanent(err: &async_nats::PublishError) -> bool {
     )
 }
 
+/// The server refused a publish to `subject` (NATS permissions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishDenial {
+    pub subject: String,
+    /// The server's error text.
+    pub error: String,
+}
+
+impl PublishDenial {
+    /// Reads a server error such as `Permissions Violation for Publish to "orders.x"`.
+    pub fn from_server_error(text: &str) -> Option<PublishDenial> {
+        const PREFIX: &str = "permissions violation for publish to ";
+        let head = text.get(..PREFIX.len())?;
+        if !head.eq_ignore_ascii_case(PREFIX) {
+            return None;
+        }
+        let subject = text[PREFIX.len()..].trim().trim_matches('"');
+        (!subject.is_empty()).then(|| PublishDenial {
+            subject: subject.to_owned(),
+            error: text.to_owned(),
+        })
+    }
+}
+
 /// `Sched-Id` and `Sched-Due` as header names, made once: cloning one is a reference count,
 /// where naming a header by `&str` checks and copies the name on every publish.
 static ID_NAME: LazyLock<HeaderName> = LazyLock::new(|| protocol::ID.into_header_name());
 static DUE_NAME: LazyLock<HeaderName> = LazyLock::new(|| protocol::DUE.into_header_name());
 
 /// The message a schedule is delivered as: its own headers plus `Sched-Id` and `Sched-Due`.
-pub fn delivery_headers(schedule: &Schedule, due: &str) -> HeaderMap {
+///
+/// Built with the checking constructors (the plain ones assert): a stored header that is not
+/// valid NATS header text (only a damaged store holds one) fails the delivery instead of
+/// stopping natsched.
+pub fn delivery_headers(schedule: &Schedule, due: &str) -> Result<HeaderMap, String> {
+    let invalid = |what: &str, text: &str| format!("stored {what} {text:?} is not valid in NATS");
     let mut headers = HeaderMap::new();
     for (name, value) in &schedule.headers {
-        headers.append(name.as_str(), value.as_str());
+        let name: HeaderName = name.parse().map_err(|_| invalid("header name", name))?;
+        let value: HeaderValue = value.parse().map_err(|_| invalid("header value", value))?;
+        headers.append(name, value);
     }
-    headers.insert(ID_NAME.clone(), schedule.id.as_str());
+    let id: HeaderValue = schedule
+        .id
+        .parse()
+        .map_err(|_| invalid("id", &schedule.id))?;
+    headers.insert(ID_NAME.clone(), id);
     headers.insert(DUE_NAME.clone(), due);
-    headers
+    Ok(headers)
 }
 
 /// The `Sched-Due` text of the last due formatted: consecutive fires mostly share one.
@@ -88,6 +140,11 @@ pub struct Firing {
     /// How late each publish of the current attempt was, in microseconds.
     lateness_us: Vec<u64>,
     due_text: DueText,
+    retries: Arc<Retries>,
+    /// Publishes the server refused, from the client's event callback.
+    denials: mpsc::UnboundedReceiver<PublishDenial>,
+    /// Confirmed batches, oldest first, waiting out [`SETTLE`].
+    settling: VecDeque<(Instant, Vec<Resident>)>,
 }
 
 /// Which server connection a publish went out on: a reconnect changes it.
@@ -96,10 +153,22 @@ fn session(client: &Client) -> (String, u64) {
     (info.server_id, info.client_id)
 }
 
+/// Where firing sends what it is done with.
+pub struct FiringOutputs {
+    /// The committer, which deletes delivered schedules.
+    pub store: mpsc::Sender<StoreCommand>,
+    /// The timer, which holds failed schedules until their next attempt.
+    pub wheel: std::sync::mpsc::Sender<WheelCommand>,
+    /// Schedules in memory: firing subtracts the ones it is done with.
+    pub resident: Arc<AtomicUsize>,
+}
+
 impl Firing {
     pub async fn new(
         client: Client,
         metrics: Arc<Metrics>,
+        retries: Arc<Retries>,
+        denials: mpsc::UnboundedReceiver<PublishDenial>,
     ) -> Result<Firing, async_nats::SubscribeError> {
         let fence_subject = client.new_inbox();
         let fences = client.subscribe(fence_subject.clone()).await?;
@@ -111,18 +180,20 @@ impl Firing {
             metrics,
             lateness_us: Vec::new(),
             due_text: DueText::default(),
+            retries,
+            denials,
+            settling: VecDeque::new(),
         })
     }
 
     /// Publishes batches from the scheduler until it is gone, then returns once every batch
-    /// handed over has been confirmed and reported to the committer — or, after `stop`, once
-    /// `SHUTDOWN_GRACE` has passed without confirmation (NATS down): those batches are left
-    /// in the store for the next start.
+    /// handed over has been confirmed, settled and reported to the committer — or, after
+    /// `stop`, once `SHUTDOWN_GRACE` has passed without confirmation (NATS down): those
+    /// batches are left in the store for the next start.
     pub async fn run(
         mut self,
         mut due: mpsc::UnboundedReceiver<Vec<Resident>>,
-        store: mpsc::Sender<StoreCommand>,
-        resident: Arc<AtomicUsize>,
+        out: FiringOutputs,
         stop: CancellationToken,
     ) {
         let grace_over = async {
@@ -132,7 +203,18 @@ impl Firing {
         tokio::pin!(grace_over);
         let mut abandoned = 0;
         let mut batch: Vec<Resident> = Vec::with_capacity(MAX_BATCH);
-        while let Some(first) = due.recv().await {
+        loop {
+            let settled_at = self.settling.front().map(|(at, _)| *at + SETTLE);
+            let first = tokio::select! {
+                first = due.recv() => match first {
+                    Some(first) => first,
+                    None => break,
+                },
+                () = sleep_until_some(settled_at) => {
+                    self.settle(&out, false).await;
+                    continue;
+                }
+            };
             batch.extend(first);
             while batch.len() < MAX_BATCH {
                 match due.try_recv() {
@@ -140,31 +222,38 @@ impl Firing {
                     Err(_) => break,
                 }
             }
-            let fired = batch.len();
-            let delivered = abandoned == 0
-                && tokio::select! {
-                    () = self.deliver(&batch) => true,
-                    () = &mut grace_over => false,
-                };
-            if !delivered {
-                abandoned += fired;
-                resident.fetch_sub(fired, Ordering::Relaxed);
+            let failed = match abandoned {
+                0 => tokio::select! {
+                    failed = self.deliver(&batch) => Some(failed),
+                    () = &mut grace_over => None,
+                },
+                _ => None,
+            };
+            let Some(failed) = failed else {
+                abandoned += batch.len();
+                out.resident.fetch_sub(batch.len(), Ordering::Relaxed);
                 batch.clear();
                 continue;
-            }
-            resident.fetch_sub(fired, Ordering::Relaxed);
-            Metrics::count(&self.metrics.fired_total, fired as u64);
+            };
             self.metrics.record_lateness(self.lateness_us.drain(..));
-            if store
-                .send(StoreCommand::Fired(batch.split_off(0)))
-                .await
-                .is_err()
-            {
-                tracing::error!(
-                    "store writer is gone; fired schedules will fire again after restart"
-                );
+            let mut confirmed = Vec::with_capacity(batch.len());
+            let mut retry = Vec::new();
+            let mut failed = failed.into_iter().peekable();
+            for (index, resident) in batch.drain(..).enumerate() {
+                match failed.next_if(|(at, _)| *at == index) {
+                    Some((_, error)) => retry.push((resident, error)),
+                    None => confirmed.push(resident),
+                }
             }
+            self.retry(retry, &out);
+            self.settling.push_back((Instant::now(), confirmed));
+            self.settle(&out, false).await;
         }
+        // Whatever is still settling gets its full margin, then goes.
+        if let Some(last) = self.settling.back().map(|(at, _)| *at + SETTLE) {
+            tokio::time::sleep_until(last.into()).await;
+        }
+        self.settle(&out, true).await;
         if abandoned > 0 {
             tracing::warn!(
                 count = abandoned,
@@ -173,13 +262,88 @@ impl Firing {
         }
     }
 
-    /// Publishes `batch` until one attempt is confirmed by its fence on an unbroken connection.
-    async fn deliver(&mut self, batch: &[Resident]) {
+    /// Takes schedules whose publish the server refused out of the settling batches, and
+    /// reports the batches that have settled (all of them if `all`) for deletion.
+    async fn settle(&mut self, out: &FiringOutputs, all: bool) {
+        while let Ok(denial) = self.denials.try_recv() {
+            let mut refused = Vec::new();
+            for (_, batch) in &mut self.settling {
+                let mut i = 0;
+                while i < batch.len() {
+                    if batch[i].schedule.subject == denial.subject {
+                        refused.push((batch.swap_remove(i), denial.error.clone()));
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            if refused.is_empty() {
+                tracing::debug!(
+                    subject = ?denial.subject,
+                    error = ?denial.error,
+                    "NATS refused a publish that is not settling (already retried, or \
+                     reported after the settling margin)"
+                );
+            }
+            self.retry(refused, out);
+        }
+        let now = Instant::now();
+        while let Some((at, _)) = self.settling.front() {
+            if !all && now < *at + SETTLE {
+                break;
+            }
+            let Some((_, batch)) = self.settling.pop_front() else {
+                break;
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            out.resident.fetch_sub(batch.len(), Ordering::Relaxed);
+            Metrics::count(&self.metrics.fired_total, batch.len() as u64);
+            if self.retries.waiting() > 0 {
+                for resident in &batch {
+                    self.retries.forget(&resident.schedule.id);
+                }
+            }
+            if out.store.send(StoreCommand::Fired(batch)).await.is_err() {
+                tracing::error!(
+                    "store writer is gone; fired schedules will fire again after restart"
+                );
+            }
+        }
+    }
+
+    /// Sends schedules that failed back to the wheel, to be tried again after their backoff.
+    fn retry(&self, failed: Vec<(Resident, String)>, out: &FiringOutputs) {
+        if failed.is_empty() {
+            return;
+        }
+        let now = time::now_ms();
+        let again: Vec<(Resident, u64)> = failed
+            .into_iter()
+            .map(|(resident, error)| {
+                let s = &resident.schedule;
+                let wait = self.retries.failed(&s.id, s.due, &s.subject, &error);
+                Metrics::count(&self.metrics.delivery_errors_total, 1);
+                let at = now.saturating_add(wait.as_millis() as u64);
+                (resident, at)
+            })
+            .collect();
+        if out.wheel.send(WheelCommand::Retry(again)).is_err() {
+            // The timer has stopped (shutdown): they stay stored and are tried after restart.
+            tracing::warn!("timer stopped; undelivered schedules are retried after restart");
+        }
+    }
+
+    /// Publishes `batch` until one attempt is confirmed by its fence on an unbroken
+    /// connection. Returns the schedules of that attempt that NATS would not take (by index,
+    /// ascending) with the reason.
+    async fn deliver(&mut self, batch: &[Resident]) -> Vec<(usize, String)> {
         loop {
             let before = session(&self.client);
             match self.publish_with_fence(batch, &before).await {
-                Ok(()) if session(&self.client) == before => return,
-                Ok(()) => tracing::warn!(
+                Ok(failed) if session(&self.client) == before => return failed,
+                Ok(_) => tracing::warn!(
                     count = batch.len(),
                     "reconnected while delivering; publishing the batch again"
                 ),
@@ -192,12 +356,12 @@ impl Firing {
     }
 
     /// One attempt: publish everything, then the fence, and wait for the fence (or for a
-    /// reconnect, which makes the attempt void).
+    /// reconnect, which makes the attempt void). Returns the schedules NATS refused.
     async fn publish_with_fence(
         &mut self,
         batch: &[Resident],
         session_before: &(String, u64),
-    ) -> Result<(), async_nats::Error> {
+    ) -> Result<Vec<(usize, String)>, async_nats::Error> {
         // The wheel hands out nothing before its due, but if the wall clock was stepped back
         // since, "due" may be in the future again: never publish early.
         let latest = batch.iter().map(|r| r.schedule.due).max().unwrap_or(0);
@@ -205,30 +369,26 @@ impl Firing {
             tokio::time::sleep_until(time::instant_of(latest).into()).await;
         }
         self.lateness_us.clear();
-        for Resident { schedule, .. } in batch {
+        let mut failed = Vec::new();
+        for (index, Resident { schedule, .. }) in batch.iter().enumerate() {
             self.lateness_us
                 .push(time::now_us().saturating_sub(schedule.due.saturating_mul(1000)));
+            let headers = match delivery_headers(schedule, self.due_text.of(schedule.due)) {
+                Ok(headers) => headers,
+                Err(error) => {
+                    failed.push((index, error));
+                    continue;
+                }
+            };
             let published = self
                 .client
-                .publish_with_headers(
-                    schedule.subject.clone(),
-                    delivery_headers(schedule, self.due_text.of(schedule.due)),
-                    schedule.payload.clone(),
-                )
+                .publish_with_headers(schedule.subject.clone(), headers, schedule.payload.clone())
                 .await;
             match published {
                 Ok(()) => {}
                 // Intake refuses what cannot be delivered, but the server's limit can shrink
-                // later. Retrying would block every schedule behind this one forever.
-                Err(err) if is_permanent(&err) => {
-                    Metrics::count(&self.metrics.errors_total, 1);
-                    tracing::error!(
-                        id = %schedule.id,
-                        subject = %schedule.subject,
-                        error = %err,
-                        "schedule can never be published; dropping it"
-                    )
-                }
+                // later. Retrying at once would block every schedule behind this one.
+                Err(err) if is_permanent(&err) => failed.push((index, err.to_string())),
                 Err(err) => return Err(err.into()),
             }
         }
@@ -241,11 +401,11 @@ impl Firing {
         let mut reported = false;
         loop {
             match tokio::time::timeout(RECONNECT_CHECK, self.fences.next()).await {
-                Ok(Some(fence)) if fence.payload == seq.as_bytes() => return Ok(()),
+                Ok(Some(fence)) if fence.payload == seq.as_bytes() => return Ok(failed),
                 Ok(Some(_stale)) => {} // the fence of an earlier, abandoned attempt
                 Ok(None) => return Err("fence subscription closed".into()),
                 Err(_) if session(&self.client) != *session_before => {
-                    return Ok(()); // void: the caller sees the new session and retries
+                    return Ok(failed); // void: the caller sees the new session and retries
                 }
                 Err(_) if !reported && started.elapsed() >= SLOW_FENCE => {
                     reported = true;
@@ -257,5 +417,13 @@ impl Firing {
                 Err(_) => {}
             }
         }
+    }
+}
+
+/// Completes at `at`, or never if there is none.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }

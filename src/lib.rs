@@ -49,6 +49,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod record;
 pub mod replies;
+pub mod retries;
 pub mod scheduler;
 pub mod service;
 pub mod store;
@@ -67,10 +68,11 @@ use tokio_util::sync::CancellationToken;
 use crate::api::Api;
 use crate::committer::{Committer, CommitterOptions};
 use crate::config::Config;
-use crate::firing::Firing;
+use crate::firing::{Firing, FiringOutputs, PublishDenial};
 use crate::intake::Intake;
 use crate::metrics::Metrics;
-use crate::scheduler::Scheduler;
+use crate::retries::Retries;
+use crate::scheduler::{Scheduler, WheelCommand};
 use crate::service::MicroService;
 use crate::store::{Store, StoreError, StoreOptions};
 
@@ -112,13 +114,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         store,
         client,
         metrics,
+        retries,
         intake,
         api,
         firing,
         micro,
     } = started?;
     let (store_tx, store_rx) = mpsc::channel(INTAKE_QUEUE);
-    let (wheel_tx, wheel_rx) = std::sync::mpsc::channel();
+    let (wheel_tx, wheel_rx) = std::sync::mpsc::channel::<WheelCommand>();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let (fire_tx, fire_rx) = mpsc::unbounded_channel();
     let resident = Arc::new(AtomicUsize::new(0));
@@ -132,22 +135,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             max_resident: config.wheel.max_resident,
         },
         store_rx,
-        wheel_tx,
+        wheel_tx.clone(),
         ack_tx,
         resident.clone(),
         metrics.clone(),
     )?;
     let runtime = tokio::runtime::Handle::current();
     let mut store_done = spawn_thread("natsched-store", move || committer.run(runtime))?;
-    let scheduler = Scheduler::new(resident.clone());
+    let scheduler = Scheduler::new(resident.clone(), retries.clone());
     let timer_stop = stop.clone();
     let mut scheduler = spawn_thread("natsched-timer", move || {
         scheduler.run(wheel_rx, fire_tx, timer_stop)
     })?;
 
     let mut replies = tokio::spawn(replies::run(client.clone(), ack_rx, metrics.clone()));
-    let mut firing =
-        tokio::spawn(firing.run(fire_rx, store_tx.clone(), resident.clone(), stop.clone()));
+    let outputs = FiringOutputs {
+        store: store_tx.clone(),
+        wheel: wheel_tx,
+        resident: resident.clone(),
+    };
+    let mut firing = tokio::spawn(firing.run(fire_rx, outputs, stop.clone()));
     let mut micro = tokio::spawn(micro.run(metrics.clone(), stop.clone()));
     let mut api = tokio::spawn(api.run(store_tx.clone(), resident.clone(), stop.clone()));
     let mut intake = tokio::spawn(intake.run(store_tx, stop.clone()));
@@ -217,6 +224,7 @@ struct Started {
     store: Store,
     client: async_nats::Client,
     metrics: Arc<Metrics>,
+    retries: Arc<Retries>,
     intake: Intake,
     api: Api,
     firing: Firing,
@@ -234,8 +242,10 @@ async fn start(config: &Config) -> Result<Started, RunError> {
         .map_err(|e| RunError::Task(e.to_string()))??;
     tracing::info!(path = %config.store.path.display(), "store open");
 
-    let client = connect(config).await?;
+    let (denials_tx, denials) = mpsc::unbounded_channel();
+    let client = connect(config, denials_tx).await?;
     let metrics = Arc::new(Metrics::default());
+    let retries = Arc::new(Retries::default());
     let prefix = &config.api.prefix;
     let intake = Intake::subscribe(
         client.clone(),
@@ -244,8 +254,15 @@ async fn start(config: &Config) -> Result<Started, RunError> {
         metrics.clone(),
     )
     .await?;
-    let api = Api::subscribe(client.clone(), prefix, store.clone(), metrics.clone()).await?;
-    let firing = Firing::new(client.clone(), metrics.clone()).await?;
+    let api = Api::subscribe(
+        client.clone(),
+        prefix,
+        store.clone(),
+        metrics.clone(),
+        retries.clone(),
+    )
+    .await?;
+    let firing = Firing::new(client.clone(), metrics.clone(), retries.clone(), denials).await?;
     let micro = MicroService::subscribe(client.clone(), prefix).await?;
     // The client keeps retrying an unreachable server by itself; say so while it does.
     loop {
@@ -265,6 +282,7 @@ async fn start(config: &Config) -> Result<Started, RunError> {
         store,
         client,
         metrics,
+        retries,
         intake,
         api,
         firing,
@@ -328,15 +346,31 @@ async fn join_bounded(name: &str, task: &mut tokio::task::JoinHandle<()>) {
     }
 }
 
-async fn connect(config: &Config) -> Result<async_nats::Client, RunError> {
+/// Connects (retrying until the server is reachable). Publishes the server refuses are
+/// reported to firing through `denials`.
+async fn connect(
+    config: &Config,
+    denials: mpsc::UnboundedSender<PublishDenial>,
+) -> Result<async_nats::Client, RunError> {
     async_nats::ConnectOptions::new()
         .name(&config.nats.name)
         .retry_on_initial_connect()
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                other => tracing::info!(event = %other, "NATS event"),
+        .event_callback(move |event| {
+            let denials = denials.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(text)) => {
+                        match PublishDenial::from_server_error(&text) {
+                            Some(denial) => {
+                                let _ = denials.send(denial);
+                            }
+                            None => tracing::warn!(error = ?text, "NATS server error"),
+                        }
+                    }
+                    other => tracing::info!(event = %other, "NATS event"),
+                }
             }
         })
         .connect(config.nats.url.as_str())

@@ -109,8 +109,12 @@ pub fn page(
         let window = window?;
         let mut entries = Vec::new();
         for (key, raw) in &window.segments {
-            let corrupt = |source| StoreError::Corrupt { key: *key, source };
-            let segment_entries = segment::entries(raw.as_ref()).map_err(corrupt)?;
+            // A damaged segment's readable schedules are listed; the writer repairs it
+            // (keeping the rest aside) once it touches it.
+            let (segment_entries, damaged) = segment::entries_salvaging(raw.as_ref());
+            if damaged {
+                store.report_damage(*key, "listed what is readable");
+            }
             entries.extend(segment_entries.into_iter().map(|entry| (key, entry)));
         }
         entries.sort_unstable_by(|(_, a), (_, b)| (a.due, a.id()).cmp(&(b.due, b.id())));
@@ -118,14 +122,16 @@ pub fn page(
         // be seen twice.
         entries.dedup_by(|(_, a), (_, b)| (a.due, a.id()) == (b.due, b.id()));
         for (&key, entry) in entries {
-            let corrupt = |source| StoreError::Corrupt { key, source };
             if after
                 .as_ref()
                 .is_some_and(|c| (entry.due, entry.id()) <= (c.due, c.id.as_str()))
             {
                 continue;
             }
-            let subject = entry.subject().map_err(corrupt)?;
+            let Ok(subject) = entry.subject() else {
+                store.report_damage(key, "a record's value is unreadable; not listed");
+                continue;
+            };
             if subject_matches(&request.subject, subject) {
                 if items.len() == request.limit {
                     // One more exists: the page is full and is not the last.
@@ -136,7 +142,12 @@ pub fn page(
                     };
                     return Ok((items, Some(cursor.encode())));
                 }
-                items.push(entry.decode().map_err(corrupt)?);
+                match entry.decode() {
+                    Ok(schedule) => items.push(schedule),
+                    Err(_) => {
+                        store.report_damage(key, "a record's value is unreadable; not listed")
+                    }
+                }
             } else if scanned + 1 >= SCAN_BUDGET {
                 // Out of budget on a sparse filter: continue from here next time.
                 let cursor = Cursor {
@@ -207,7 +218,7 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_segment_is_named_by_its_own_key() {
+    fn a_damaged_segment_is_reported_and_the_rest_listed() {
         use crate::record::test_schedule;
         use crate::store::{SegmentKey, StoreOptions, WriteBatch};
         let dir = tempfile::tempdir().unwrap();
@@ -224,10 +235,10 @@ mod tests {
         store.commit(batch).unwrap();
 
         let request = ListRequest::parse(b"").unwrap();
-        match page(&store, &request) {
-            Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, far),
-            other => panic!("expected the far segment to be reported corrupt: {other:?}"),
-        }
+        let (items, next) = page(&store, &request).unwrap();
+        let ids: Vec<&str> = items.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!((ids, next), (vec!["a"], None), "the readable one is listed");
+        assert_eq!(store.damaged_total(), 1, "the damaged one is reported");
     }
 
     #[test]

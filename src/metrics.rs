@@ -16,8 +16,10 @@ pub struct Metrics {
     /// Schedules published and confirmed by the server.
     pub fired_total: AtomicU64,
     pub cancelled_total: AtomicU64,
-    /// Requests answered (or dropped) with an error, and schedules that could never be published.
+    /// Requests answered (or dropped) with an error.
     pub errors_total: AtomicU64,
+    /// Delivery attempts that failed (the schedule stays stored and is retried).
+    pub delivery_errors_total: AtomicU64,
     /// Schedules in the store, as the committer last wrote it.
     pub pending: AtomicU64,
     /// Publish time minus due time, in microseconds.
@@ -92,6 +94,7 @@ impl Default for Metrics {
             fired_total: AtomicU64::new(0),
             cancelled_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
+            delivery_errors_total: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             // 1 µs to 1 day at 3 significant digits; anything later is recorded as a day.
             lateness: Mutex::new(Histogram::new_with_bounds(1, 86_400_000_000, 3).expect("bounds")),

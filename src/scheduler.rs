@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::record::Schedule;
+use crate::retries::Retries;
 use crate::store::SegmentKey;
 use crate::time::{self, UnixMs};
 use crate::wheel::{EntryKey, Wheel};
@@ -69,6 +70,10 @@ pub enum WheelCommand {
     /// place where "cancelled" and "fired" are decided, so a cancel never both succeeds and
     /// fires.
     Withdraw(ScheduleRef, std::sync::mpsc::SyncSender<Withdrawal>),
+    /// These copies, handed out for firing, could not be delivered: hold them again and hand
+    /// them out at the given instant (see [`crate::retries`]). Until then a cancel or a
+    /// replace can take them out like any other.
+    Retry(Vec<(Resident, UnixMs)>),
 }
 
 /// The answer to [`WheelCommand::Withdraw`].
@@ -109,14 +114,17 @@ pub struct Scheduler {
     held: HashMap<String, Held, foldhash::fast::RandomState>,
     /// Schedules in memory; this loop subtracts the ones it drops without firing.
     resident: Arc<AtomicUsize>,
+    /// Failed deliveries, forgotten when a retrying schedule is cancelled.
+    retries: Arc<Retries>,
 }
 
 impl Scheduler {
-    pub fn new(resident: Arc<AtomicUsize>) -> Scheduler {
+    pub fn new(resident: Arc<AtomicUsize>, retries: Arc<Retries>) -> Scheduler {
         Scheduler {
             wheel: Wheel::new(time::now_ms()),
             held: HashMap::default(),
             resident,
+            retries,
         }
     }
 
@@ -187,6 +195,7 @@ impl Scheduler {
                             match self.wheel.remove(entry) {
                                 Some((_, resident)) => {
                                     self.resident.fetch_sub(1, Ordering::Relaxed);
+                                    self.retries.forget(&copy.id);
                                     Withdrawal::Withdrawn(resident)
                                 }
                                 None => Withdrawal::NotHeld,
@@ -197,6 +206,11 @@ impl Scheduler {
                     _ => Withdrawal::NotHeld,
                 };
                 let _ = answer.send(outcome);
+            }
+            WheelCommand::Retry(residents) => {
+                for (resident, at) in residents {
+                    self.retry(resident, at);
+                }
             }
             WheelCommand::Deleted(copies) => {
                 for copy in copies {
@@ -251,6 +265,20 @@ impl Scheduler {
         };
     }
 
+    /// Holds a copy that failed to deliver again, to expire at `at`; dropped if it is no
+    /// longer the copy held for its id (replaced, or cancelled, meanwhile).
+    fn retry(&mut self, resident: Resident, at: UnixMs) {
+        let copy = ScheduleRef::of(resident.segment, &resident.schedule);
+        match self.held.get_mut(&copy.id) {
+            Some(held) if held.is(&copy) && held.entry.is_none() => {
+                held.entry = Some(self.wheel.insert(at, resident));
+            }
+            _ => {
+                self.resident.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn drop_entry(&mut self, entry: EntryKey) {
         if self.wheel.remove(entry).is_some() {
             self.resident.fetch_sub(1, Ordering::Relaxed);
@@ -294,7 +322,10 @@ mod tests {
     /// A scheduler whose resident count matches what the committer would have sent it.
     fn scheduler() -> (Scheduler, Arc<AtomicUsize>) {
         let resident = Arc::new(AtomicUsize::new(0));
-        (Scheduler::new(resident.clone()), resident)
+        (
+            Scheduler::new(resident.clone(), Arc::new(Retries::default())),
+            resident,
+        )
     }
 
     fn insert(s: &mut Scheduler, resident: &AtomicUsize, schedule: Resident) {

@@ -89,6 +89,8 @@ pub struct Round {
     withdrawn: Vec<Resident>,
     /// Whether the batch reached the store (even if its fsync then failed).
     applied: bool,
+    /// Damaged segments this round rewrote from what was readable.
+    damaged: HashSet<SegmentKey>,
 }
 
 /// What a request's reply will say if the round commits.
@@ -175,12 +177,22 @@ impl Round {
             Place::Stored(key) => {
                 let remaining = self.rewrite(store, key)?;
                 let found = remaining.iter().position(|s| s.id == id);
+                let damaged = found.is_none() && self.damaged.contains(&key);
+                let remaining = self.rewrites.get_mut(&key).expect("staged just now");
                 let decided = found.map(|at| match key.tier {
                     // Far segments are never loaded into the wheel: nothing to ask.
                     Tier::Far => Withdrawal::NotHeld,
                     Tier::Fine => withdraw(ScheduleRef::of(key, &remaining[at])),
                 });
                 match found.zip(decided) {
+                    None if damaged => Outcome::Refused(ApiError::new(
+                        500,
+                        format!(
+                            "schedule {id:?} was in stored segment {key:?}, which is damaged; \
+                             its record is unreadable (the segment's original bytes are kept \
+                             for inspection)"
+                        ),
+                    )),
                     None => Outcome::Refused(ApiError::not_found(&id)),
                     Some((_, Withdrawal::Firing)) => Outcome::Refused(ApiError::new(
                         404,
@@ -226,10 +238,19 @@ impl Round {
             } else if let Some(raw) = store.raw_segment(key)? {
                 // The common case, on the firing hot path: filter the encoded segment without
                 // decoding its schedules; a fully fired one is removed.
-                let (kept, dropped) = segment::without(raw.as_ref(), |id| gone.contains(id))
-                    .map_err(|source| StoreError::Corrupt { key, source })?;
-                self.batch.put_raw_segment(key, kept);
-                self.pending_delta -= i64::from(dropped);
+                match segment::without(raw.as_ref(), |id| gone.contains(id)) {
+                    Ok((kept, dropped)) => {
+                        self.batch.put_raw_segment(key, kept);
+                        self.pending_delta -= i64::from(dropped);
+                    }
+                    // Damaged since it was loaded: rewritten from what is readable.
+                    Err(_) => {
+                        let remaining = self.rewrite(store, key)?;
+                        let before = remaining.len();
+                        remaining.retain(|s| !gone.contains(s.id.as_str()));
+                        self.pending_delta -= (before - remaining.len()) as i64;
+                    }
+                }
             }
             for (fired, caller_id) in schedules {
                 if *caller_id && self.place_of(store, &fired.id)? == Place::Stored(key) {
@@ -351,7 +372,9 @@ impl Round {
         Ok(store.locate(id)?.map_or(Place::Gone, Place::Stored))
     }
 
-    /// The staged contents of stored segment `key`, read on first use.
+    /// The staged contents of stored segment `key`, read on first use. A damaged segment is
+    /// staged with its readable schedules, its original bytes go to quarantine and the lost
+    /// ones leave the pending count: a damaged value costs nothing but what it lost.
     fn rewrite(
         &mut self,
         store: &Store,
@@ -359,7 +382,15 @@ impl Round {
     ) -> Result<&mut Vec<Schedule>, StoreError> {
         Ok(match self.rewrites.entry(key) {
             Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => entry.insert(store.segment(key)?),
+            Entry::Vacant(entry) => {
+                let (schedules, damaged) = store.read_segment(key)?;
+                if let Some(damaged) = damaged {
+                    self.batch.quarantine(key, &damaged.raw);
+                    self.pending_delta -= i64::from(damaged.lost.unwrap_or(0));
+                    self.damaged.insert(key);
+                }
+                entry.insert(schedules)
+            }
         })
     }
 }

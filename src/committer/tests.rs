@@ -72,7 +72,7 @@ impl Harness {
                         .map(|r| (true, r.schedule.due, r.schedule.id)),
                 ),
                 WheelCommand::Remove(k) => out.push((false, k.due, k.id)),
-                WheelCommand::Deleted(_) | WheelCommand::Withdraw(..) => {}
+                WheelCommand::Deleted(_) | WheelCommand::Withdraw(..) | WheelCommand::Retry(_) => {}
             }
         }
         out
@@ -356,15 +356,18 @@ fn a_same_due_replacement_survives_the_old_copy_firing() {
     assert_eq!(kept.payload, Bytes::from_static(b"NEW"));
 }
 
-fn cancel_command(id: &str) -> StoreCommand {
-    let reply = crate::replies::Reply {
+fn reply() -> crate::replies::Reply {
+    crate::replies::Reply {
         subject: "reply".into(),
         received: std::time::Instant::now(),
         endpoint: crate::metrics::Endpoint::Cancel,
-    };
+    }
+}
+
+fn cancel_command(id: &str) -> StoreCommand {
     StoreCommand::Cancel {
         id: id.into(),
-        reply: Some(reply),
+        reply: Some(reply()),
     }
 }
 
@@ -392,11 +395,6 @@ fn a_failed_round_gives_the_wheel_back_what_its_cancels_took() {
     h.committer.advance().unwrap();
     let [held] = h.inserted().try_into().expect("a was loaded");
     // "b" points at an unreadable segment, so adding b fails the round after a's cancel.
-    let broken = SegmentKey::fine(bucket_of(now + 9000), 999);
-    let mut batch = WriteBatch::default();
-    batch.put_raw_segment(broken, Some(b"garbage".to_vec()));
-    batch.index("b", broken);
-    h.committer.store.commit(batch).unwrap();
     // A stand-in timer thread that hands the copy over.
     let (wheel_tx, wheel_rx) = std::sync::mpsc::channel();
     h.committer.wheel = wheel_tx;
@@ -417,8 +415,10 @@ fn a_failed_round_gives_the_wheel_back_what_its_cancels_took() {
         schedule: schedule("b", now + 9000),
         reply: None,
     };
+    h.committer.store.fail_writes(true);
     h.committer
         .round([cancel_command("a"), add_b].into_iter(), false);
+    h.committer.store.fail_writes(false);
     let acks = h.acks.try_recv().unwrap();
     assert_eq!(acks[0].result.as_ref().unwrap_err().code, 503);
     assert!(
@@ -437,19 +437,15 @@ fn fired_removals_of_a_failed_round_are_retried() {
     let mut h = Harness::new(1000, &[schedule("a", now - 10)]);
     h.committer.advance().unwrap();
     let fired = h.inserted();
-    // "b" points at an unreadable segment: adding it fails the round that flushes a's removal.
-    let broken = SegmentKey::fine(bucket_of(now + 9000), 999);
-    let mut batch = WriteBatch::default();
-    batch.put_raw_segment(broken, Some(b"garbage".to_vec()));
-    batch.index("b", broken);
-    h.committer.store.commit(batch).unwrap();
-
+    // The disk fails during the round that flushes a's removal.
     let add_b = StoreCommand::Add {
         schedule: schedule("b", now + 9000),
         reply: None,
     };
+    h.committer.store.fail_writes(true);
     h.committer
         .round([StoreCommand::Fired(fired), add_b].into_iter(), true);
+    h.committer.store.fail_writes(false);
     assert!(
         h.committer.store.get("a").unwrap().is_some(),
         "the round failed"
@@ -575,4 +571,48 @@ fn far_buckets_move_to_fine_segments_before_the_horizon_reaches_them() {
     }
     assert_eq!(h.committer.store.locate("later").unwrap(), Some(far_later));
     assert_eq!(h.stored().len(), 3, "nothing lost or doubled");
+}
+
+#[test]
+fn a_damaged_segment_costs_only_the_requests_that_need_what_it_lost() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[]);
+    // "b" and "c" are indexed into a segment that is now garbage; "a" is fine elsewhere.
+    let broken = SegmentKey::fine(bucket_of(now + DAY), 999);
+    let mut batch = WriteBatch::default();
+    batch.put_raw_segment(broken, Some(b"garbage".to_vec()));
+    batch.index("b", broken);
+    batch.index("c", broken);
+    batch.set_next_seq(1000);
+    h.committer.store.commit(batch).unwrap();
+    h.add(schedule("a", now + DAY));
+
+    // One round: replace b, cancel c, add d. Only the cancel of c (lost) is refused.
+    let commands = [
+        StoreCommand::Add {
+            schedule: schedule("b", now + DAY + 1),
+            reply: Some(reply()),
+        },
+        StoreCommand::Cancel {
+            id: "c".into(),
+            reply: Some(reply()),
+        },
+        StoreCommand::Add {
+            schedule: schedule("d", now + DAY + 2),
+            reply: Some(reply()),
+        },
+    ];
+    h.committer.round(commands.into_iter(), false);
+    let acks = h.acks.try_recv().unwrap();
+    assert!(acks[0].result.is_ok(), "{:?}", acks[0].result);
+    let refused = acks[1].result.as_ref().unwrap_err();
+    assert_eq!(refused.code, 500);
+    assert!(
+        refused.description.contains(&format!("{broken:?}")),
+        "{refused:?}"
+    );
+    assert!(acks[2].result.is_ok(), "{:?}", acks[2].result);
+    let ids: Vec<String> = h.stored().into_iter().map(|(_, id)| id).collect();
+    assert_eq!(ids, ["a", "b", "d"]);
+    assert_eq!(h.committer.store.damaged_total(), 1);
 }

@@ -5,6 +5,7 @@
 //! | `f` · bucket (`u64` BE Unix ms) · seq (`u64` BE) | a *far* [segment](super::segment): sparse schedules of one commit round due in that [`FAR_BUCKET_MS`] bucket |
 //! | `i` · id                                     | the segment key holding that id        |
 //! | `m` · name                                   | metadata: format version, next segment seq, pending count |
+//! | `q` · segment key                            | the original bytes of a damaged segment, kept for inspection (see `Store::scan`) |
 //! | `s` · bucket (`u64` BE Unix ms) · seq (`u64` BE) | a *fine* [segment](super::segment): the schedules of one commit round due in that [`BUCKET_MS`] bucket |
 //!
 //! Schedules are stored in *segments*, not one key each: a commit round writes one value per
@@ -38,6 +39,7 @@ pub const FAR_BUCKET_MS: UnixMs = 60_000;
 
 const FAR_PREFIX: u8 = b'f';
 const ID_PREFIX: u8 = b'i';
+const QUARANTINE_PREFIX: u8 = b'q';
 const FINE_PREFIX: u8 = b's';
 /// Where the store's format version is kept.
 pub(crate) const FORMAT_KEY: &[u8] = b"mformat";
@@ -152,6 +154,16 @@ impl SegmentKey {
     }
 }
 
+/// Where the original bytes of the damaged segment `key` are kept once its readable
+/// schedules have been rewritten without the rest: out of every segment range, for
+/// inspection, never loaded or listed.
+pub fn quarantine_key(key: SegmentKey) -> [u8; 18] {
+    let mut out = [0; 18];
+    out[0] = QUARANTINE_PREFIX;
+    out[1..].copy_from_slice(&key.to_bytes());
+    out
+}
+
 /// The id-index key of `id`.
 pub fn id_key(id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + id.len());
@@ -184,7 +196,13 @@ mod tests {
         // segment range scan can run into them.
         let last_far = SegmentKey::far(u64::MAX, u64::MAX).to_bytes();
         let first_fine = SegmentKey::start_of(0).to_bytes();
-        for key in [id_key(""), id_key("~~~~"), NEXT_SEQ_KEY.to_vec()] {
+        let quarantined = quarantine_key(SegmentKey::fine(u64::MAX, u64::MAX)).to_vec();
+        for key in [
+            id_key(""),
+            id_key("~~~~"),
+            NEXT_SEQ_KEY.to_vec(),
+            quarantined,
+        ] {
             assert!(last_far.as_slice() < key.as_slice(), "{key:?}");
             assert!(key.as_slice() < first_fine.as_slice(), "{key:?}");
         }

@@ -18,6 +18,7 @@ mod watermark;
 mod windows;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use keys::{BUCKET_MS, FAR_BUCKET_MS, SegmentKey, Tier, bucket_of, far_bucket_of};
@@ -26,6 +27,7 @@ pub use windows::Window;
 use crate::protocol;
 use crate::record::{DecodeError, Schedule};
 use crate::time::UnixMs;
+use segment::Salvage;
 
 /// How often [`Store::get`] follows a schedule that moved while it was being read.
 const GET_ATTEMPTS: usize = 3;
@@ -68,6 +70,8 @@ pub enum StoreError {
         key: SegmentKey,
         source: DecodeError,
     },
+    #[error("stored metadata {key:?} is unreadable (expected 8 bytes, found {len})")]
+    CorruptMeta { key: String, len: usize },
 }
 
 /// Tuning for [`Store::open`].
@@ -84,6 +88,10 @@ pub struct StoreOptions {
 pub struct Store {
     db: sled::Db,
     path: PathBuf,
+    damage: Arc<Damage>,
+    /// Tests make writes fail with this, as a full or broken disk would.
+    #[cfg(test)]
+    fail_writes: Arc<std::sync::atomic::AtomicBool>,
     /// Ids natsched generated before store format 3 did not name their segment; such an id
     /// due before this instant is searched for in its bucket (see [`Store::locate`]).
     legacy_ids_until: UnixMs,
@@ -95,6 +103,63 @@ pub struct RawSegment(sled::IVec);
 impl AsRef<[u8]> for RawSegment {
     fn as_ref(&self) -> &[u8] {
         &self.0
+    }
+}
+
+/// A segment found damaged: its original bytes and how many of its schedules were lost
+/// (`None` if even its header is unreadable).
+#[derive(Debug)]
+pub struct Damaged {
+    pub key: SegmentKey,
+    pub raw: sled::IVec,
+    pub lost: Option<u32>,
+}
+
+impl Damaged {
+    /// Why it is damaged (decoded again: the error is not kept).
+    pub fn error(&self) -> DecodeError {
+        match segment::decode_salvaging(&self.raw) {
+            Err(salvage) => salvage.error,
+            Ok(_) => DecodeError::Truncated,
+        }
+    }
+}
+
+/// Damaged segments found since the store was opened: each logged once.
+#[derive(Default)]
+struct Damage {
+    reported: std::sync::Mutex<std::collections::HashSet<SegmentKey>>,
+    found: std::sync::atomic::AtomicU64,
+    /// Schedules lost with segments that scans repaired, not yet taken by the writer.
+    lost: std::sync::atomic::AtomicU64,
+}
+
+impl Damage {
+    fn report(&self, key: SegmentKey, salvage: &Salvage) {
+        let lost = match salvage.lost {
+            Some(lost) => format!("{lost} unreadable"),
+            None => "its header is unreadable".to_owned(),
+        };
+        let what = format!(
+            "{} readable schedules kept, {lost} ({}); the original bytes are kept under its \
+             quarantine key",
+            salvage.schedules.len(),
+            salvage.error
+        );
+        self.note(key, &what);
+    }
+
+    fn note(&self, key: SegmentKey, what: &str) {
+        let first = self
+            .reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key);
+        if first {
+            self.found
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(?key, "damaged segment in the store: {what}");
+        }
     }
 }
 
@@ -137,6 +202,13 @@ impl WriteBatch {
             Some(value) => self.batch.insert(&key.to_bytes(), value),
             None => self.batch.remove(&key.to_bytes()),
         }
+        self.len += 1;
+    }
+
+    /// Keeps the original bytes of the damaged segment `key` aside (see
+    /// [`keys::quarantine_key`]); the caller rewrites the segment with what is readable.
+    pub fn quarantine(&mut self, key: SegmentKey, raw: &[u8]) {
+        self.batch.insert(&keys::quarantine_key(key), raw);
         self.len += 1;
     }
 
@@ -199,6 +271,9 @@ impl Store {
         let mut store = Store {
             db,
             path: options.path.clone(),
+            damage: Arc::default(),
+            #[cfg(test)]
+            fail_writes: Arc::default(),
             legacy_ids_until: 0,
         };
         // Checked before anything is written, so a refused store is left as it was.
@@ -291,13 +366,25 @@ impl Store {
         Ok(self.meta_u64(keys::PENDING_KEY)?.unwrap_or(0))
     }
 
+    /// A metadata number; a damaged one is an error, never a default (a next seq read as 1
+    /// would overwrite segments).
     fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
-        let value = self.db.get(key)?;
-        Ok(value.and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?))))
+        let Some(value) = self.db.get(key)? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 8] = value
+            .as_ref()
+            .try_into()
+            .map_err(|_| StoreError::CorruptMeta {
+                key: String::from_utf8_lossy(key).into_owned(),
+                len: value.len(),
+            })?;
+        Ok(Some(u64::from_be_bytes(bytes)))
     }
 
     /// Applies `batch` atomically (not yet durable: see [`Store::flush`]).
     pub fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.injected_failure()?;
         if !batch.is_empty() {
             self.db.apply_batch(batch.batch)?;
         }
@@ -306,7 +393,29 @@ impl Store {
 
     /// Makes every committed change durable (fsync).
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.injected_failure()?;
         self.db.flush()?;
+        Ok(())
+    }
+
+    /// Makes every write fail (or work again), as a full or broken disk would.
+    #[cfg(test)]
+    pub(crate) fn fail_writes(&self, fail: bool) {
+        self.fail_writes
+            .store(fail, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    fn injected_failure(&self) -> Result<(), StoreError> {
+        if self.fail_writes.load(std::sync::atomic::Ordering::Relaxed) {
+            let error = std::io::Error::other("injected write failure");
+            return Err(StoreError::Io(sled::Error::Io(error)));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    fn injected_failure(&self) -> Result<(), StoreError> {
         Ok(())
     }
 
@@ -329,8 +438,7 @@ impl Store {
                 SegmentKey::fine(bucket_of(due), seq),
             ] {
                 if let Some(value) = self.db.get(key.to_bytes())?
-                    && segment::holds_generated_id(&value, id)
-                        .map_err(|source| StoreError::Corrupt { key, source })?
+                    && segment::finds_generated_id(&value, id)
                 {
                     return Ok(Some(key));
                 }
@@ -352,23 +460,60 @@ impl Store {
             let Some(key) = SegmentKey::from_bytes(&key) else {
                 continue; // not a segment key: not ours to read
             };
-            let found = segment::holds_generated_id(&value, id)
-                .map_err(|source| StoreError::Corrupt { key, source })?;
-            if found {
+            if segment::finds_generated_id(&value, id) {
                 return Ok(Some(key));
             }
         }
         Ok(None)
     }
 
-    /// The schedules of segment `key` (empty if it does not exist).
+    /// The schedules of segment `key` (empty if it does not exist): the readable ones, if it
+    /// is damaged (see [`Store::read_segment`]).
     pub fn segment(&self, key: SegmentKey) -> Result<Vec<Schedule>, StoreError> {
-        match self.db.get(key.to_bytes())? {
-            Some(value) => {
-                segment::decode(&value).map_err(|source| StoreError::Corrupt { key, source })
+        Ok(self.read_segment(key)?.0)
+    }
+
+    /// The schedules of segment `key`, and if it is damaged, its original bytes and what was
+    /// lost. Damage is logged once per segment and counted; only the writer repairs it
+    /// ([`WriteBatch::quarantine`]).
+    pub fn read_segment(
+        &self,
+        key: SegmentKey,
+    ) -> Result<(Vec<Schedule>, Option<Damaged>), StoreError> {
+        let Some(value) = self.db.get(key.to_bytes())? else {
+            return Ok((Vec::new(), None));
+        };
+        match segment::decode_salvaging(&value) {
+            Ok(schedules) => Ok((schedules, None)),
+            Err(salvage) => {
+                self.damage.report(key, &salvage);
+                let damaged = Damaged {
+                    key,
+                    raw: value,
+                    lost: salvage.lost,
+                };
+                Ok((salvage.schedules, Some(damaged)))
             }
-            None => Ok(Vec::new()),
         }
+    }
+
+    /// Notes that segment `key` was found damaged by a reader that only reads (list): logged
+    /// once per segment, counted once.
+    pub fn report_damage(&self, key: SegmentKey, what: &str) {
+        self.damage.note(key, what);
+    }
+
+    /// How many damaged segments were found since the store was opened.
+    pub fn damaged_total(&self) -> u64 {
+        self.damage.found.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Schedules lost with damaged segments that [`Store::scan`] repaired since the last call:
+    /// the writer takes them off its pending count.
+    pub fn take_lost(&self) -> u64 {
+        self.damage
+            .lost
+            .swap(0, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The encoded segment `key`, if it exists.
@@ -393,12 +538,20 @@ impl Store {
             let Some(key) = located else {
                 return Ok(None);
             };
-            if let Some(schedule) = self.segment(key)?.into_iter().find(|s| s.id == id) {
+            let (schedules, damaged) = self.read_segment(key)?;
+            if let Some(schedule) = schedules.into_iter().find(|s| s.id == id) {
                 return Ok(Some(schedule));
             }
             let again = self.locate(id)?;
             if again == located {
-                return Ok(None);
+                // Where it should be, the segment is damaged: say so rather than "unknown".
+                return match damaged {
+                    Some(damaged) => Err(StoreError::Corrupt {
+                        key,
+                        source: damaged.error(),
+                    }),
+                    None => Ok(None),
+                };
             }
             located = again;
         }
@@ -440,17 +593,42 @@ impl Store {
                     break;
                 }
             }
-            match segment::decode(&value) {
-                Ok(schedules) => {
-                    total += schedules.len();
-                    out.push((key, schedules));
+            let schedules = match segment::decode_salvaging(&value) {
+                Ok(schedules) => schedules,
+                // One damaged value must not stop anything else: its readable schedules stay
+                // (rewritten in place, so their ids still find them), the original bytes are
+                // kept aside for inspection, and the scan goes on.
+                Err(salvage) => {
+                    self.damage.report(key, &salvage);
+                    self.repair(key, &value, &salvage)?;
+                    salvage.schedules
                 }
-                // One damaged value must not stop every later schedule from firing: it stays
-                // on disk for inspection, and the scan goes on.
-                Err(error) => tracing::error!(?key, %error, "skipping an unreadable segment"),
+            };
+            if schedules.is_empty() {
+                continue; // a damaged segment with nothing readable is gone now
             }
+            total += schedules.len();
+            out.push((key, schedules));
         }
         Ok(out)
+    }
+
+    /// Rewrites the damaged segment `key` with only its readable schedules, moves its original
+    /// bytes to quarantine and takes the lost ones off the pending count, in one batch. Only
+    /// the writer's scans call this (see [`Store::take_lost`]).
+    fn repair(&self, key: SegmentKey, raw: &[u8], salvage: &Salvage) -> Result<(), StoreError> {
+        let lost = u64::from(salvage.lost.unwrap_or(0));
+        let mut batch = WriteBatch::default();
+        batch.quarantine(key, raw);
+        batch.put_segment(key, &salvage.schedules);
+        if lost > 0 {
+            batch.set_pending(self.pending()?.saturating_sub(lost));
+        }
+        self.commit(batch)?;
+        self.damage
+            .lost
+            .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Bytes the database occupies on disk.

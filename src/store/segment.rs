@@ -213,6 +213,16 @@ fn for_each<'a>(
     bytes: &'a [u8],
     mut visit: impl FnMut(Entry<'a>, &'a [u8]) -> Result<(), DecodeError>,
 ) -> Result<(), DecodeError> {
+    records(bytes, |entry, record| visit(entry?, record)).map(|_| ())
+}
+
+/// Calls `visit(entry or why it is unreadable, whole encoded record)` for each record; returns
+/// the record count of the header. An unreadable id is a record's own problem (the framing
+/// says where the next record starts); unreadable framing ends the walk with an error.
+fn records<'a>(
+    bytes: &'a [u8],
+    mut visit: impl FnMut(Result<Entry<'a>, DecodeError>, &'a [u8]) -> Result<(), DecodeError>,
+) -> Result<u32, DecodeError> {
     let mut r = Reader(bytes);
     let version = r.u8()?;
     if version != SEGMENT_FORMAT {
@@ -229,11 +239,13 @@ fn for_each<'a>(
             .checked_add(r.varint()?)
             .ok_or(DecodeError::BadVarint)?;
         let id = if flags & FLAG_FAR_ID != 0 {
-            let index = u16::try_from(r.varint()?).map_err(|_| DecodeError::BadVarint)?;
-            let ulid = protocol::far_ulid(due, far_seq, index).ok_or(DecodeError::BadVarint)?;
-            let mut text = [0; ULID_LEN];
-            ulid.array_to_str(&mut text);
-            EntryId::Compact(text)
+            let index = u16::try_from(r.varint()?).map_err(|_| DecodeError::BadVarint);
+            index.and_then(|index| {
+                let ulid = protocol::far_ulid(due, far_seq, index).ok_or(DecodeError::BadVarint)?;
+                let mut text = [0; ULID_LEN];
+                ulid.array_to_str(&mut text);
+                Ok(EntryId::Compact(text))
+            })
         } else if flags & FLAG_COMPACT_ID != 0 {
             let random: [u8; COMPACT_ID_LEN] = r.array()?;
             let mut bytes = [0; 16];
@@ -241,29 +253,104 @@ fn for_each<'a>(
             let random = u128::from_be_bytes(bytes);
             let mut text = [0; ULID_LEN];
             ulid::Ulid::from_parts(due, random).array_to_str(&mut text);
-            EntryId::Compact(text)
+            Ok(EntryId::Compact(text))
         } else {
             let len = r.length()?;
-            EntryId::Text(std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError::NotUtf8)?)
+            std::str::from_utf8(r.take(len)?)
+                .map(EntryId::Text)
+                .map_err(|_| DecodeError::NotUtf8)
         };
         let len = r.length()?;
         let value = r.take(len)?;
         let record = &record_start[..record_start.len() - r.0.len()];
-        visit(
-            Entry {
-                due,
-                id,
-                flags,
-                created_base,
-                value,
-            },
-            record,
-        )?;
+        let entry = id.map(|id| Entry {
+            due,
+            id,
+            flags,
+            created_base,
+            value,
+        });
+        visit(entry, record)?;
     }
     if !r.0.is_empty() {
         return Err(DecodeError::TrailingBytes(r.0.len()));
     }
-    Ok(())
+    Ok(count)
+}
+
+/// What could be read of a damaged segment.
+#[derive(Debug)]
+pub struct Salvage {
+    /// Every schedule that decodes, in stored order.
+    pub schedules: Vec<Schedule>,
+    /// How many records could not be read: the header's count minus the readable ones, or
+    /// `None` when the header itself is unreadable.
+    pub lost: Option<u32>,
+    /// The first thing found wrong.
+    pub error: DecodeError,
+}
+
+/// Decodes a segment, keeping what is readable if it is damaged: a record whose id or value
+/// does not decode is skipped (its length says where the next one starts), and damage to the
+/// framing ends the reading there. `Ok` if nothing is damaged.
+pub fn decode_salvaging(bytes: &[u8]) -> Result<Vec<Schedule>, Salvage> {
+    let mut schedules = Vec::new();
+    let mut first_error = None;
+    let walked = records(bytes, |entry, _| {
+        match entry.and_then(|entry| entry.decode()) {
+            Ok(schedule) => schedules.push(schedule),
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+        Ok(())
+    });
+    let count = match walked {
+        Ok(_) if first_error.is_none() => return Ok(schedules),
+        Ok(count) => Some(count),
+        Err(error) => {
+            first_error.get_or_insert(error);
+            header_count(bytes)
+        }
+    };
+    Err(Salvage {
+        lost: count.map(|count| count.saturating_sub(schedules.len() as u32)),
+        schedules,
+        error: first_error.unwrap_or(DecodeError::Truncated),
+    })
+}
+
+/// The record count of a segment's header, if the header is readable.
+fn header_count(bytes: &[u8]) -> Option<u32> {
+    let mut r = Reader(bytes);
+    (r.u8().ok()? == SEGMENT_FORMAT).then_some(())?;
+    Some(u32::from_be_bytes(r.array().ok()?))
+}
+
+/// The readable entries of a segment, and whether anything was unreadable (see
+/// [`decode_salvaging`]; an entry's value is not checked here).
+pub fn entries_salvaging(bytes: &[u8]) -> (Vec<Entry<'_>>, bool) {
+    let mut out = Vec::new();
+    let mut damaged = false;
+    let walked = records(bytes, |entry, _| {
+        match entry {
+            Ok(entry) => out.push(entry),
+            Err(_) => damaged = true,
+        }
+        Ok(())
+    });
+    (out, damaged || walked.is_err())
+}
+
+/// Whether the readable part of the segment holds a schedule with this id that was *not*
+/// indexed (a generated id). Never fails: damage elsewhere in the segment does not hide it.
+pub fn finds_generated_id(bytes: &[u8], wanted: &str) -> bool {
+    let mut found = false;
+    let _ = records(bytes, |entry, _| {
+        found |= entry.is_ok_and(|e| e.flags & FLAG_CALLER_ID == 0 && e.id() == wanted);
+        Ok(())
+    });
+    found
 }
 
 #[cfg(test)]

@@ -85,6 +85,22 @@ impl NatsServer {
         server
     }
 
+    /// A server started with the config file text `config`.
+    pub fn start_with_config(config: &str) -> NatsServer {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("nats.conf"), config).unwrap();
+        NatsServer::spawn(free_port(), dir, &["-c", "nats.conf"])
+    }
+
+    /// Restarts the server on the same port with the config file text `config` (clients see
+    /// a reconnect).
+    pub fn reconfigure(&mut self, config: &str) {
+        self.go_down();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        std::fs::write(dir.path().join("nats.conf"), config).unwrap();
+        *self = NatsServer::spawn(self.port, dir, &["-c", "nats.conf"]);
+    }
+
     /// The server's client connections with their subscriptions (monitoring `/connz`).
     pub fn connections(&self) -> Vec<serde_json::Value> {
         let port = self.monitor_port.expect("started with monitoring");
