@@ -261,6 +261,8 @@ impl Committer {
         let far_from = self.far_from(now);
         let mut far: BTreeMap<UnixMs, Vec<Schedule>> = BTreeMap::new();
         let mut inserts = Vec::new();
+        // The wheel holds nothing due from here on that it could let go of (see below).
+        let mut nothing_from = UnixMs::MAX;
         for (bucket, schedules) in round.take_new() {
             if bucket >= far_from
                 && schedules.iter().map(round::approximate_size).sum::<usize>() < SPARSE_BYTES
@@ -277,8 +279,24 @@ impl Committer {
                 if key >= self.cursor {
                     continue; // the loader will bring it in
                 }
-                let full = self.resident.load(Ordering::Relaxed) + inserts.len() + schedules.len()
-                    > self.options.max_resident;
+                let wanted =
+                    self.resident.load(Ordering::Relaxed) + inserts.len() + schedules.len();
+                let over = wanted.saturating_sub(self.options.max_resident);
+                let later = bucket + BUCKET_MS;
+                // Only something loaded from a later bucket can make room, and once the wheel
+                // had nothing from some bucket on, later buckets of the round need not ask.
+                let may_evict = self.cursor.bucket >= later && later < nothing_from;
+                let full = over > 0 && {
+                    let evicted = if may_evict {
+                        self.make_room(over, later)
+                    } else {
+                        0
+                    };
+                    if evicted < over {
+                        nothing_from = nothing_from.min(later);
+                    }
+                    evicted < over
+                };
                 if full && bucket > now {
                     // Keep memory bounded under a flood of near-future schedules: leave the
                     // segment on disk and pull the cursor back to it; the loader brings it in
@@ -323,6 +341,28 @@ impl Committer {
         Metrics::count(&self.metrics.scheduled_total, added);
         Metrics::count(&self.metrics.cancelled_total, cancelled);
         Ok(())
+    }
+
+    /// Makes room in memory for `count` schedules by letting the wheel go of as many of its
+    /// latest ones, if they are due at or after `from` (later than what needs the room): the
+    /// schedules in memory are always the earliest due. What it lets go stays on disk, and
+    /// the cursor moves back so the loader brings it in again once there is room. Returns
+    /// how many it let go.
+    fn make_room(&mut self, count: usize, from: UnixMs) -> usize {
+        let (answer, evicted) = std::sync::mpsc::sync_channel(1);
+        let asked = WheelCommand::Evict {
+            count,
+            from,
+            answer,
+        };
+        if self.wheel.send(asked).is_err() {
+            return 0;
+        }
+        let (count, earliest) = evicted.recv().unwrap_or((0, None));
+        if let Some(earliest) = earliest {
+            self.cursor = self.cursor.min(SegmentKey::start_of(bucket_of(earliest)));
+        }
+        count
     }
 
     /// Migrates and loads what the horizon needs, a chunk of each. Returns whether more is

@@ -70,6 +70,14 @@ pub enum WheelCommand {
     /// place where "cancelled" and "fired" are decided, so a cancel never both succeeds and
     /// fires.
     Withdraw(ScheduleRef, std::sync::mpsc::SyncSender<Withdrawal>),
+    /// Let go of up to `count` of the latest-due schedules held, due at or after `from`, to
+    /// make room for earlier ones: they are on disk, and the committer loads them again.
+    /// Answers with how many it let go and the earliest due among them.
+    Evict {
+        count: usize,
+        from: UnixMs,
+        answer: std::sync::mpsc::SyncSender<(usize, Option<UnixMs>)>,
+    },
     /// These copies, handed out for firing, could not be delivered: hold them again and hand
     /// them out at the given instant (see [`crate::retries`]). Until then a cancel or a
     /// replace can take them out like any other.
@@ -171,7 +179,7 @@ impl Scheduler {
         }
     }
 
-    fn apply(&mut self, command: WheelCommand) {
+    pub(crate) fn apply(&mut self, command: WheelCommand) {
         match command {
             WheelCommand::Insert(residents) => {
                 for resident in residents {
@@ -206,6 +214,13 @@ impl Scheduler {
                     _ => Withdrawal::NotHeld,
                 };
                 let _ = answer.send(outcome);
+            }
+            WheelCommand::Evict {
+                count,
+                from,
+                answer,
+            } => {
+                let _ = answer.send(self.evict(count, from));
             }
             WheelCommand::Retry(residents) => {
                 for (resident, at) in residents {
@@ -265,6 +280,31 @@ impl Scheduler {
         };
     }
 
+    /// Lets go of up to `count` of the latest schedules due at or after `from`; returns how
+    /// many and the earliest due let go. A schedule waiting for a retry is kept (reloading it
+    /// would skip its backoff).
+    fn evict(&mut self, count: usize, from: UnixMs) -> (usize, Option<UnixMs>) {
+        let mut out = Vec::new();
+        self.wheel.evict_latest(count, from, &mut out);
+        let mut earliest = None;
+        let mut evicted = 0;
+        for (at, resident) in out {
+            if at != resident.schedule.due {
+                let id = resident.schedule.id.clone();
+                let entry = self.wheel.insert(at, resident);
+                if let Some(held) = self.held.get_mut(&id) {
+                    held.entry = Some(entry);
+                }
+                continue;
+            }
+            self.held.remove(&resident.schedule.id);
+            self.resident.fetch_sub(1, Ordering::Relaxed);
+            evicted += 1;
+            earliest = Some(earliest.map_or(at, |e: UnixMs| e.min(at)));
+        }
+        (evicted, earliest)
+    }
+
     /// Holds a copy that failed to deliver again, to expire at `at`; dropped if it is no
     /// longer the copy held for its id (replaced, or cancelled, meanwhile).
     fn retry(&mut self, resident: Resident, at: UnixMs) {
@@ -283,6 +323,19 @@ impl Scheduler {
         if self.wheel.remove(entry).is_some() {
             self.resident.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// The ids held in the wheel (not those being fired), sorted.
+    #[cfg(test)]
+    pub(crate) fn ids_in_wheel(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.entry.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// Marks an expired schedule as firing on its way out.

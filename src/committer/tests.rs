@@ -72,7 +72,10 @@ impl Harness {
                         .map(|r| (true, r.schedule.due, r.schedule.id)),
                 ),
                 WheelCommand::Remove(k) => out.push((false, k.due, k.id)),
-                WheelCommand::Deleted(_) | WheelCommand::Withdraw(..) | WheelCommand::Retry(_) => {}
+                WheelCommand::Deleted(_)
+                | WheelCommand::Withdraw(..)
+                | WheelCommand::Retry(_)
+                | WheelCommand::Evict { .. } => {}
             }
         }
         out
@@ -296,33 +299,89 @@ fn fired_schedules_leave_their_segment_and_it_goes_when_empty() {
     assert!(raw.is_empty(), "the emptied segment is deleted");
 }
 
+/// A real timer-thread scheduler behind the committer, as in the daemon (without firing).
+fn real_scheduler(h: &mut Harness) -> Arc<std::sync::Mutex<crate::scheduler::Scheduler>> {
+    let scheduler = Arc::new(std::sync::Mutex::new(crate::scheduler::Scheduler::new(
+        h.committer.resident.clone(),
+        Arc::default(),
+    )));
+    let (wheel_tx, wheel_rx) = std::sync::mpsc::channel();
+    h.committer.wheel = wheel_tx;
+    let shared = scheduler.clone();
+    std::thread::spawn(move || {
+        while let Ok(command) = wheel_rx.recv() {
+            shared.lock().unwrap().apply(command);
+        }
+    });
+    scheduler
+}
+
+/// Waits (bounded) until the scheduler holds exactly `ids`.
+fn wait_for_wheel(scheduler: &std::sync::Mutex<crate::scheduler::Scheduler>, ids: &[String]) {
+    let start = std::time::Instant::now();
+    loop {
+        let held = scheduler.lock().unwrap().ids_in_wheel();
+        if held == ids {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "wheel holds {held:?}, expected {ids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
-fn a_full_wheel_leaves_new_near_schedules_on_disk_until_there_is_room() {
+fn an_earlier_arrival_evicts_the_latest_resident_which_loads_again_later() {
     let now = time::now_ms();
     let many: Vec<_> = (0..20)
         .map(|i| schedule(&format!("s{i:02}"), now + 40_000 + i))
         .collect();
     let mut h = Harness::new(20, &many);
+    let scheduler = real_scheduler(&mut h);
     h.committer.advance().unwrap();
-    assert_eq!(h.told().len(), 20);
+    let mut expected: Vec<String> = (0..20).map(|i| format!("s{i:02}")).collect();
+    wait_for_wheel(&scheduler, &expected);
 
-    // Inside the horizon, but memory is full: stored, not inserted; the cursor moves back.
-    h.add(schedule("late", now + 30_000));
-    assert!(h.told().is_empty());
-    assert_eq!(h.committer.cursor.bucket, bucket_of(now + 30_000));
+    // Memory is full, but "early" is due before all of them: the latest one (s19) makes room
+    // and waits on disk instead; the cursor moves back to it.
+    h.add(schedule("early", now + 30_000));
+    expected.pop();
+    expected.insert(0, "early".to_owned());
+    wait_for_wheel(&scheduler, &expected);
+    assert_eq!(h.committer.resident.load(Ordering::Relaxed), 20);
+    assert!(h.committer.cursor.bucket <= bucket_of(now + 40_019));
+
+    // One due after everything held finds nothing later to evict: it stays on disk.
+    h.add(schedule("late", now + 50_000));
+    wait_for_wheel(&scheduler, &expected);
     assert!(h.committer.store.get("late").unwrap().is_some());
-    // Something already due still goes straight to the wheel: it leaves memory at once.
+    // Something already due goes straight to the wheel, making room like any earlier one.
     h.add(schedule("now", now - 1000));
-    assert_eq!(h.told(), [(true, now - 1000, "now".to_owned())]);
+    expected.pop();
+    expected.push("now".to_owned());
+    expected.sort();
+    wait_for_wheel(&scheduler, &expected);
 
-    // Room again: the loader resumes from the pulled-back cursor, "late" first, then segments
-    // the wheel holds already and ignores (the scan completes the bucket it stops in).
-    h.committer.resident.store(0, Ordering::Relaxed);
-    h.committer.advance().unwrap();
-    let told = h.told();
-    assert_eq!(told[0], (true, now + 30_000, "late".to_owned()));
-    assert_eq!(told[1], (true, now + 40_000, "s00".to_owned()));
-    assert_eq!(told.len(), 21);
+    // Room again (three cancelled): the loader brings back s18, s19 and "late".
+    let cancels = ["s00", "s01", "now"].map(cancel_command);
+    h.committer.round(cancels.into_iter(), false);
+    let acks = h.acks.try_recv().unwrap();
+    assert!(acks.iter().all(|a| a.result.is_ok()), "{acks:?}");
+    expected.retain(|id| !["s00", "s01", "now"].contains(&id.as_str()));
+    expected.extend(["s18".to_owned(), "s19".to_owned(), "late".to_owned()]);
+    expected.sort();
+    // The loader re-reads the evicted bucket (the wheel ignores what it holds already) as
+    // the timer thread confirms what it ignored: step it until it settles.
+    let start = std::time::Instant::now();
+    while scheduler.lock().unwrap().ids_in_wheel() != expected
+        && start.elapsed() < Duration::from_secs(10)
+    {
+        h.committer.advance().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    wait_for_wheel(&scheduler, &expected);
 }
 
 #[test]

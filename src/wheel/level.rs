@@ -88,6 +88,25 @@ impl Level {
         Some((slot, deadline))
     }
 
+    /// Every occupied slot with its deadline, latest deadline first (see
+    /// [`Level::next_occupied_slot`] for how a wrapped top-level slot ranks).
+    pub(super) fn occupied_latest_first(&self, elapsed: u64) -> Vec<(usize, u64)> {
+        let current = slot_for(elapsed, self.level);
+        let level_start = elapsed & !(level_range(self.level) - 1);
+        let mut slots: Vec<(usize, u64)> = (0..LEVEL_MULT)
+            .filter(|slot| self.occupied & (1 << slot) != 0)
+            .map(|slot| {
+                let mut deadline = level_start + slot as u64 * slot_range(self.level);
+                if slot <= current {
+                    deadline = deadline.saturating_add(level_range(self.level));
+                }
+                (slot, deadline)
+            })
+            .collect();
+        slots.sort_unstable_by_key(|&(_, deadline)| std::cmp::Reverse(deadline));
+        slots
+    }
+
     pub(super) fn push_back<T>(&mut self, slot: usize, idx: usize, nodes: &mut [Node<T>]) {
         self.slots[slot].push_back(idx, nodes);
         self.occupied |= 1 << slot;

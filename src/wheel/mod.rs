@@ -292,6 +292,76 @@ impl<T> Wheel<T> {
         out.len() - before
     }
 
+    /// Removes the `count` latest pending entries due at or after `min_due` (fewer if there
+    /// are not as many), appending them to `out` as `(due, value)`; returns how many. Ready
+    /// entries are never taken. The kept entries keep their order.
+    ///
+    /// Every entry of a level is due before any of a higher level (see *Placement*), and
+    /// slots of a level are ordered by deadline, so walking levels from the top and slots
+    /// from the latest finds the latest entries first; within a slot (entries are unsorted
+    /// there) the latest are picked by due. (Entries clamped into the top level from more
+    /// than one rotation ahead rank by their slot only.)
+    pub fn evict_latest(&mut self, count: usize, min_due: u64, out: &mut Vec<(u64, T)>) -> usize {
+        let mut taken = 0;
+        'levels: for level in (0..NUM_LEVELS).rev() {
+            let slots = self.levels[level].occupied_latest_first(self.elapsed);
+            // The top level's slots are a ring that may mix rotations, so they are searched
+            // as one group; below it, slot by slot from the latest.
+            let groups: Vec<Vec<(usize, u64)>> = if level == NUM_LEVELS - 1 {
+                vec![slots]
+            } else {
+                slots.into_iter().map(|slot| vec![slot]).collect()
+            };
+            for group in groups {
+                if taken >= count {
+                    break 'levels;
+                }
+                if level < NUM_LEVELS - 1
+                    && let Some(&(_, deadline)) = group.first()
+                    && deadline
+                        .checked_add(level::slot_range(level))
+                        .is_some_and(|end| end <= min_due)
+                {
+                    // Everything earlier is due before `min_due` too.
+                    break 'levels;
+                }
+                // The group's nodes in list order.
+                let mut order = Vec::new();
+                for (slot, _) in group {
+                    let mut idx = self.levels[level].take(slot).head;
+                    while idx != NIL {
+                        order.push(idx);
+                        idx = self.nodes[idx].next;
+                    }
+                }
+                // Positions in `order` of the qualifying nodes, latest due first; of equal
+                // dues the later inserted first (the sort is stable).
+                let mut evicted: Vec<usize> = (0..order.len())
+                    .rev()
+                    .filter(|&p| self.nodes[order[p]].due >= min_due)
+                    .collect();
+                evicted.sort_by_key(|&p| std::cmp::Reverse(self.nodes[order[p]].due));
+                evicted.truncate(count - taken);
+                let mut chosen = vec![false; order.len()];
+                for &p in &evicted {
+                    chosen[p] = true;
+                }
+                // The rest go back in list order, so equal dues keep their insertion order.
+                for (p, &idx) in order.iter().enumerate() {
+                    if !chosen[p] {
+                        self.link(idx);
+                    }
+                }
+                let evicted: Vec<usize> = evicted.into_iter().map(|p| order[p]).collect();
+                for idx in evicted {
+                    out.push(self.release(idx));
+                    taken += 1;
+                }
+            }
+        }
+        taken
+    }
+
     /// The earliest occupied slot as `(level, slot, deadline)`.
     fn next_slot(&self) -> Option<(usize, usize, u64)> {
         self.levels.iter().enumerate().find_map(|(level, l)| {

@@ -398,12 +398,15 @@ enum Op {
     PollBack(u64),
     PollTo(u64),
     PollNextExpiration,
+    /// Evict this many of the latest entries due at or after elapsed + the offset.
+    EvictLatest(usize, u64),
 }
 
 /// Decodes a cheap `(selector, raw)` pair; proptest's `prop_oneof!` is costly to
 /// generate in debug builds. Weights are the selector ranges.
 fn op() -> impl Strategy<Value = Op> {
-    (0u8..23, any::<u64>()).prop_map(|(sel, raw)| match sel {
+    (0u8..25, any::<u64>()).prop_map(|(sel, raw)| match sel {
+        23..=24 => Op::EvictLatest((raw % 8) as usize, (raw >> 8) % 6_000),
         0..=5 => Op::InsertNear(raw % 5_000),
         6 => Op::InsertPast(raw % 5_000),
         7..=8 => Op::InsertFar(raw % (1 << 40)),
@@ -465,6 +468,33 @@ fn run_against_model(start: u64, ops: Vec<Op>) {
                 m.pending.remove(&(due, s));
             }
             assert_eq!(w.remove(key), expected);
+        }
+        if let Op::EvictLatest(count, offset) = op {
+            let min_due = m.elapsed.saturating_add(offset);
+            let mut out = Vec::new();
+            let n = w.evict_latest(count, min_due, &mut out);
+            assert_eq!(n, out.len());
+            // The latest `count` of the pending entries due at or after `min_due` (which of
+            // equal dues is the wheel's choice: check the dues, then take what it took).
+            let mut latest: Vec<u64> = m
+                .pending
+                .keys()
+                .rev()
+                .filter(|(due, _)| *due >= min_due)
+                .take(count)
+                .map(|(due, _)| *due)
+                .collect();
+            let mut got: Vec<u64> = out.iter().map(|(due, _)| *due).collect();
+            latest.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, latest, "evict_latest({count}, {min_due})");
+            for (due, s) in out {
+                assert_eq!(m.live.remove(&s), Some(due));
+                assert!(
+                    m.pending.remove(&(due, s)).is_some(),
+                    "evicted a ready entry"
+                );
+            }
         }
         if let Some(now) = poll_to {
             let mut expected: Vec<(u64, u64)> = std::mem::take(&mut m.ready)
