@@ -34,7 +34,7 @@ use crate::protocol;
 use crate::record::Schedule;
 use crate::retries::Retries;
 use crate::scheduler::{Resident, WheelCommand};
-use crate::time;
+use crate::time::{self, UnixMs};
 
 /// Most schedules published per fence.
 const MAX_BATCH: usize = 4096;
@@ -222,6 +222,9 @@ impl Firing {
                     Err(_) => break,
                 }
             }
+            if !hand_back_early(&mut batch, time::now_ms(), &out) {
+                continue;
+            }
             let failed = match abandoned {
                 0 => tokio::select! {
                     failed = self.deliver(&batch) => Some(failed),
@@ -362,12 +365,6 @@ impl Firing {
         batch: &[Resident],
         session_before: &(String, u64),
     ) -> Result<Vec<(usize, String)>, async_nats::Error> {
-        // The wheel hands out nothing before its due, but if the wall clock was stepped back
-        // since, "due" may be in the future again: never publish early.
-        let latest = batch.iter().map(|r| r.schedule.due).max().unwrap_or(0);
-        if time::now_ms() < latest {
-            tokio::time::sleep_until(time::instant_of(latest).into()).await;
-        }
         self.lateness_us.clear();
         let mut failed = Vec::new();
         for (index, Resident { schedule, .. }) in batch.iter().enumerate() {
@@ -420,10 +417,95 @@ impl Firing {
     }
 }
 
+/// Never early, and nothing due waits behind what is not: the wheel hands out nothing before
+/// its due, but if the wall clock stepped back since, some of `batch` may not be due any more
+/// at `now`. Those go back to the wheel (which re-bases on such a step) to come out again at
+/// their due. Returns whether anything is left to publish.
+fn hand_back_early(batch: &mut Vec<Resident>, now: UnixMs, out: &FiringOutputs) -> bool {
+    if batch.iter().any(|r| r.schedule.due > now) {
+        let (ready, early): (Vec<Resident>, Vec<Resident>) =
+            batch.drain(..).partition(|r| r.schedule.due <= now);
+        *batch = ready;
+        let again: Vec<(Resident, UnixMs)> = early
+            .into_iter()
+            .map(|r| {
+                let due = r.schedule.due;
+                (r, due)
+            })
+            .collect();
+        tracing::warn!(
+            count = again.len(),
+            "handed out before their due (the wall clock stepped back); they wait again"
+        );
+        if out.wheel.send(WheelCommand::Retry(again)).is_err() {
+            tracing::warn!("timer stopped; they fire after restart");
+        }
+    }
+    !batch.is_empty()
+}
+
 /// Completes at `at`, or never if there is none.
 async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SegmentKey;
+
+    fn resident(id: &str, due: UnixMs) -> Resident {
+        Resident {
+            segment: SegmentKey::start_of(0),
+            schedule: Box::new(crate::record::test_schedule(id, due, true)),
+        }
+    }
+
+    #[test]
+    fn what_is_not_due_yet_goes_back_to_the_wheel_and_holds_nothing_up() {
+        let (store, _store_rx) = mpsc::channel(1);
+        let (wheel, wheel_rx) = std::sync::mpsc::channel();
+        let out = FiringOutputs {
+            store,
+            wheel,
+            resident: Arc::default(),
+        };
+        let mut batch = vec![resident("due", 100), resident("early", 3_600_100)];
+        assert!(hand_back_early(&mut batch, 100, &out));
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].schedule.id, "due");
+        match wheel_rx.try_recv().unwrap() {
+            WheelCommand::Retry(again) => {
+                assert_eq!(again.len(), 1);
+                assert_eq!(
+                    (again[0].0.schedule.id.as_str(), again[0].1),
+                    ("early", 3_600_100)
+                );
+            }
+            other => panic!("expected a retry, got {other:?}"),
+        }
+        let mut none_due = vec![resident("early", 200)];
+        assert!(!hand_back_early(&mut none_due, 100, &out));
+        let mut all_due = vec![resident("a", 1), resident("b", 100)];
+        assert!(hand_back_early(&mut all_due, 100, &out));
+        assert_eq!(all_due.len(), 2);
+    }
+
+    #[test]
+    fn publish_denials_name_their_subject() {
+        let denial =
+            PublishDenial::from_server_error("Permissions Violation for Publish to \"orders.x\"");
+        assert_eq!(denial.map(|d| d.subject), Some("orders.x".to_owned()));
+        for other in [
+            "Permissions Violation for Subscription to \"a\"",
+            "Maximum Payload Violation",
+            "permissions violation for publish to",
+            "",
+        ] {
+            assert_eq!(PublishDenial::from_server_error(other), None, "{other}");
+        }
     }
 }

@@ -17,11 +17,13 @@ use tokio_util::sync::CancellationToken;
 use crate::record::Schedule;
 use crate::retries::Retries;
 use crate::store::SegmentKey;
-use crate::time::{self, UnixMs};
+use crate::time::{Clock, SystemClock, UnixMs};
 use crate::wheel::{EntryKey, Wheel};
 
 /// Most commands taken per wake-up, so a burst of inserts cannot delay firing for long.
 const MAX_COMMANDS_PER_TURN: usize = 4096;
+/// A difference between wall-clock and monotonic progress beyond this is a clock step.
+const STEP: Duration = Duration::from_millis(100);
 /// Longest wait without looking at the clock and the shutdown signal.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
 
@@ -124,15 +126,26 @@ pub struct Scheduler {
     resident: Arc<AtomicUsize>,
     /// Failed deliveries, forgotten when a retrying schedule is cancelled.
     retries: Arc<Retries>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Scheduler {
     pub fn new(resident: Arc<AtomicUsize>, retries: Arc<Retries>) -> Scheduler {
+        Scheduler::with_clock(resident, retries, Arc::new(SystemClock))
+    }
+
+    /// A scheduler reading the wall clock from `clock`.
+    pub fn with_clock(
+        resident: Arc<AtomicUsize>,
+        retries: Arc<Retries>,
+        clock: Arc<dyn Clock>,
+    ) -> Scheduler {
         Scheduler {
-            wheel: Wheel::new(time::now_ms()),
+            wheel: Wheel::new(clock.now().as_millis() as UnixMs),
             held: HashMap::default(),
             resident,
             retries,
+            clock,
         }
     }
 
@@ -148,8 +161,11 @@ impl Scheduler {
         shutdown: CancellationToken,
     ) {
         let mut expired = Vec::new();
+        let mut last = (self.clock.now(), Instant::now());
         loop {
-            self.wheel.poll(time::now_ms(), &mut expired);
+            let wall = self.clock.now();
+            last = self.follow_clock(wall, last);
+            self.wheel.poll(wall.as_millis() as UnixMs, &mut expired);
             if !expired.is_empty() {
                 let batch = expired
                     .drain(..)
@@ -162,8 +178,9 @@ impl Scheduler {
             if shutdown.is_cancelled() {
                 return;
             }
+            // Computed at sub-millisecond precision, so a wait never ends a millisecond late.
             let wait = match self.wheel.next_expiration() {
-                Some(next) => time::instant_of(next).saturating_duration_since(Instant::now()),
+                Some(next) => Duration::from_millis(next).saturating_sub(self.clock.now()),
                 None => IDLE_WAIT,
             };
             match commands.recv_timeout(wait.min(IDLE_WAIT)) {
@@ -177,6 +194,29 @@ impl Scheduler {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
+    }
+
+    /// Notices a step of the wall clock (NTP, a VM resumed) against the monotonic clock since
+    /// `last`, and re-bases the wheel when the wall clock went back: entries the wheel took
+    /// for due are due again only when the wall clock says so. A step forward needs no help
+    /// (the next poll fires what is due by the wall clock). Returns the new reference.
+    fn follow_clock(&mut self, wall: Duration, last: (Duration, Instant)) -> (Duration, Instant) {
+        let mono = Instant::now();
+        let expected = last.0 + mono.duration_since(last.1);
+        if wall + STEP < expected {
+            tracing::warn!(
+                back_ms = (expected - wall).as_millis() as u64,
+                "the wall clock stepped back; re-basing the timing wheel"
+            );
+        } else if wall > expected + STEP {
+            tracing::warn!(
+                forward_ms = (wall - expected).as_millis() as u64,
+                "the wall clock stepped forward; firing what is due by it"
+            );
+        }
+        // Also for steps below the threshold: the wheel must never run ahead of the clock.
+        self.wheel.rebase(wall.as_millis() as UnixMs);
+        (wall, mono)
     }
 
     pub(crate) fn apply(&mut self, command: WheelCommand) {
@@ -490,5 +530,74 @@ mod tests {
             ["a"],
             "the old copy's deletion left it alone"
         );
+    }
+
+    #[test]
+    fn a_clock_step_back_rebases_the_wheel_and_nothing_fires_early() {
+        const HOUR: UnixMs = 3_600_000;
+        let t0: UnixMs = 1_796_061_600_000;
+        let clock = Arc::new(crate::time::ManualClock::at(t0));
+        let resident = Arc::new(AtomicUsize::new(0));
+        let scheduler = Scheduler::with_clock(resident.clone(), Arc::default(), clock.clone());
+        let (commands, received) = std::sync::mpsc::channel();
+        let (fire, mut fired) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let timer = std::thread::spawn({
+            let stop = stop.clone();
+            move || scheduler.run(received, fire, stop)
+        });
+        let insert = |id: &str, due: UnixMs| {
+            resident.fetch_add(1, Ordering::Relaxed);
+            let resident = schedule(id, due);
+            commands.send(WheelCommand::Insert(vec![resident])).unwrap();
+        };
+        let next_fired = |fired: &mut mpsc::UnboundedReceiver<Vec<Resident>>| {
+            let start = Instant::now();
+            loop {
+                if let Ok(batch) = fired.try_recv() {
+                    return batch.into_iter().map(|r| r.schedule.id).collect::<Vec<_>>();
+                }
+                assert!(start.elapsed() < Duration::from_secs(10), "nothing fired");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+
+        insert("c", t0 + 10);
+        // The wall clock steps back an hour; "d" and "e" are due within that hour. The wheel
+        // had already passed their due by its own time: without re-basing they would fire
+        // at once, an hour early.
+        clock.set(t0 - HOUR);
+        insert("d", t0 - HOUR + 200);
+        insert("e", t0 - HOUR + 100_000);
+        // A cancel finds "e" waiting, not firing.
+        let (answer, outcome) = std::sync::mpsc::sync_channel(1);
+        let copy = ScheduleRef::of(
+            SegmentKey::start_of(0),
+            &schedule("e", t0 - HOUR + 100_000).schedule,
+        );
+        commands.send(WheelCommand::Withdraw(copy, answer)).unwrap();
+        assert!(matches!(outcome.recv().unwrap(), Withdrawal::Withdrawn(_)));
+        // A round trip through the timer thread: it has polled since taking those commands.
+        let (answer, outcome) = std::sync::mpsc::sync_channel(1);
+        let nobody = ScheduleRef::of(SegmentKey::start_of(0), &schedule("x", 1).schedule);
+        commands
+            .send(WheelCommand::Withdraw(nobody, answer))
+            .unwrap();
+        assert_eq!(outcome.recv().unwrap(), Withdrawal::NotHeld);
+        assert!(
+            fired.try_recv().is_err(),
+            "nothing is due by the wall clock"
+        );
+
+        // When the wall clock reaches "d", it fires; "c" (due an hour later) does not.
+        clock.set(t0 - HOUR + 200);
+        assert_eq!(next_fired(&mut fired), ["d"]);
+        assert!(fired.try_recv().is_err());
+        // A step forward past "c" fires it.
+        clock.set(t0 + 10);
+        assert_eq!(next_fired(&mut fired), ["c"]);
+
+        stop.cancel();
+        timer.join().unwrap();
     }
 }

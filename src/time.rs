@@ -11,6 +11,46 @@ use jiff::Timestamp;
 /// Unix milliseconds, the one time unit of the store, the wheel and the protocol.
 pub type UnixMs = u64;
 
+/// Where the wall clock is read: the system's ([`SystemClock`]), or one a test sets.
+pub trait Clock: Send + Sync + 'static {
+    /// The time since the Unix epoch (zero before it).
+    fn now(&self) -> Duration;
+}
+
+/// The system's wall clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Duration {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+/// A wall clock a test sets and steps by hand.
+#[cfg(test)]
+#[derive(Default)]
+pub struct ManualClock(std::sync::atomic::AtomicU64);
+
+#[cfg(test)]
+impl ManualClock {
+    pub fn at(ms: UnixMs) -> ManualClock {
+        ManualClock(std::sync::atomic::AtomicU64::new(ms))
+    }
+
+    pub fn set(&self, ms: UnixMs) {
+        self.0.store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+impl Clock for ManualClock {
+    fn now(&self) -> Duration {
+        Duration::from_millis(self.0.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
 /// The current wall-clock time, rounded down to the millisecond.
 pub fn now_ms() -> UnixMs {
     SystemTime::now()
@@ -30,18 +70,6 @@ pub fn now_us() -> u64 {
 /// How long from `now` until `due` (zero when it has passed).
 pub fn until(due: UnixMs, now: UnixMs) -> Duration {
     Duration::from_millis(due.saturating_sub(now))
-}
-
-/// The monotonic instant at which the wall clock will read `due`, for sleeping until then.
-///
-/// Computed at nanosecond precision so a timer is not set up to a millisecond late.
-pub fn instant_of(due: UnixMs) -> std::time::Instant {
-    let now = std::time::Instant::now();
-    let wall = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    let due = Duration::from_millis(due);
-    now + due.saturating_sub(wall)
 }
 
 /// Converts a parsed timestamp to Unix milliseconds, rounding sub-millisecond parts up.

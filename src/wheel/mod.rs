@@ -362,6 +362,40 @@ impl<T> Wheel<T> {
         taken
     }
 
+    /// Moves the wheel's time back to `now_ms` (after the wall clock stepped back), keeping
+    /// every entry and its key: an entry that was ready but is due after `now_ms` is pending
+    /// again. A `now_ms` at or after `elapsed` changes nothing (`poll` moves forward). O(len).
+    pub fn rebase(&mut self, now_ms: u64) {
+        if now_ms >= self.elapsed {
+            return;
+        }
+        let mut all = Vec::with_capacity(self.len);
+        let mut idx = std::mem::replace(&mut self.ready, List::EMPTY).head;
+        while idx != NIL {
+            all.push(idx);
+            idx = self.nodes[idx].next;
+        }
+        for level in &mut self.levels {
+            for slot in 0..level::LEVEL_MULT {
+                let mut idx = level.take(slot).head;
+                while idx != NIL {
+                    all.push(idx);
+                    idx = self.nodes[idx].next;
+                }
+            }
+        }
+        debug_assert_eq!(all.len(), self.len);
+        self.elapsed = now_ms;
+        for idx in all {
+            if self.nodes[idx].due <= now_ms {
+                self.nodes[idx].home = Home::Ready;
+                self.ready.push_back(idx, &mut self.nodes);
+            } else {
+                self.link(idx);
+            }
+        }
+    }
+
     /// The earliest occupied slot as `(level, slot, deadline)`.
     fn next_slot(&self) -> Option<(usize, usize, u64)> {
         self.levels.iter().enumerate().find_map(|(level, l)| {

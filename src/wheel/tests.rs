@@ -400,12 +400,15 @@ enum Op {
     PollNextExpiration,
     /// Evict this many of the latest entries due at or after elapsed + the offset.
     EvictLatest(usize, u64),
+    /// Move time back by this much.
+    Rebase(u64),
 }
 
 /// Decodes a cheap `(selector, raw)` pair; proptest's `prop_oneof!` is costly to
 /// generate in debug builds. Weights are the selector ranges.
 fn op() -> impl Strategy<Value = Op> {
-    (0u8..25, any::<u64>()).prop_map(|(sel, raw)| match sel {
+    (0u8..26, any::<u64>()).prop_map(|(sel, raw)| match sel {
+        25 => Op::Rebase(raw % 10_000),
         23..=24 => Op::EvictLatest((raw % 8) as usize, (raw >> 8) % 6_000),
         0..=5 => Op::InsertNear(raw % 5_000),
         6 => Op::InsertPast(raw % 5_000),
@@ -496,6 +499,19 @@ fn run_against_model(start: u64, ops: Vec<Op>) {
                 );
             }
         }
+        if let Op::Rebase(back) = op {
+            let now = m.elapsed.saturating_sub(back);
+            w.rebase(now);
+            m.elapsed = now;
+            // Ready entries due after the new time are pending again.
+            let (still, again): (BTreeMap<u64, u64>, BTreeMap<u64, u64>) =
+                std::mem::take(&mut m.ready)
+                    .into_iter()
+                    .partition(|(_, due)| *due <= now);
+            m.ready = still;
+            m.pending
+                .extend(again.into_iter().map(|(s, due)| ((due, s), ())));
+        }
         if let Some(now) = poll_to {
             let mut expected: Vec<(u64, u64)> = std::mem::take(&mut m.ready)
                 .into_iter()
@@ -537,4 +553,27 @@ proptest! {
     ) {
         run_against_model(start, ops);
     }
+}
+
+#[test]
+fn evicts_the_latest_across_top_level_rotations_and_at_the_end_of_time() {
+    // Entries more than one top-level rotation apart share the top level's ring.
+    let mut w = Wheel::new(START);
+    let rotation = 1u64 << 36;
+    w.insert(START + 3 * rotation + 5, "far");
+    w.insert(START + 20 * DAY, "near");
+    w.insert(START + 5 * rotation, "farthest");
+    let mut out = Vec::new();
+    assert_eq!(w.evict_latest(1, START, &mut out), 1);
+    assert_eq!(out[0].1, "farthest");
+    w.check_invariants();
+    // Dues at u64::MAX.
+    let mut w = Wheel::new(u64::MAX - 20);
+    w.insert(u64::MAX, 1);
+    w.insert(u64::MAX, 2);
+    w.insert(u64::MAX - 1, 3);
+    let mut out = Vec::new();
+    assert_eq!(w.evict_latest(5, u64::MAX, &mut out), 2);
+    w.check_invariants();
+    assert_eq!(poll(&mut w, u64::MAX), [(u64::MAX - 1, 3)]);
 }
