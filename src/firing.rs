@@ -9,18 +9,16 @@
 //! crash or outage at any point means a second delivery, never a lost one (at-least-once).
 //!
 //! A schedule NATS will not take is never deleted: the client refuses some publishes at once
-//! (larger than the server's `max_payload`, an invalid subject), and the server reports a
-//! publish its permissions refuse only afterwards, as an `-ERR` beside the message stream.
-//! So a confirmed batch *settles* for [`SETTLE`] before its schedules are reported for
-//! deletion, and a refusal that arrives meanwhile takes the schedules to that subject back.
-//! Either way they return to the wheel and are tried again after a backoff
-//! ([`crate::retries`]). (A refusal reported later than [`SETTLE`] after the confirmation
-//! cannot be matched any more; it is logged with its subject.)
+//! (larger than the server's `max_payload`, an invalid subject), and the server refuses a
+//! publish its permissions forbid with an `-ERR` that it sends before it processes the fence.
+//! The (patched) client records such refusals before it dispatches anything read after them
+//! (`Statistics::publish_denials`), so when the fence returns, every refusal of the batch is
+//! known. Refused schedules go back to the wheel and are tried again after a backoff
+//! ([`crate::retries`]).
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::header::{HeaderName, HeaderValue, IntoHeaderName};
 use async_nats::{Client, HeaderMap, Subscriber};
@@ -47,12 +45,6 @@ const SLOW_FENCE: Duration = Duration::from_secs(5);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Pause before publishing a batch again after a failure.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
-/// How long a confirmed batch waits for a permissions refusal from the server before its
-/// schedules are reported for deletion. The server sends the refusal before it processes the
-/// fence, so it is normally read before the fence returns; this is the margin for the client
-/// library's event task to hand it over.
-pub const SETTLE: Duration = Duration::from_millis(100);
-
 /// A failure that publishing the same message again will not cure by itself.
 fn is_permanent(err: &async_nats::PublishError) -> bool {
     use async_nats::client::PublishErrorKind;
@@ -60,30 +52,6 @@ fn is_permanent(err: &async_nats::PublishError) -> bool {
         err.kind(),
         PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::InvalidSubject
     )
-}
-
-/// The server refused a publish to `subject` (NATS permissions).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublishDenial {
-    pub subject: String,
-    /// The server's error text.
-    pub error: String,
-}
-
-impl PublishDenial {
-    /// Reads a server error such as `Permissions Violation for Publish to "orders.x"`.
-    pub fn from_server_error(text: &str) -> Option<PublishDenial> {
-        const PREFIX: &str = "permissions violation for publish to ";
-        let head = text.get(..PREFIX.len())?;
-        if !head.eq_ignore_ascii_case(PREFIX) {
-            return None;
-        }
-        let subject = text[PREFIX.len()..].trim().trim_matches('"');
-        (!subject.is_empty()).then(|| PublishDenial {
-            subject: subject.to_owned(),
-            error: text.to_owned(),
-        })
-    }
 }
 
 /// `Sched-Id` and `Sched-Due` as header names, made once: cloning one is a reference count,
@@ -141,10 +109,9 @@ pub struct Firing {
     lateness_us: Vec<u64>,
     due_text: DueText,
     retries: Arc<Retries>,
-    /// Publishes the server refused, from the client's event callback.
-    denials: mpsc::UnboundedReceiver<PublishDenial>,
-    /// Confirmed batches, oldest first, waiting out [`SETTLE`].
-    settling: VecDeque<(Instant, Vec<Resident>)>,
+    /// Fences carry this, so a message someone else sends to the fence inbox cannot pass
+    /// for one.
+    fence_nonce: String,
 }
 
 /// Which server connection a publish went out on: a reconnect changes it.
@@ -168,7 +135,6 @@ impl Firing {
         client: Client,
         metrics: Arc<Metrics>,
         retries: Arc<Retries>,
-        denials: mpsc::UnboundedReceiver<PublishDenial>,
     ) -> Result<Firing, async_nats::SubscribeError> {
         let fence_subject = client.new_inbox();
         let fences = client.subscribe(fence_subject.clone()).await?;
@@ -181,15 +147,14 @@ impl Firing {
             lateness_us: Vec::new(),
             due_text: DueText::default(),
             retries,
-            denials,
-            settling: VecDeque::new(),
+            fence_nonce: ulid::Ulid::generate().to_string(),
         })
     }
 
     /// Publishes batches from the scheduler until it is gone, then returns once every batch
-    /// handed over has been confirmed, settled and reported to the committer — or, after
-    /// `stop`, once `SHUTDOWN_GRACE` has passed without confirmation (NATS down): those
-    /// batches are left in the store for the next start.
+    /// handed over has been confirmed and reported to the committer — or, after `stop`, once
+    /// `SHUTDOWN_GRACE` has passed without confirmation (NATS down): those batches are left
+    /// in the store for the next start.
     pub async fn run(
         mut self,
         mut due: mpsc::UnboundedReceiver<Vec<Resident>>,
@@ -203,18 +168,7 @@ impl Firing {
         tokio::pin!(grace_over);
         let mut abandoned = 0;
         let mut batch: Vec<Resident> = Vec::with_capacity(MAX_BATCH);
-        loop {
-            let settled_at = self.settling.front().map(|(at, _)| *at + SETTLE);
-            let first = tokio::select! {
-                first = due.recv() => match first {
-                    Some(first) => first,
-                    None => break,
-                },
-                () = sleep_until_some(settled_at) => {
-                    self.settle(&out, false).await;
-                    continue;
-                }
-            };
+        while let Some(first) = due.recv().await {
             batch.extend(first);
             while batch.len() < MAX_BATCH {
                 match due.try_recv() {
@@ -239,80 +193,42 @@ impl Firing {
                 continue;
             };
             self.metrics.record_lateness(self.lateness_us.drain(..));
-            let mut confirmed = Vec::with_capacity(batch.len());
+            let mut delivered = Vec::with_capacity(batch.len());
             let mut retry = Vec::new();
             let mut failed = failed.into_iter().peekable();
             for (index, resident) in batch.drain(..).enumerate() {
                 match failed.next_if(|(at, _)| *at == index) {
                     Some((_, error)) => retry.push((resident, error)),
-                    None => confirmed.push(resident),
+                    None => delivered.push(resident),
                 }
             }
             self.retry(retry, &out);
-            self.settling.push_back((Instant::now(), confirmed));
-            self.settle(&out, false).await;
+            if delivered.is_empty() {
+                continue;
+            }
+            out.resident.fetch_sub(delivered.len(), Ordering::Relaxed);
+            Metrics::count(&self.metrics.fired_total, delivered.len() as u64);
+            if self.retries.waiting() > 0 {
+                for resident in &delivered {
+                    self.retries.forget(&resident.schedule.id);
+                }
+            }
+            if out
+                .store
+                .send(StoreCommand::Fired(delivered))
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    "store writer is gone; fired schedules will fire again after restart"
+                );
+            }
         }
-        // Whatever is still settling gets its full margin, then goes.
-        if let Some(last) = self.settling.back().map(|(at, _)| *at + SETTLE) {
-            tokio::time::sleep_until(last.into()).await;
-        }
-        self.settle(&out, true).await;
         if abandoned > 0 {
             tracing::warn!(
                 count = abandoned,
                 "stopped without confirmation from NATS; these fire again after restart"
             );
-        }
-    }
-
-    /// Takes schedules whose publish the server refused out of the settling batches, and
-    /// reports the batches that have settled (all of them if `all`) for deletion.
-    async fn settle(&mut self, out: &FiringOutputs, all: bool) {
-        while let Ok(denial) = self.denials.try_recv() {
-            let mut refused = Vec::new();
-            for (_, batch) in &mut self.settling {
-                let mut i = 0;
-                while i < batch.len() {
-                    if batch[i].schedule.subject == denial.subject {
-                        refused.push((batch.swap_remove(i), denial.error.clone()));
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
-            if refused.is_empty() {
-                tracing::debug!(
-                    subject = ?denial.subject,
-                    error = ?denial.error,
-                    "NATS refused a publish that is not settling (already retried, or \
-                     reported after the settling margin)"
-                );
-            }
-            self.retry(refused, out);
-        }
-        let now = Instant::now();
-        while let Some((at, _)) = self.settling.front() {
-            if !all && now < *at + SETTLE {
-                break;
-            }
-            let Some((_, batch)) = self.settling.pop_front() else {
-                break;
-            };
-            if batch.is_empty() {
-                continue;
-            }
-            out.resident.fetch_sub(batch.len(), Ordering::Relaxed);
-            Metrics::count(&self.metrics.fired_total, batch.len() as u64);
-            if self.retries.waiting() > 0 {
-                for resident in &batch {
-                    self.retries.forget(&resident.schedule.id);
-                }
-            }
-            if out.store.send(StoreCommand::Fired(batch)).await.is_err() {
-                tracing::error!(
-                    "store writer is gone; fired schedules will fire again after restart"
-                );
-            }
         }
     }
 
@@ -332,6 +248,8 @@ impl Firing {
                 (resident, at)
             })
             .collect();
+        // Waiting for their next attempt, they do not count as resident (see the scheduler).
+        out.resident.fetch_sub(again.len(), Ordering::Relaxed);
         if out.wheel.send(WheelCommand::Retry(again)).is_err() {
             // The timer has stopped (shutdown): they stay stored and are tried after restart.
             tracing::warn!("timer stopped; undelivered schedules are retried after restart");
@@ -366,6 +284,9 @@ impl Firing {
         session_before: &(String, u64),
     ) -> Result<Vec<(usize, String)>, async_nats::Error> {
         self.lateness_us.clear();
+        // Refusals recorded so far belong to earlier publishes (replies, earlier attempts).
+        let denials = &self.client.statistics().publish_denials;
+        let _ = denials.take();
         let mut failed = Vec::new();
         for (index, Resident { schedule, .. }) in batch.iter().enumerate() {
             self.lateness_us
@@ -390,7 +311,7 @@ impl Firing {
             }
         }
         self.fence_seq += 1;
-        let seq = self.fence_seq.to_string();
+        let seq = format!("{}.{}", self.fence_nonce, self.fence_seq);
         self.client
             .publish(self.fence_subject.clone(), seq.clone().into())
             .await?;
@@ -398,7 +319,9 @@ impl Firing {
         let mut reported = false;
         loop {
             match tokio::time::timeout(RECONNECT_CHECK, self.fences.next()).await {
-                Ok(Some(fence)) if fence.payload == seq.as_bytes() => return Ok(failed),
+                Ok(Some(fence)) if fence.payload == seq.as_bytes() => {
+                    return Ok(with_denials(batch, failed, denials.take()));
+                }
                 Ok(Some(_stale)) => {} // the fence of an earlier, abandoned attempt
                 Ok(None) => return Err("fence subscription closed".into()),
                 Err(_) if session(&self.client) != *session_before => {
@@ -437,6 +360,7 @@ fn hand_back_early(batch: &mut Vec<Resident>, now: UnixMs, out: &FiringOutputs) 
             count = again.len(),
             "handed out before their due (the wall clock stepped back); they wait again"
         );
+        out.resident.fetch_sub(again.len(), Ordering::Relaxed);
         if out.wheel.send(WheelCommand::Retry(again)).is_err() {
             tracing::warn!("timer stopped; they fire after restart");
         }
@@ -444,12 +368,33 @@ fn hand_back_early(batch: &mut Vec<Resident>, now: UnixMs, out: &FiringOutputs) 
     !batch.is_empty()
 }
 
-/// Completes at `at`, or never if there is none.
-async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
+/// `failed` (by index, ascending) with the schedules of `batch` whose publish the server
+/// refused added: `denied` is what it refused during the attempt, and whether it refused more
+/// than the client kept (then every schedule of the batch is tried again: a second delivery
+/// is allowed, a lost one is not).
+fn with_denials(
+    batch: &[Resident],
+    mut failed: Vec<(usize, String)>,
+    (denied, overflowed): (Vec<String>, bool),
+) -> Vec<(usize, String)> {
+    if denied.is_empty() && !overflowed {
+        return failed;
     }
+    let denied: std::collections::HashSet<&str> = denied.iter().map(String::as_str).collect();
+    let already: std::collections::HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+    for (index, resident) in batch.iter().enumerate() {
+        let subject = resident.schedule.subject.as_str();
+        if !already.contains(&index) && (overflowed || denied.contains(subject)) {
+            failed.push((
+                index,
+                format!(
+                    "NATS refused the publish: Permissions Violation for Publish to {subject:?}"
+                ),
+            ));
+        }
+    }
+    failed.sort_unstable_by_key(|(index, _)| *index);
+    failed
 }
 
 #[cfg(test)]
@@ -495,17 +440,29 @@ mod tests {
     }
 
     #[test]
-    fn publish_denials_name_their_subject() {
-        let denial =
-            PublishDenial::from_server_error("Permissions Violation for Publish to \"orders.x\"");
-        assert_eq!(denial.map(|d| d.subject), Some("orders.x".to_owned()));
-        for other in [
-            "Permissions Violation for Subscription to \"a\"",
-            "Maximum Payload Violation",
-            "permissions violation for publish to",
-            "",
-        ] {
-            assert_eq!(PublishDenial::from_server_error(other), None, "{other}");
-        }
+    fn refused_subjects_fail_their_schedules_only() {
+        let batch = [resident("a", 1), resident("b", 2), resident("c", 3)];
+        let mut with_b = batch[1].schedule.as_ref().clone();
+        with_b.subject = "forbidden".into();
+        let batch = [
+            batch[0].clone(),
+            Resident {
+                schedule: Box::new(with_b),
+                ..batch[1].clone()
+            },
+            batch[2].clone(),
+        ];
+        let failed = with_denials(
+            &batch,
+            vec![(2, "too big".into())],
+            (vec!["forbidden".into()], false),
+        );
+        let indexes: Vec<usize> = failed.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indexes, [1, 2]);
+        assert!(failed[0].1.contains("Permissions Violation"), "{failed:?}");
+        assert_eq!(failed[1].1, "too big");
+        let all = with_denials(&batch, vec![], (vec![], true));
+        assert_eq!(all.len(), 3, "an overflow retries the whole batch");
+        assert!(with_denials(&batch, vec![], (vec!["other".into()], false)).is_empty());
     }
 }

@@ -68,7 +68,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::Api;
 use crate::committer::{Committer, CommitterOptions};
 use crate::config::Config;
-use crate::firing::{Firing, FiringOutputs, PublishDenial};
+use crate::firing::{Firing, FiringOutputs};
 use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::retries::Retries;
@@ -242,8 +242,7 @@ async fn start(config: &Config) -> Result<Started, RunError> {
         .map_err(|e| RunError::Task(e.to_string()))??;
     tracing::info!(path = %config.store.path.display(), "store open");
 
-    let (denials_tx, denials) = mpsc::unbounded_channel();
-    let client = connect(config, denials_tx).await?;
+    let client = connect(config).await?;
     let metrics = Arc::new(Metrics::default());
     let retries = Arc::new(Retries::default());
     let prefix = &config.api.prefix;
@@ -262,7 +261,7 @@ async fn start(config: &Config) -> Result<Started, RunError> {
         retries.clone(),
     )
     .await?;
-    let firing = Firing::new(client.clone(), metrics.clone(), retries.clone(), denials).await?;
+    let firing = Firing::new(client.clone(), metrics.clone(), retries.clone()).await?;
     let micro = MicroService::subscribe(client.clone(), prefix).await?;
     // The client keeps retrying an unreachable server by itself; say so while it does.
     loop {
@@ -346,31 +345,21 @@ async fn join_bounded(name: &str, task: &mut tokio::task::JoinHandle<()>) {
     }
 }
 
-/// Connects (retrying until the server is reachable). Publishes the server refuses are
-/// reported to firing through `denials`.
-async fn connect(
-    config: &Config,
-    denials: mpsc::UnboundedSender<PublishDenial>,
-) -> Result<async_nats::Client, RunError> {
+/// Connects, retrying until the server is reachable.
+async fn connect(config: &Config) -> Result<async_nats::Client, RunError> {
     async_nats::ConnectOptions::new()
         .name(&config.nats.name)
         .retry_on_initial_connect()
-        .event_callback(move |event| {
-            let denials = denials.clone();
-            async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                    async_nats::Event::ServerError(async_nats::ServerError::Other(text)) => {
-                        match PublishDenial::from_server_error(&text) {
-                            Some(denial) => {
-                                let _ = denials.send(denial);
-                            }
-                            None => tracing::warn!(error = ?text, "NATS server error"),
-                        }
-                    }
-                    other => tracing::info!(event = %other, "NATS event"),
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                // Permission refusals of deliveries are handled by firing; this logs them
+                // (and every other server error), escaped.
+                async_nats::Event::ServerError(async_nats::ServerError::Other(text)) => {
+                    tracing::warn!(error = ?text, "NATS server error")
                 }
+                other => tracing::info!(event = %other, "NATS event"),
             }
         })
         .connect(config.nats.url.as_str())

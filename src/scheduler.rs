@@ -106,6 +106,10 @@ struct Held {
     segment: SegmentKey,
     /// Its wheel entry; `None` once it has expired and is being fired.
     entry: Option<EntryKey>,
+    /// It failed to deliver and waits for its next attempt (or was handed back before its
+    /// due): not counted as resident, so undeliverable schedules never stop the loader or
+    /// eviction, and never let go of by eviction (that would skip its backoff).
+    retrying: bool,
 }
 
 impl Held {
@@ -232,7 +236,7 @@ impl Scheduler {
                     && let Some(entry) = held.entry
                 {
                     self.held.remove(&copy.id);
-                    self.drop_entry(entry);
+                    self.drop_entry(entry, held);
                 }
             }
             WheelCommand::Withdraw(copy, answer) => {
@@ -242,7 +246,9 @@ impl Scheduler {
                             self.held.remove(&copy.id);
                             match self.wheel.remove(entry) {
                                 Some((_, resident)) => {
-                                    self.resident.fetch_sub(1, Ordering::Relaxed);
+                                    if !held.retrying {
+                                        self.resident.fetch_sub(1, Ordering::Relaxed);
+                                    }
                                     self.retries.forget(&copy.id);
                                     Withdrawal::Withdrawn(resident)
                                 }
@@ -288,6 +294,7 @@ impl Scheduler {
                 due,
                 segment,
                 entry: None,
+                retrying: false,
             }),
             Entry::Occupied(slot) => {
                 let held = *slot.get();
@@ -306,6 +313,7 @@ impl Scheduler {
                 );
                 if let Some(entry) = held.entry
                     && self.wheel.remove(entry).is_some()
+                    && !held.retrying
                 {
                     self.resident.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -317,27 +325,26 @@ impl Scheduler {
             due,
             segment,
             entry: Some(entry),
+            retrying: false,
         };
     }
 
     /// Lets go of up to `count` of the latest schedules due at or after `from`; returns how
-    /// many and the earliest due let go. A schedule waiting for a retry is kept (reloading it
-    /// would skip its backoff).
+    /// many and the earliest due let go. One waiting for a retry after a failed delivery
+    /// (held in the wheel at another time than its due) stays: reloading it would skip its
+    /// backoff.
     fn evict(&mut self, count: usize, from: UnixMs) -> (usize, Option<UnixMs>) {
         let mut out = Vec::new();
-        self.wheel.evict_latest(count, from, &mut out);
+        let evictable = |at: u64, resident: &Resident| at == resident.schedule.due;
+        self.wheel.evict_latest(count, from, evictable, &mut out);
         let mut earliest = None;
         let mut evicted = 0;
         for (at, resident) in out {
-            if at != resident.schedule.due {
-                let id = resident.schedule.id.clone();
-                let entry = self.wheel.insert(at, resident);
-                if let Some(held) = self.held.get_mut(&id) {
-                    held.entry = Some(entry);
-                }
-                continue;
+            if let Some(held) = self.held.remove(&resident.schedule.id)
+                && held.retrying
+            {
+                continue; // handed back before its due: it was not counted
             }
-            self.held.remove(&resident.schedule.id);
             self.resident.fetch_sub(1, Ordering::Relaxed);
             evicted += 1;
             earliest = Some(earliest.map_or(at, |e: UnixMs| e.min(at)));
@@ -345,22 +352,23 @@ impl Scheduler {
         (evicted, earliest)
     }
 
-    /// Holds a copy that failed to deliver again, to expire at `at`; dropped if it is no
-    /// longer the copy held for its id (replaced, or cancelled, meanwhile).
+    /// Holds a copy that failed to deliver (or was handed out before its due) again, to
+    /// expire at `at`; dropped if it is no longer the copy held for its id (replaced, or
+    /// cancelled, meanwhile). Firing no longer counts it as resident.
     fn retry(&mut self, resident: Resident, at: UnixMs) {
         let copy = ScheduleRef::of(resident.segment, &resident.schedule);
-        match self.held.get_mut(&copy.id) {
-            Some(held) if held.is(&copy) && held.entry.is_none() => {
-                held.entry = Some(self.wheel.insert(at, resident));
-            }
-            _ => {
-                self.resident.fetch_sub(1, Ordering::Relaxed);
-            }
+        if let Some(held) = self.held.get_mut(&copy.id)
+            && held.is(&copy)
+            && held.entry.is_none()
+        {
+            held.entry = Some(self.wheel.insert(at, resident));
+            held.retrying = true;
         }
     }
 
-    fn drop_entry(&mut self, entry: EntryKey) {
-        if self.wheel.remove(entry).is_some() {
+    /// Drops the wheel entry of `held`, counting it out of memory unless it was not counted.
+    fn drop_entry(&mut self, entry: EntryKey, held: Held) {
+        if self.wheel.remove(entry).is_some() && !held.retrying {
             self.resident.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -378,13 +386,18 @@ impl Scheduler {
         ids
     }
 
-    /// Marks an expired schedule as firing on its way out.
+    /// Marks an expired schedule as firing on its way out (counted as resident again if it
+    /// was waiting for a retry).
     fn mark_firing(&mut self, resident: Resident) -> Resident {
         if let Some(held) = self.held.get_mut(&resident.schedule.id)
             && held.due == resident.schedule.due
             && held.segment == resident.segment
         {
             held.entry = None;
+            if held.retrying {
+                held.retrying = false;
+                self.resident.fetch_add(1, Ordering::Relaxed);
+            }
         }
         resident
     }
@@ -599,5 +612,31 @@ mod tests {
 
         stop.cancel();
         timer.join().unwrap();
+    }
+
+    #[test]
+    fn a_schedule_waiting_for_a_retry_is_not_resident_nor_evicted() {
+        let (mut s, resident) = scheduler();
+        let due = s.wheel.elapsed() + 5;
+        insert(&mut s, &resident, schedule("a", due));
+        assert_eq!(expire(&mut s, due), ["a"]);
+        // Firing failed to deliver it: it stops counting it and hands it back.
+        resident.fetch_sub(1, Ordering::Relaxed);
+        s.apply(WheelCommand::Retry(vec![(schedule("a", due), due + 100)]));
+        assert_eq!(s.wheel.len(), 1);
+        assert_eq!(resident.load(Ordering::Relaxed), 0);
+        assert_eq!(s.evict(10, 0), (0, None), "not let go of by eviction");
+        // Its next attempt counts it again.
+        assert_eq!(expire(&mut s, due + 100), ["a"]);
+        assert_eq!(resident.load(Ordering::Relaxed), 1);
+        // Waiting again, a cancel takes it without counting it out twice.
+        resident.fetch_sub(1, Ordering::Relaxed);
+        s.apply(WheelCommand::Retry(vec![(schedule("a", due), due + 300)]));
+        let (answer, outcome) = std::sync::mpsc::sync_channel(1);
+        let copy = ScheduleRef::of(SegmentKey::start_of(0), &schedule("a", due).schedule);
+        s.apply(WheelCommand::Withdraw(copy, answer));
+        assert!(matches!(outcome.recv().unwrap(), Withdrawal::Withdrawn(_)));
+        assert_eq!(resident.load(Ordering::Relaxed), 0);
+        assert!(s.wheel.is_empty());
     }
 }

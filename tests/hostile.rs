@@ -132,6 +132,31 @@ async fn hostile_header_blocks_on_every_subject_neither_crash_nor_disconnect() {
             b"",
         );
         expected.insert("_INBOX.raw.utf8".to_owned());
+        // Unicode whitespace in a subject (the server splits on spaces and tabs only): once
+        // shifted the client's parse of the message (a forged sid, or a dropped connection).
+        for (n, subject) in ["sched.add.a\u{a0}1", "sched.add.a\u{3000}1 2"]
+            .into_iter()
+            .enumerate()
+        {
+            let reply = format!("_INBOX.raw.space{n}");
+            if subject.contains(' ') {
+                continue; // not sendable: the server would split it too
+            }
+            raw.hpub(
+                subject.as_bytes(),
+                Some(reply.as_bytes()),
+                b"NATS/1.0\r\nSched-Delay: 1h\r\n\r\n",
+                b"",
+            );
+            expected.insert(reply);
+        }
+        raw.hpub(
+            "sched.add.x\u{a0}1".as_bytes(),
+            Some(b"_INBOX.raw.spoof"),
+            b"NATS/1.0\r\nSched-Delay: 1h\r\n\r\n",
+            b"",
+        );
+        expected.insert("_INBOX.raw.spoof".to_owned());
         raw.publish(b"sched.get", Some(b"_INBOX.raw.\xff"), b"some-id");
         raw.publish(b"sched.cancel\xff", Some(b"_INBOX.raw.x"), b"some-id");
         raw.ping();

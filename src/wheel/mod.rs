@@ -292,16 +292,23 @@ impl<T> Wheel<T> {
         out.len() - before
     }
 
-    /// Removes the `count` latest pending entries due at or after `min_due` (fewer if there
-    /// are not as many), appending them to `out` as `(due, value)`; returns how many. Ready
-    /// entries are never taken. The kept entries keep their order.
+    /// Removes the `count` latest pending entries due at or after `min_due` for which
+    /// `evictable(due, value)` holds (fewer if there are not as many), appending them to `out`
+    /// as `(due, value)`; returns how many. Ready entries are never taken. The kept entries
+    /// keep their order.
     ///
     /// Every entry of a level is due before any of a higher level (see *Placement*), and
     /// slots of a level are ordered by deadline, so walking levels from the top and slots
     /// from the latest finds the latest entries first; within a slot (entries are unsorted
     /// there) the latest are picked by due. (Entries clamped into the top level from more
     /// than one rotation ahead rank by their slot only.)
-    pub fn evict_latest(&mut self, count: usize, min_due: u64, out: &mut Vec<(u64, T)>) -> usize {
+    pub fn evict_latest(
+        &mut self,
+        count: usize,
+        min_due: u64,
+        evictable: impl Fn(u64, &T) -> bool,
+        out: &mut Vec<(u64, T)>,
+    ) -> usize {
         let mut taken = 0;
         'levels: for level in (0..NUM_LEVELS).rev() {
             let slots = self.levels[level].occupied_latest_first(self.elapsed);
@@ -338,7 +345,11 @@ impl<T> Wheel<T> {
                 // dues the later inserted first (the sort is stable).
                 let mut evicted: Vec<usize> = (0..order.len())
                     .rev()
-                    .filter(|&p| self.nodes[order[p]].due >= min_due)
+                    .filter(|&p| {
+                        let node = &self.nodes[order[p]];
+                        node.due >= min_due
+                            && node.value.as_ref().is_some_and(|v| evictable(node.due, v))
+                    })
                     .collect();
                 evicted.sort_by_key(|&p| std::cmp::Reverse(self.nodes[order[p]].due));
                 evicted.truncate(count - taken);

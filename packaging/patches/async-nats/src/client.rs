@@ -1345,4 +1345,46 @@ pub struct Statistics {
     /// Number of times connection was established.
     /// Initial connect will be counted as well, then all successful reconnects.
     pub connects: AtomicU64,
+    /// natsched patch: publishes the server refused for lack of permission.
+    pub publish_denials: PublishDenials,
+}
+
+/// natsched patch: the subjects of publishes the server refused for lack of permission
+/// (`-ERR 'Permissions Violation for Publish to "subject"'`). The connection handler records
+/// each before it dispatches anything it reads after the error, so whoever receives a later
+/// message on the same connection (a reply, a fence) sees every refusal of the publishes it
+/// made before that message.
+#[derive(Default, Debug)]
+pub struct PublishDenials {
+    /// The subjects since the last [`PublishDenials::take`], and whether more were refused
+    /// than are kept.
+    inner: std::sync::Mutex<(Vec<String>, bool)>,
+}
+
+impl PublishDenials {
+    /// Most subjects kept between two takes.
+    pub const MAX: usize = 16_384;
+
+    pub(crate) fn record_server_error(&self, text: &str) {
+        const PREFIX: &str = "permissions violation for publish to ";
+        let Some(head) = text.get(..PREFIX.len()) else {
+            return;
+        };
+        if !head.eq_ignore_ascii_case(PREFIX) {
+            return;
+        }
+        let subject = text[PREFIX.len()..].trim().trim_matches('"');
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.0.len() < Self::MAX {
+            inner.0.push(subject.to_owned());
+        } else {
+            inner.1 = true;
+        }
+    }
+
+    /// The subjects refused since the last call, and whether more were refused than kept.
+    pub fn take(&self) -> (Vec<String>, bool) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *inner)
+    }
 }

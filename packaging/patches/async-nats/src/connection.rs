@@ -180,7 +180,8 @@ impl Connection {
             // natsched patch: a subject or reply of invalid UTF-8 is repaired, not fatal.
             let line = String::from_utf8_lossy(&self.read_buf[4..len]).into_owned();
             let line_sanitized = str::from_utf8(&self.read_buf[4..len]).is_err();
-            let mut args = line.split(' ').filter(|s| !s.is_empty());
+            // natsched patch: the server separates arguments by spaces and tabs only.
+            let mut args = line.split([' ', '\t']).filter(|s| !s.is_empty());
 
             // Parse the operation syntax: MSG <subject> <sid> [reply-to] <#bytes>
             let (subject, sid, reply_to, payload_len) = match (
@@ -256,7 +257,10 @@ impl Connection {
             // natsched patch: a subject or reply of invalid UTF-8 is repaired, not fatal.
             let line = String::from_utf8_lossy(&self.read_buf[5..len]).into_owned();
             let line_sanitized = str::from_utf8(&self.read_buf[5..len]).is_err();
-            let mut args = line.split_whitespace().filter(|s| !s.is_empty());
+            // natsched patch: the server separates arguments by spaces and tabs only; splitting
+            // on any Unicode whitespace let a subject holding U+00A0 shift the arguments (a
+            // forged sid, or a failed parse that dropped the connection).
+            let mut args = line.split([' ', '\t']).filter(|s| !s.is_empty());
 
             // <subject> <sid> [reply-to] <# header bytes><# total bytes>
             let (subject, sid, reply_to, header_len, total_len) = match (
@@ -813,18 +817,29 @@ where
 ///
 /// The server forwards a publisher's header block unchecked, so it may hold invalid UTF-8,
 /// a bare CR or LF, lines without `:`, invalid names or an unparsable status. Each is
-/// repaired rather than fatal: invalid UTF-8 and bare CRs become U+FFFD, a line that is not
-/// `Name: value` (with its continuation lines) and an unparsable status are dropped. The
-/// last value says whether anything was repaired.
-fn parse_header_block(
-    header: &[u8],
-) -> (HeaderMap, Option<StatusCode>, Option<String>, bool) {
+/// repaired rather than fatal: lines end only at CRLF, invalid UTF-8 and bare CRs and LFs
+/// become U+FFFD (so a bare LF cannot smuggle in a header line), and a line that is not
+/// `Name: value` (with its continuation lines) and an unparsable status are dropped. The last
+/// value says whether anything was repaired.
+fn parse_header_block(header: &[u8]) -> (HeaderMap, Option<StatusCode>, Option<String>, bool) {
     let text = String::from_utf8_lossy(header);
     let mut sanitized = matches!(text, std::borrow::Cow::Owned(_));
-    let mut lines = text.lines().peekable();
+    let mut lines = text
+        .split("\r\n")
+        .map(|line| {
+            if line.contains(['\r', '\n']) {
+                sanitized = true;
+                std::borrow::Cow::Owned(line.replace(['\r', '\n'], "\u{FFFD}"))
+            } else {
+                std::borrow::Cow::Borrowed(line)
+            }
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .peekable();
     let mut status = None;
     let mut description = None;
-    match lines.next().and_then(|line| line.strip_prefix("NATS/1.0")) {
+    match lines.next().as_deref().and_then(|line| line.strip_prefix("NATS/1.0")) {
         Some(suffix) => {
             let suffix = suffix.trim();
             let (code, text) = suffix
@@ -859,17 +874,13 @@ fn parse_header_block(
             .map(|(_, value)| value.trim_start().to_owned())
             .unwrap_or_default();
         while let Some(more) = lines.next_if(|s| s.starts_with(char::is_whitespace)) {
-            value.push_str(more);
+            value.push_str(&more);
         }
         let Some((name, _)) = parsed else {
             sanitized = true;
             continue;
         };
         value.truncate(value.trim_end().len());
-        if value.contains('\r') {
-            value = value.replace('\r', "\u{FFFD}");
-            sanitized = true;
-        }
         headers.append(name, value.into_header_value());
     }
     (headers, status, description, sanitized)

@@ -257,7 +257,7 @@ mod options;
 pub use auth::Auth;
 pub use client::{
     Client, PublishError, PublishErrorKind, Request, RequestError, RequestErrorKind,
-    ServerPoolError, ServerPoolErrorKind, SetServerPoolError, SetServerPoolErrorKind, Statistics,
+    PublishDenials, ServerPoolError, ServerPoolErrorKind, SetServerPoolError, SetServerPoolErrorKind, Statistics,
     SubscribeError, SubscribeErrorKind,
 };
 pub use options::{AuthError, ConnectOptions};
@@ -721,6 +721,15 @@ impl ConnectionHandler {
             }
             ServerOp::Error(error) => {
                 debug!("received ERROR: {:?}", error);
+                // natsched patch: recorded here, before anything read after the error is
+                // dispatched, rather than only as an event (whose channel drops when full
+                // and whose handler runs at its own pace).
+                if let ServerError::Other(text) = &error {
+                    self.connector
+                        .connect_stats
+                        .publish_denials
+                        .record_server_error(text);
+                }
                 self.connector
                     .events_tx
                     .try_send(Event::ServerError(error))
