@@ -42,6 +42,7 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
+use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
 use crate::replies::{Ack, Reply};
 use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
@@ -172,7 +173,9 @@ impl Committer {
             match command {
                 StoreCommand::Fired(residents) => self.note_fired(residents),
                 StoreCommand::Add { schedule, reply } if failed.is_none() => {
-                    if let Err(err) = round.add(&self.store, schedule, reply) {
+                    if let Some(error) = self.unissued_id(&schedule) {
+                        round.refuse_with(reply, error);
+                    } else if let Err(err) = round.add(&self.store, schedule, reply) {
                         failed = Some(err);
                     }
                 }
@@ -234,6 +237,19 @@ impl Committer {
         if !acks.is_empty() {
             let _ = self.acks.send(acks);
         }
+    }
+
+    /// Why a caller's `Sched-Id` of the form of a generated id must be refused: it names a
+    /// segment not written yet, so natsched could generate the same id later.
+    fn unissued_id(&self, schedule: &Schedule) -> Option<ApiError> {
+        let (_, seq, _) = protocol::far_parts(&schedule.id).filter(|_| schedule.caller_id)?;
+        (seq >= self.next_seq).then(|| {
+            ApiError::bad_request(format!(
+                "invalid Sched-Id {:?}: it has the form of an id natsched generates, for a \
+                 schedule that does not exist; choose another",
+                schedule.id
+            ))
+        })
     }
 
     fn note_fired(&mut self, residents: Vec<Resident>) {

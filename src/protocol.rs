@@ -34,6 +34,8 @@ pub const RESERVED_PREFIX: &str = "sched-";
 pub const ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
 /// The error-text header of the NATS micro-service convention.
 pub const ERROR_HEADER: &str = "Nats-Service-Error";
+/// Longest error description sent; longer ones are cut short.
+pub const MAX_DESCRIPTION: usize = 1024;
 /// Longest accepted `Sched-Id`.
 pub const MAX_ID_LEN: usize = 128;
 
@@ -50,12 +52,20 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// An error with this code; control characters in `description` are escaped.
+    /// An error with this code; control characters in `description` are escaped, and a
+    /// description longer than [`MAX_DESCRIPTION`] bytes (it may quote a huge input) is cut
+    /// short, so the reply always fits the server's `max_payload`.
     pub fn new(code: u16, description: impl Into<String>) -> ApiError {
-        ApiError {
-            code,
-            description: escape_controls(description.into()),
+        let mut description = escape_controls(description.into());
+        if description.len() > MAX_DESCRIPTION {
+            let mut end = MAX_DESCRIPTION;
+            while !description.is_char_boundary(end) {
+                end -= 1;
+            }
+            description.truncate(end);
+            description.push_str("…");
         }
+        ApiError { code, description }
     }
 
     /// 400: the request is malformed.
@@ -277,12 +287,6 @@ pub fn parse_add(
     }
     let caller_id = id.is_some();
     let id = match id {
-        Some(id) if far_parts(id).is_some() => {
-            // Ids of this form name a segment (see `far_id`): they are natsched's to give.
-            return Err(ApiError::bad_request(format!(
-                "invalid {ID} {id:?}: it has the form of an id natsched generates; choose another"
-            )));
-        }
         Some(id) => validate_id(id)?.to_owned(),
         // A placeholder: the store writer gives the schedule its final id (see `far_id`).
         None => generated_id(due),
@@ -338,8 +342,10 @@ const FAR_SEQ_SHIFT: u32 = 16;
 /// segment's seq (48 bits) and the index (16 bits), so the store finds the schedule with one
 /// lookup however many share its bucket, and an id it did not make with none. Unique because
 /// (seq, index) is. `None` if `seq` does not fit (after 2^48 segments; the schedule is then
-/// indexed under a random id instead). One random ULID in 65 536 has this form, and such a
-/// `Sched-Id` is refused.
+/// indexed under a random id instead). Seqs only grow, so an id naming a segment already
+/// written is never generated again: a caller may give such an id back as `Sched-Id` (to
+/// replace the schedule it names), but the store writer refuses one naming a segment not
+/// yet written.
 pub fn far_id(due: UnixMs, seq: u64, index: u16) -> Option<String> {
     far_ulid(due, seq, index).map(|ulid| ulid.to_string())
 }
@@ -363,9 +369,8 @@ pub fn far_layout(ulid: ulid::Ulid) -> Option<(u64, u16)> {
 }
 
 /// The (due, seq, index) an id made by [`far_id`] would be made from; `None` for any id
-/// `far_id` cannot make. Such ids are predictable, and ids are not secrets anyway (`list`
-/// shows them): a caller may not use one as `Sched-Id`, so the ones natsched hands out are
-/// never taken.
+/// `far_id` cannot make. Such ids are predictable (ids are not secrets anyway: `list` shows
+/// them), which is why a `Sched-Id` of this form naming a segment not yet written is refused.
 pub fn far_parts(id: &str) -> Option<(UnixMs, u64, u16)> {
     let ulid = canonical_ulid(id)?;
     let (seq, index) = far_layout(ulid)?;

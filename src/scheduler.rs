@@ -237,6 +237,9 @@ impl Scheduler {
                 {
                     self.held.remove(&copy.id);
                     self.drop_entry(entry, held);
+                    if held.retrying {
+                        self.retries.forget(&copy.id); // its replacement starts afresh
+                    }
                 }
             }
             WheelCommand::Withdraw(copy, answer) => {

@@ -117,7 +117,14 @@ impl Round {
         self.pending_delta += 1;
         // A generated id is new by construction; only a caller's id can already be pending.
         if schedule.caller_id {
-            match self.place_of(store, &schedule.id)? {
+            // A caller's id is indexed when pending; one of the form of a generated id may
+            // name a schedule stored under it as generated.
+            let place = if protocol::far_parts(&schedule.id).is_some() {
+                self.place_of(store, &schedule.id)?
+            } else {
+                self.place_of_caller(store, &schedule.id)?
+            };
+            match place {
                 Place::New(bucket) => {
                     let schedules = self.new.get_mut(&bucket).expect("placed there");
                     schedules.retain(|s| s.id != schedule.id);
@@ -150,6 +157,11 @@ impl Round {
     pub fn refuse(&mut self, reply: Option<Reply>) {
         let error =
             ApiError::unavailable("store unavailable: an earlier write in its batch failed");
+        self.refuse_with(reply, error);
+    }
+
+    /// Records a request refused with `error`, whatever the commit does.
+    pub fn refuse_with(&mut self, reply: Option<Reply>, error: ApiError) {
         self.acks.push((reply, Outcome::Refused(error)));
     }
 
@@ -253,7 +265,7 @@ impl Round {
                 }
             }
             for (fired, caller_id) in schedules {
-                if *caller_id && self.place_of(store, &fired.id)? == Place::Stored(key) {
+                if *caller_id && self.place_of_caller(store, &fired.id)? == Place::Stored(key) {
                     self.places.insert(fired.id.clone(), Place::Gone);
                     self.batch.unindex(&fired.id);
                 }
@@ -363,6 +375,15 @@ impl Round {
                 })
             })
             .collect()
+    }
+
+    /// Where the caller-chosen id `id` is: in this round, or as the index says (one lookup,
+    /// whatever form the id has).
+    fn place_of_caller(&self, store: &Store, id: &str) -> Result<Place, StoreError> {
+        if let Some(place) = self.places.get(id) {
+            return Ok(*place);
+        }
+        Ok(store.locate_indexed(id)?.map_or(Place::Gone, Place::Stored))
     }
 
     fn place_of(&self, store: &Store, id: &str) -> Result<Place, StoreError> {

@@ -675,3 +675,18 @@ fn a_damaged_segment_costs_only_the_requests_that_need_what_it_lost() {
     assert_eq!(ids, ["a", "b", "d"]);
     assert_eq!(h.committer.store.damaged_total(), 1);
 }
+
+#[test]
+fn a_sched_id_naming_a_segment_not_written_yet_is_refused() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[]);
+    let future = protocol::far_id(now + DAY, h.committer.next_seq + 5, 0).unwrap();
+    let add = StoreCommand::Add {
+        schedule: schedule(&future, now + DAY),
+        reply: Some(reply()),
+    };
+    h.committer.round(std::iter::once(add), false);
+    let acks = h.acks.try_recv().unwrap();
+    assert_eq!(acks[0].result.as_ref().unwrap_err().code, 400);
+    assert!(h.stored().is_empty());
+}

@@ -235,14 +235,23 @@ fn oversized_names_are_400() {
 }
 
 #[test]
-fn a_sched_id_shaped_like_a_generated_id_is_refused() {
-    let ours = far_id(NOW + 1000, 42, 3).unwrap();
-    assert_eq!(code(add("t", &[(DELAY, "1s"), (ID, &ours)])), 400);
-    // Any other ULID is a fine Sched-Id.
-    let random = ulid::Ulid::from_parts(NOW + 1000, 0x1234_5678_9abc_def0).to_string();
-    assert!(far_parts(&random).is_none());
-    assert_eq!(
-        add("t", &[(DELAY, "1s"), (ID, &random)]).unwrap().id,
-        random
+fn error_descriptions_are_escaped_and_bounded() {
+    // A huge Sched-At is quoted in the error: cut short so the reply still fits.
+    let huge = "x".repeat(1_200_000);
+    let err = code_and_text(add("t", &[(AT, &huge)]));
+    assert_eq!(err.0, 400);
+    assert!(
+        err.1.len() <= MAX_DESCRIPTION + "…".len(),
+        "{}",
+        err.1.len()
     );
+    let err = ApiError::new(400, "é".repeat(2000) + "\n");
+    assert!(err.description.len() <= MAX_DESCRIPTION + "…".len());
+    let err = ApiError::new(400, "a\nb\r\u{1b}");
+    assert_eq!(err.description, "a\\nb\\r\\u{1b}");
+}
+
+fn code_and_text(result: Result<Schedule, ApiError>) -> (u16, String) {
+    let err = result.expect_err("must be refused");
+    (err.code, err.description)
 }

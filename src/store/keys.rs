@@ -50,6 +50,9 @@ pub(crate) const PENDING_KEY: &[u8] = b"mpending";
 /// Where the end of the last bucket that may hold ids of store format 2 is kept (see
 /// `Store::locate`).
 pub(crate) const LEGACY_IDS_KEY: &[u8] = b"mlegacyids";
+/// Where the first segment seq written by store format 3 is kept: only segments below it can
+/// hold ids of store format 2.
+pub(crate) const LEGACY_SEQS_KEY: &[u8] = b"mlegacyseqs";
 /// The first byte of every id-index key.
 pub(crate) const ID_KEYS: &[u8] = &[ID_PREFIX];
 

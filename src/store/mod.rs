@@ -93,8 +93,10 @@ pub struct Store {
     #[cfg(test)]
     fail_writes: Arc<std::sync::atomic::AtomicBool>,
     /// Ids natsched generated before store format 3 did not name their segment; such an id
-    /// due before this instant is searched for in its bucket (see [`Store::locate`]).
+    /// due before this instant is searched for in its bucket (see [`Store::locate`]), among
+    /// the segments of seqs below `legacy_seqs_below`.
     legacy_ids_until: UnixMs,
+    legacy_seqs_below: u64,
 }
 
 /// An encoded segment as stored; read it with [`segment::entries`].
@@ -104,6 +106,19 @@ impl AsRef<[u8]> for RawSegment {
     fn as_ref(&self) -> &[u8] {
         &self.0
     }
+}
+
+/// fsyncs every file under `dir` (sled's database files).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            sync_dir(&path)?;
+        } else {
+            std::fs::File::open(&path)?.sync_all()?;
+        }
+    }
+    Ok(())
 }
 
 /// A segment found damaged: its original bytes and how many of its schedules were lost
@@ -275,6 +290,7 @@ impl Store {
             #[cfg(test)]
             fail_writes: Arc::default(),
             legacy_ids_until: 0,
+            legacy_seqs_below: 0,
         };
         // Checked before anything is written, so a refused store is left as it was.
         if let Some(expected) = watermark::read(&options.path)? {
@@ -288,6 +304,13 @@ impl Store {
             }
         }
         store.check_format(&options.path)?;
+        // What sled recovered may sit only in the page cache (a process killed before its
+        // fsync): make it durable before the mark says the store got this far, or a power
+        // loss now would make the next start refuse a store that lost nothing acknowledged.
+        sync_dir(&options.path).map_err(|source| StoreError::Watermark {
+            path: options.path.clone(),
+            source,
+        })?;
         watermark::write(&options.path, store.next_seq()?)?;
         Ok(store)
     }
@@ -315,6 +338,7 @@ impl Store {
             }
         }
         self.legacy_ids_until = self.meta_u64(keys::LEGACY_IDS_KEY)?.unwrap_or(0);
+        self.legacy_seqs_below = self.meta_u64(keys::LEGACY_SEQS_KEY)?.unwrap_or(0);
         Ok(())
     }
 
@@ -349,6 +373,7 @@ impl Store {
         let mut batch = sled::Batch::default();
         batch.insert(keys::LEGACY_IDS_KEY, &legacy_until.to_be_bytes());
         batch.insert(keys::NEXT_SEQ_KEY, &next_seq.to_be_bytes());
+        batch.insert(keys::LEGACY_SEQS_KEY, &next_seq.to_be_bytes());
         batch.insert(keys::FORMAT_KEY, &[STORE_FORMAT]);
         self.db.apply_batch(batch)?;
         self.db.flush()?;
@@ -450,11 +475,26 @@ impl Store {
         }
     }
 
-    /// Searches the fine bucket of `due` for the generated id `id` (store format 2's ids).
+    /// The segment the caller-chosen id `id` is indexed to, if it is pending: one lookup (a
+    /// pending caller id is always indexed).
+    pub fn locate_indexed(&self, id: &str) -> Result<Option<SegmentKey>, StoreError> {
+        Ok(self
+            .db
+            .get(keys::id_key(id))?
+            .and_then(|value| SegmentKey::from_bytes(&value)))
+    }
+
+    /// Searches the fine bucket of `due` for the generated id `id` (store format 2's ids),
+    /// among the segments written before the upgrade only.
     fn search_bucket(&self, id: &str, due: UnixMs) -> Result<Option<SegmentKey>, StoreError> {
         let bucket = bucket_of(due);
         let from = SegmentKey::start_of(bucket).to_bytes();
-        let to = SegmentKey::start_of(bucket + BUCKET_MS).to_bytes();
+        let to = SegmentKey::start_of(bucket + BUCKET_MS)
+            .min(SegmentKey::fine(bucket, self.legacy_seqs_below))
+            .to_bytes();
+        if from >= to {
+            return Ok(None);
+        }
         for item in self.db.range(from..to) {
             let (key, value) = item?;
             let Some(key) = SegmentKey::from_bytes(&key) else {
