@@ -63,7 +63,7 @@ impl ApiError {
                 end -= 1;
             }
             description.truncate(end);
-            description.push_str("…");
+            description.push('…');
         }
         ApiError { code, description }
     }
