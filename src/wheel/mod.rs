@@ -386,15 +386,7 @@ impl<T> Wheel<T> {
             all.push(idx);
             idx = self.nodes[idx].next;
         }
-        for level in &mut self.levels {
-            for slot in 0..level::LEVEL_MULT {
-                let mut idx = level.take(slot).head;
-                while idx != NIL {
-                    all.push(idx);
-                    idx = self.nodes[idx].next;
-                }
-            }
-        }
+        self.detach_slots(&mut all);
         debug_assert_eq!(all.len(), self.len);
         self.elapsed = now_ms;
         for idx in all {
@@ -446,15 +438,7 @@ impl<T> Wheel<T> {
     /// Handles a jump of at least the whole span in one pass over all entries (see top doc).
     fn rebuild(&mut self, now_ms: u64, out: &mut Vec<(u64, T)>) {
         let mut all = Vec::with_capacity(self.len);
-        for level in &mut self.levels {
-            for slot in 0..level::LEVEL_MULT {
-                let mut idx = level.take(slot).head;
-                while idx != NIL {
-                    all.push(idx);
-                    idx = self.nodes[idx].next;
-                }
-            }
-        }
+        self.detach_slots(&mut all);
         debug_assert_eq!(
             all.len(),
             self.len,
@@ -473,6 +457,20 @@ impl<T> Wheel<T> {
         due.sort_by_key(|&idx| self.nodes[idx].due);
         for idx in due {
             out.push(self.release(idx));
+        }
+    }
+
+    /// Detaches every slot's list, appending its nodes to `all`; the caller relinks or frees
+    /// each of them.
+    fn detach_slots(&mut self, all: &mut Vec<usize>) {
+        for level in &mut self.levels {
+            for slot in 0..level::LEVEL_MULT {
+                let mut idx = level.take(slot).head;
+                while idx != NIL {
+                    all.push(idx);
+                    idx = self.nodes[idx].next;
+                }
+            }
         }
     }
 
