@@ -234,6 +234,7 @@ impl Committer {
             }
         }
         let acks = round.acks(result.as_ref().err());
+        Metrics::count(&self.metrics.errors_total, round.unanswered_errors());
         if !acks.is_empty() {
             let _ = self.acks.send(acks);
         }

@@ -196,8 +196,13 @@ pub fn delivered_size(schedule: &Schedule) -> usize {
         .iter()
         .map(|(n, v)| n.len() + v.len() + LINE)
         .sum();
-    let ours =
-        ID.len() + schedule.id.len() + LINE + DUE.len() + "2026-11-24T18:00:00.250Z".len() + LINE;
+    // A schedule without a caller's id gets its (ULID) id from the store writer.
+    let id_len = if schedule.caller_id {
+        schedule.id.len()
+    } else {
+        ulid::ULID_LEN
+    };
+    let ours = ID.len() + id_len + LINE + DUE.len() + "2026-11-24T18:00:00.250Z".len() + LINE;
     "NATS/1.0\r\n".len() + headers + ours + "\r\n".len() + schedule.payload.len()
 }
 
@@ -288,8 +293,8 @@ pub fn parse_add(
     let caller_id = id.is_some();
     let id = match id {
         Some(id) => validate_id(id)?.to_owned(),
-        // A placeholder: the store writer gives the schedule its final id (see `far_id`).
-        None => generated_id(due),
+        // The store writer gives the schedule its id (see `far_id`).
+        None => String::new(),
     };
     let schedule = Schedule {
         id,

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::hash_map::Entry;
+use std::fmt::Write as _;
 
 // Per-schedule maps hash with foldhash: randomly seeded like std's SipHash, several times faster.
 use foldhash::{HashMap, HashSet};
@@ -77,9 +78,6 @@ pub struct Round {
     rewrites: HashMap<SegmentKey, Vec<Schedule>>,
     /// Ids this round touched.
     places: HashMap<String, Place>,
-    /// Ids intake generated, replaced by the id naming their segment (see
-    /// [`Round::name_generated`]).
-    renamed: HashMap<String, String>,
     /// Wheel changes to send once committed (removals; inserts are added by the committer).
     wheel: Vec<WheelCommand>,
     acks: Vec<(Option<Reply>, Outcome)>,
@@ -91,12 +89,19 @@ pub struct Round {
     applied: bool,
     /// Damaged segments this round rewrote from what was readable.
     damaged: HashSet<SegmentKey>,
+    /// Requests without a reply subject that were refused.
+    unanswered_errors: u64,
 }
 
 /// What a request's reply will say if the round commits.
 enum Outcome {
     Added {
         id: String,
+        due: UnixMs,
+    },
+    /// Added under the id natsched gave it (see [`Round::name_generated`]).
+    Named {
+        id: ulid::Ulid,
         due: UnixMs,
     },
     Cancelled {
@@ -111,7 +116,7 @@ impl Round {
     pub fn add(
         &mut self,
         store: &Store,
-        schedule: Schedule,
+        mut schedule: Schedule,
         reply: Option<Reply>,
     ) -> Result<(), StoreError> {
         self.pending_delta += 1;
@@ -143,12 +148,21 @@ impl Round {
             }
         }
         let bucket = bucket_of(schedule.due);
+        let due = schedule.due;
         if schedule.caller_id {
             // Only a caller's id can come again in this round; a generated one is unique.
             self.places.insert(schedule.id.clone(), Place::New(bucket));
+            let id = schedule.id.clone();
+            self.acks.push((reply, Outcome::Added { id, due }));
+        } else {
+            // Named once its segment is known; until then its id holds where its reply is
+            // (in a buffer the size of the final id, which then reuses it).
+            let mut placeholder = String::with_capacity(ulid::ULID_LEN);
+            let _ = write!(placeholder, "{}", self.acks.len());
+            schedule.id = placeholder;
+            let id = String::new();
+            self.acks.push((reply, Outcome::Added { id, due }));
         }
-        let (id, due) = (schedule.id.clone(), schedule.due);
-        self.acks.push((reply, Outcome::Added { id, due }));
         self.new.entry(bucket).or_default().push(schedule);
         Ok(())
     }
@@ -282,23 +296,36 @@ impl Round {
     /// Gives the new schedules of segment `key` that have no caller-chosen id their final
     /// id: the [`protocol::far_id`] of their place in the segment, which is what lets the
     /// store find them with one lookup. Their replies carry it. Should the segment's seq or
-    /// the index not fit into such an id (after 2^48 segments), a schedule keeps the random
-    /// id intake gave it and is indexed like a caller's.
+    /// the index not fit into such an id (after 2^48 segments), a schedule gets a random id
+    /// instead and is indexed like a caller's.
     pub fn name_generated(&mut self, key: SegmentKey, schedules: &mut [Schedule]) {
         for (index, schedule) in schedules.iter_mut().enumerate() {
             if schedule.caller_id {
                 continue;
             }
+            let Ok(ack) = schedule.id.parse::<usize>() else {
+                debug_assert!(false, "not a placeholder from Round::add: {}", schedule.id);
+                continue;
+            };
             let id = u16::try_from(index)
                 .ok()
-                .and_then(|index| protocol::far_id(schedule.due, key.seq, index));
-            match id {
-                Some(id) => {
-                    let random = std::mem::replace(&mut schedule.id, id.clone());
-                    self.renamed.insert(random, id);
-                }
-                None => schedule.caller_id = true,
-            }
+                .and_then(|index| protocol::far_ulid(schedule.due, key.seq, index))
+                .unwrap_or_else(|| {
+                    schedule.caller_id = true;
+                    ulid::Ulid::from_parts(schedule.due, rand_bits())
+                });
+            schedule.id.clear();
+            schedule
+                .id
+                .push_str(id.array_to_str(&mut [0; ulid::ULID_LEN]));
+            let due = schedule.due;
+            self.acks[ack].1 = match schedule.caller_id {
+                true => Outcome::Added {
+                    id: schedule.id.clone(),
+                    due,
+                },
+                false => Outcome::Named { id, due },
+            };
         }
     }
 
@@ -327,7 +354,7 @@ impl Round {
         let added = self
             .acks
             .iter()
-            .filter(|(_, o)| matches!(o, Outcome::Added { .. }));
+            .filter(|(_, o)| matches!(o, Outcome::Added { .. } | Outcome::Named { .. }));
         let cancelled = self
             .acks
             .iter()
@@ -355,26 +382,34 @@ impl Round {
 
     /// The replies of the round's requests, given how the round ended.
     pub fn acks(&mut self, failure: Option<&StoreError>) -> Vec<Ack> {
-        self.acks
-            .drain(..)
-            .filter_map(|(reply, outcome)| {
-                let result = match (outcome, failure) {
-                    (Outcome::Refused(error), _) => Err(error),
-                    (_, Some(err)) => {
-                        Err(ApiError::unavailable(format!("store unavailable: {err}")))
-                    }
-                    (Outcome::Added { id, due }, None) => {
-                        let id = self.renamed.get(&id).unwrap_or(&id);
-                        Ok(protocol::add_reply(id, due))
-                    }
-                    (Outcome::Cancelled { id }, None) => Ok(protocol::cancel_reply(&id)),
-                };
-                Some(Ack {
-                    reply: reply?,
-                    result,
-                })
-            })
-            .collect()
+        let mut acks = Vec::with_capacity(self.acks.len());
+        for (reply, outcome) in std::mem::take(&mut self.acks) {
+            let result = match (outcome, failure) {
+                (Outcome::Refused(error), _) => Err(error),
+                (_, Some(err)) => Err(ApiError::unavailable(format!("store unavailable: {err}"))),
+                (Outcome::Added { id, due }, None) => Ok(protocol::add_reply(&id, due)),
+                (Outcome::Named { id, due }, None) => Ok(protocol::add_reply(
+                    id.array_to_str(&mut [0; ulid::ULID_LEN]),
+                    due,
+                )),
+                (Outcome::Cancelled { id }, None) => Ok(protocol::cancel_reply(&id)),
+            };
+            match (reply, result) {
+                (Some(reply), result) => acks.push(Ack { reply, result }),
+                (None, Err(error)) => {
+                    // A plain publish has nobody to tell: counted and logged, like intake's.
+                    self.unanswered_errors += 1;
+                    tracing::debug!(%error, "refused a request without a reply subject");
+                }
+                (None, Ok(_)) => {}
+            }
+        }
+        acks
+    }
+
+    /// How many requests without a reply subject this round refused (see [`Round::acks`]).
+    pub fn unanswered_errors(&self) -> u64 {
+        self.unanswered_errors
     }
 
     /// Where the caller-chosen id `id` is: in this round, or as the index says (one lookup,
@@ -414,4 +449,9 @@ impl Round {
             }
         })
     }
+}
+
+/// 80 random bits for an id (see [`Round::name_generated`]).
+fn rand_bits() -> u128 {
+    ulid::Ulid::generate().random()
 }
