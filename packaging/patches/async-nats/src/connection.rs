@@ -178,8 +178,8 @@ impl Connection {
 
         if self.read_buf.starts_with(b"MSG ") {
             // natsched patch: a subject or reply of invalid UTF-8 is repaired, not fatal.
-            let line = String::from_utf8_lossy(&self.read_buf[4..len]).into_owned();
-            let line_sanitized = str::from_utf8(&self.read_buf[4..len]).is_err();
+            let line = String::from_utf8_lossy(&self.read_buf[4..len]);
+            let line_sanitized = matches!(line, std::borrow::Cow::Owned(_));
             // natsched patch: the server separates arguments by spaces and tabs only.
             let mut args = line.split([' ', '\t']).filter(|s| !s.is_empty());
 
@@ -255,8 +255,8 @@ impl Connection {
         if self.read_buf.starts_with(b"HMSG ") {
             // Extract whitespace-delimited arguments that come after "HMSG".
             // natsched patch: a subject or reply of invalid UTF-8 is repaired, not fatal.
-            let line = String::from_utf8_lossy(&self.read_buf[5..len]).into_owned();
-            let line_sanitized = str::from_utf8(&self.read_buf[5..len]).is_err();
+            let line = String::from_utf8_lossy(&self.read_buf[5..len]);
+            let line_sanitized = matches!(line, std::borrow::Cow::Owned(_));
             // natsched patch: the server separates arguments by spaces and tabs only; splitting
             // on any Unicode whitespace let a subject holding U+00A0 shift the arguments (a
             // forged sid, or a failed parse that dropped the connection).
@@ -824,22 +824,22 @@ where
 fn parse_header_block(header: &[u8]) -> (HeaderMap, Option<StatusCode>, Option<String>, bool) {
     let text = String::from_utf8_lossy(header);
     let mut sanitized = matches!(text, std::borrow::Cow::Owned(_));
-    let mut lines = text
-        .split("\r\n")
-        .map(|line| {
-            if line.contains(['\r', '\n']) {
-                sanitized = true;
-                std::borrow::Cow::Owned(line.replace(['\r', '\n'], "\u{FFFD}"))
-            } else {
-                std::borrow::Cow::Borrowed(line)
-            }
-        })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .peekable();
+    let mut lines = text.split("\r\n").peekable();
+    // A bare CR or LF left inside a line is replaced (and the block flagged).
+    let bare = std::cell::Cell::new(false);
+    fn cleaned<'a>(line: &'a str, bare: &std::cell::Cell<bool>) -> std::borrow::Cow<'a, str> {
+        if line.contains(['\r', '\n']) {
+            bare.set(true);
+            std::borrow::Cow::Owned(line.replace(['\r', '\n'], "\u{FFFD}"))
+        } else {
+            std::borrow::Cow::Borrowed(line)
+        }
+    }
+    let clean = |line| cleaned(line, &bare);
     let mut status = None;
     let mut description = None;
-    match lines.next().as_deref().and_then(|line| line.strip_prefix("NATS/1.0")) {
+    let version = lines.next().map(clean);
+    match version.as_deref().and_then(|line| line.strip_prefix("NATS/1.0")) {
         Some(suffix) => {
             let suffix = suffix.trim();
             let (code, text) = suffix
@@ -864,6 +864,7 @@ fn parse_header_block(header: &[u8]) -> (HeaderMap, Option<StatusCode>, Option<S
         if line.is_empty() {
             continue;
         }
+        let line = clean(line);
         let parsed = line
             .split_once(':')
             .filter(|(name, _)| !name.is_empty())
@@ -874,7 +875,7 @@ fn parse_header_block(header: &[u8]) -> (HeaderMap, Option<StatusCode>, Option<S
             .map(|(_, value)| value.trim_start().to_owned())
             .unwrap_or_default();
         while let Some(more) = lines.next_if(|s| s.starts_with(char::is_whitespace)) {
-            value.push_str(&more);
+            value.push_str(&clean(more));
         }
         let Some((name, _)) = parsed else {
             sanitized = true;
@@ -883,7 +884,7 @@ fn parse_header_block(header: &[u8]) -> (HeaderMap, Option<StatusCode>, Option<S
         value.truncate(value.trim_end().len());
         headers.append(name, value.into_header_value());
     }
-    (headers, status, description, sanitized)
+    (headers, status, description, sanitized || bare.get())
 }
 
 #[cfg(test)]
