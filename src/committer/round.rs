@@ -201,10 +201,8 @@ impl Round {
                 Outcome::Cancelled { id }
             }
             Place::Stored(key) => {
-                let remaining = self.rewrite(store, key)?;
+                let (remaining, damaged) = self.staged(store, key)?;
                 let found = remaining.iter().position(|s| s.id == id);
-                let damaged = found.is_none() && self.damaged.contains(&key);
-                let remaining = self.rewrites.get_mut(&key).expect("staged just now");
                 let decided = found.map(|at| match key.tier {
                     // Far segments are never loaded into the wheel: nothing to ask.
                     Tier::Far => Withdrawal::NotHeld,
@@ -436,7 +434,16 @@ impl Round {
         store: &Store,
         key: SegmentKey,
     ) -> Result<&mut Vec<Schedule>, StoreError> {
-        Ok(match self.rewrites.entry(key) {
+        Ok(self.staged(store, key)?.0)
+    }
+
+    /// [`Round::rewrite`], and whether the segment was found damaged.
+    fn staged(
+        &mut self,
+        store: &Store,
+        key: SegmentKey,
+    ) -> Result<(&mut Vec<Schedule>, bool), StoreError> {
+        let schedules = match self.rewrites.entry(key) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
                 let (schedules, damaged) = store.read_segment(key)?;
@@ -447,7 +454,8 @@ impl Round {
                 }
                 entry.insert(schedules)
             }
-        })
+        };
+        Ok((schedules, self.damaged.contains(&key)))
     }
 }
 
