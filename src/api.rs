@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::committer::StoreCommand;
 use crate::listing::{self, ListRequest};
-use crate::metrics::{Endpoint, LatenessMs, Metrics};
+use crate::metrics::{Endpoint, LatenessMs, Metrics, QuotaUsage};
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
 use crate::replies::{self, Reply};
@@ -96,10 +96,13 @@ impl Api {
             fired_total: u64,
             cancelled_total: u64,
             errors_total: u64,
+            denied_total: u64,
             delivery_errors_total: u64,
             undeliverable: usize,
             corrupt_segments_total: u64,
             store_bytes: u64,
+            store_error: Option<String>,
+            quotas: Vec<QuotaUsage>,
             lateness_ms: LatenessMs,
         }
         let store = self.store.clone();
@@ -116,10 +119,13 @@ impl Api {
             fired_total: m.fired_total.load(Ordering::Relaxed),
             cancelled_total: m.cancelled_total.load(Ordering::Relaxed),
             errors_total: m.errors_total.load(Ordering::Relaxed),
+            denied_total: m.denied_total.load(Ordering::Relaxed),
             delivery_errors_total: m.delivery_errors_total.load(Ordering::Relaxed),
             undeliverable: self.retries.waiting(),
             corrupt_segments_total: self.store.damaged_total(),
             store_bytes,
+            store_error: m.store_error(),
+            quotas: m.quotas(),
             lateness_ms: m.lateness(),
         };
         serde_json::to_vec(&stats)

@@ -29,8 +29,17 @@
 //! Fired schedules are removed from their segments in bulk every `FIRED_FLUSH`: deletions
 //! need no fsync of their own (a crash only means a second delivery), and batching them turns
 //! many small segment rewrites into few.
+//!
+//! **Limits** (`limits.max_pending`, quotas) are checked here, against the pending counts
+//! the writer keeps in a [`Ledger`] and persists with every round (see [`crate::policy`]).
+//!
+//! **A store that cannot be written** (a full disk, an I/O error) does not stop natsched: the
+//! writer enters an *outage* (see `outage.rs`). New schedules and cancels get 503 at once,
+//! while what is loaded keeps firing and loading reads on; every second it checks whether
+//! the disk takes writes again, and if so reopens the store and carries on by itself.
 
 mod far;
+mod outage;
 mod round;
 
 use std::collections::BTreeMap;
@@ -41,15 +50,19 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, QuotaUsage};
+use crate::policy::{Capacity, Ledger};
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
 use crate::replies::{Ack, Reply};
 use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
-use crate::store::{BUCKET_MS, SegmentKey, Store, StoreError, bucket_of, far_bucket_of};
+use crate::store::{
+    BUCKET_MS, SegmentKey, Store, StoreError, WriteBatch, bucket_of, far_bucket_of,
+};
 use crate::time::{self, UnixMs};
 
-use round::{MAX_FAR_SEGMENT_BYTES, MAX_SEGMENT_BYTES, Round, SPARSE_BYTES, split};
+use outage::Outage;
+use round::{Fired, MAX_FAR_SEGMENT_BYTES, MAX_SEGMENT_BYTES, Round, SPARSE_BYTES, split};
 
 /// How often an idle committer checks whether the horizon needs loading.
 const IDLE_TICK: Duration = Duration::from_millis(20);
@@ -73,11 +86,13 @@ pub enum StoreCommand {
 }
 
 /// Tuning of the committer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CommitterOptions {
     pub max_batch: usize,
     pub lookahead: Duration,
     pub max_resident: usize,
+    /// `limits.max_pending` and the quotas.
+    pub capacity: Capacity,
 }
 
 /// The store-writer thread's state.
@@ -95,12 +110,13 @@ pub struct Committer {
     far_cursor: UnixMs,
     /// The sequence number of the next segment written.
     next_seq: u64,
-    /// Fired schedules still in the store, by segment (with whether their id is indexed), and
-    /// since when the oldest waits.
-    fired: foldhash::HashMap<SegmentKey, Vec<(ScheduleRef, bool)>>,
+    /// Fired schedules still in the store, by segment, and since when the oldest waits.
+    fired: foldhash::HashMap<SegmentKey, Vec<Fired>>,
     fired_since: Option<Instant>,
-    /// Schedules in the store, as of the last commit.
-    pending: u64,
+    /// Schedules in the store, in all and per quota, as of the last commit.
+    ledger: Ledger,
+    /// Set while the store cannot be written.
+    outage: Option<Outage>,
     metrics: Arc<Metrics>,
 }
 
@@ -114,10 +130,10 @@ impl Committer {
         resident: Arc<AtomicUsize>,
         metrics: Arc<Metrics>,
     ) -> Result<Committer, StoreError> {
-        let pending = store.pending()?;
-        metrics.pending.store(pending, Ordering::Relaxed);
-        Ok(Committer {
-            pending,
+        let ledger = read_ledger(&store, &options.capacity)?;
+        let committer = Committer {
+            ledger,
+            outage: None,
             metrics,
             next_seq: store.next_seq()?,
             store,
@@ -130,7 +146,32 @@ impl Committer {
             far_cursor: 0,
             fired: foldhash::HashMap::default(),
             fired_since: None,
-        })
+        };
+        committer.publish_ledger();
+        Ok(committer)
+    }
+
+    fn publish_ledger(&self) {
+        self.metrics
+            .pending
+            .store(self.ledger.pending, Ordering::Relaxed);
+        let capacity = &self.options.capacity;
+        if capacity.has_quotas() {
+            let usage = capacity
+                .quotas()
+                .zip(&self.ledger.used)
+                .map(|((subjects, max_pending), &pending)| QuotaUsage {
+                    subjects: subjects.to_owned(),
+                    pending,
+                    max_pending,
+                })
+                .collect();
+            *self
+                .metrics
+                .quotas
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = usage;
+        }
     }
 
     /// Runs on the calling (non-runtime) thread until every command sender is gone, then makes
@@ -138,7 +179,10 @@ impl Committer {
     pub fn run(mut self, runtime: Handle) -> Result<(), StoreError> {
         let mut commands = Vec::with_capacity(self.options.max_batch);
         loop {
-            let more_to_load = self.advance()?;
+            if self.outage.as_ref().is_some_and(Outage::due_for_check) {
+                self.try_recover();
+            }
+            let more_to_load = self.advance();
             let wait = if more_to_load {
                 Duration::ZERO
             } else {
@@ -167,15 +211,30 @@ impl Committer {
 
     /// Applies one round of commands atomically; see [`Round`].
     fn round(&mut self, commands: impl Iterator<Item = StoreCommand>, flush_fired: bool) {
-        let mut round = Round::default();
+        if let Some(refusal) = self.outage.as_ref().map(Outage::refusal) {
+            // Nothing is tried: sled refuses every write until the store is reopened.
+            let mut round = Round::new(self.ledger.clone());
+            for command in commands {
+                match command {
+                    StoreCommand::Fired(residents) => self.note_fired(residents),
+                    StoreCommand::Add { reply, .. } | StoreCommand::Cancel { reply, .. } => {
+                        round.refuse_with(reply, refusal.clone())
+                    }
+                }
+            }
+            self.send_acks(&mut round, None);
+            return;
+        }
+        let mut round = Round::new(self.ledger.clone());
         let mut failed = None;
         for command in commands {
             match command {
                 StoreCommand::Fired(residents) => self.note_fired(residents),
                 StoreCommand::Add { schedule, reply } if failed.is_none() => {
+                    let capacity = &self.options.capacity;
                     if let Some(error) = self.unissued_id(&schedule) {
                         round.refuse_with(reply, error);
-                    } else if let Err(err) = round.add(&self.store, schedule, reply) {
+                    } else if let Err(err) = round.add(&self.store, capacity, schedule, reply) {
                         failed = Some(err);
                     }
                 }
@@ -190,7 +249,8 @@ impl Committer {
                             Err(_) => Withdrawal::Undecided,
                         }
                     };
-                    if let Err(err) = round.cancel(&self.store, id, reply, withdraw) {
+                    let capacity = &self.options.capacity;
+                    if let Err(err) = round.cancel(&self.store, capacity, id, reply, withdraw) {
                         failed = Some(err);
                     }
                 }
@@ -216,27 +276,77 @@ impl Committer {
             let deleted: Vec<ScheduleRef> = std::mem::take(&mut self.fired)
                 .into_values()
                 .flatten()
-                .map(|(copy, _)| copy)
+                .map(|fired| fired.copy)
                 .collect();
             if !deleted.is_empty() {
                 let _ = self.wheel.send(WheelCommand::Deleted(deleted));
             }
         }
-        if let Err(err) = &result {
-            tracing::error!(error = %err, "store write failed");
-            if !round.applied() {
-                // Cancels of this round did not happen: give the wheel back what they took.
-                let back = round.take_withdrawn();
-                if !back.is_empty() {
-                    self.resident.fetch_add(back.len(), Ordering::Relaxed);
-                    let _ = self.wheel.send(WheelCommand::Insert(back));
-                }
+        if result.is_err() && !round.applied() {
+            // Cancels of this round did not happen: give the wheel back what they took.
+            let back = round.take_withdrawn();
+            if !back.is_empty() {
+                self.resident.fetch_add(back.len(), Ordering::Relaxed);
+                let _ = self.wheel.send(WheelCommand::Insert(back));
             }
         }
-        let acks = round.acks(result.as_ref().err());
+        self.send_acks(&mut round, result.as_ref().err());
+        if let Err(err) = result {
+            self.fail(err);
+        }
+    }
+
+    /// Sends the round's replies, given how it ended.
+    fn send_acks(&mut self, round: &mut Round, failure: Option<&StoreError>) {
+        let acks = round.acks(failure);
         Metrics::count(&self.metrics.errors_total, round.unanswered_errors());
         if !acks.is_empty() {
             let _ = self.acks.send(acks);
+        }
+    }
+
+    /// A store operation failed: the outage begins, or goes on.
+    fn fail(&mut self, error: StoreError) {
+        match &mut self.outage {
+            Some(outage) => outage.failed_again(&error),
+            None => self.outage = Some(Outage::begin(&error)),
+        }
+        if let Some(outage) = &self.outage {
+            self.metrics.set_store_error(Some(outage.describe()));
+        }
+    }
+
+    /// Checks whether the store takes writes again; if so, reopens it and resumes as after
+    /// a start: counts and seq from the store (what sled had taken but not written is gone),
+    /// both cursors back to the start (the loader finds again what a lost write had moved;
+    /// the wheel ignores what it already holds).
+    fn try_recover(&mut self) {
+        let resumed = self
+            .store
+            .probe_room()
+            .and_then(|()| self.store.reopen())
+            .and_then(|()| {
+                let ledger = read_ledger(&self.store, &self.options.capacity)?;
+                let next_seq = self.next_seq.max(self.store.next_seq()?);
+                let mut batch = WriteBatch::default();
+                batch.set_next_seq(next_seq);
+                self.store.commit(batch)?;
+                self.store.flush()?;
+                Ok((ledger, next_seq))
+            });
+        match resumed {
+            Ok((ledger, next_seq)) => {
+                self.ledger = ledger;
+                self.next_seq = next_seq;
+                self.cursor = SegmentKey::start_of(0);
+                self.far_cursor = 0;
+                self.publish_ledger();
+                self.metrics.set_store_error(None);
+                if let Some(outage) = self.outage.take() {
+                    outage.ended();
+                }
+            }
+            Err(err) => self.fail(err),
         }
     }
 
@@ -257,17 +367,20 @@ impl Committer {
         if self.fired_since.is_none() {
             self.fired_since = Some(Instant::now());
         }
+        let capacity = &self.options.capacity;
         for Resident { segment, schedule } in residents {
+            let quotas = capacity.mask(&schedule.subject);
             // The rest of the schedule is done with: keep only its id (moved, not copied).
             let copy = ScheduleRef {
                 segment,
                 due: schedule.due,
                 id: schedule.id,
             };
-            self.fired
-                .entry(segment)
-                .or_default()
-                .push((copy, schedule.caller_id));
+            self.fired.entry(segment).or_default().push(Fired {
+                copy,
+                caller_id: schedule.caller_id,
+                quotas,
+            });
         }
     }
 
@@ -336,12 +449,11 @@ impl Committer {
                 round.write_segment(key, &schedules);
             }
         }
-        let mut pending = self.pending;
-        let (batch, mut wheel_commands) = round.finish(self.next_seq, &mut pending);
+        let (batch, mut wheel_commands) = round.finish(self.next_seq, &self.options.capacity);
         self.store.commit(batch)?;
         round.mark_applied();
-        self.pending = pending;
-        self.metrics.pending.store(pending, Ordering::Relaxed);
+        self.ledger = round.ledger().clone();
+        self.publish_ledger();
         // The batch is in sled now whether or not the fsync succeeds, so the wheel must hear
         // about it either way; only the acks depend on the fsync.
         self.resident.fetch_add(inserts.len(), Ordering::Relaxed);
@@ -383,17 +495,28 @@ impl Committer {
     }
 
     /// Migrates and loads what the horizon needs, a chunk of each. Returns whether more is
-    /// waiting now.
-    fn advance(&mut self) -> Result<bool, StoreError> {
-        // Not `||`: both get their turn.
-        let more = self.migrate_far()? | self.load_horizon()?;
+    /// waiting now. While the store cannot be written only loading goes on (it only reads),
+    /// so what is stored keeps firing (see `pass_empty_far` for the exception).
+    fn advance(&mut self) -> bool {
+        let migrated = match self.outage {
+            Some(_) => self.pass_empty_far(),
+            None => self.migrate_far(),
+        };
+        // Both get their turn, whatever the other did.
+        let loaded = self.load_horizon();
         // The scans repaired damaged segments, recording the new count themselves.
         let lost = self.store.take_lost();
         if lost > 0 {
-            self.pending = self.pending.saturating_sub(lost);
-            self.metrics.pending.store(self.pending, Ordering::Relaxed);
+            self.ledger.lose(lost);
+            self.publish_ledger();
         }
-        Ok(more)
+        match (migrated, loaded) {
+            (Ok(migrated), Ok(loaded)) => migrated || loaded,
+            (Err(err), _) | (_, Err(err)) => {
+                self.fail(err);
+                false
+            }
+        }
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -436,6 +559,59 @@ impl Committer {
         }
         Ok(full)
     }
+}
+
+/// The pending counts as the store recorded them. Those per quota are counted afresh (one
+/// read of the whole store) when the record lacks a configured quota, and recorded; the record
+/// is dropped when no quota is configured, so a quota configured again later is recounted.
+fn read_ledger(store: &Store, capacity: &Capacity) -> Result<Ledger, StoreError> {
+    let pending = store.pending()?;
+    let recorded = store.quota_counts()?;
+    if !capacity.has_quotas() {
+        if recorded.is_some() {
+            let mut batch = WriteBatch::default();
+            batch.clear_quota_counts();
+            store.commit(batch)?;
+            store.flush()?;
+        }
+        return Ok(Ledger {
+            pending,
+            used: Vec::new(),
+        });
+    }
+    let names: Vec<&str> = capacity.quotas().map(|(name, _)| name).collect();
+    let found: Option<Vec<u64>> = recorded.and_then(|recorded| {
+        names
+            .iter()
+            .map(|name| recorded.iter().find(|(n, _)| n == name).map(|(_, c)| *c))
+            .collect()
+    });
+    if let Some(used) = found {
+        return Ok(Ledger { pending, used });
+    }
+    let started = Instant::now();
+    let (counted, used) = store.count_pending(names.len(), |subject| capacity.mask(subject))?;
+    tracing::info!(
+        schedules = counted,
+        secs = started.elapsed().as_secs_f64(),
+        "counted the pending schedules per quota"
+    );
+    if counted != pending {
+        tracing::warn!(
+            recorded = pending,
+            counted,
+            "the pending count was off; corrected"
+        );
+    }
+    let mut batch = WriteBatch::default();
+    batch.set_pending(counted);
+    batch.set_quota_counts(names.iter().copied().zip(used.iter().copied()));
+    store.commit(batch)?;
+    store.flush()?;
+    Ok(Ledger {
+        pending: counted,
+        used,
+    })
 }
 
 #[cfg(test)]

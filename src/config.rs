@@ -29,6 +29,15 @@ pub const DEFAULT_LOOKAHEAD: Duration = Duration::from_secs(10);
 /// instead of 26-46 ms, measured; the timer thread's id map and wheel stay smaller) with
 /// less memory.
 pub const DEFAULT_MAX_RESIDENT: usize = 50_000;
+/// Default largest header block a schedule may deliver (its own headers, `Name: value\r\n`
+/// each): 64 KiB.
+pub const DEFAULT_MAX_HEADERS_BYTES: usize = 64 * 1024;
+/// Default farthest ahead a schedule may be due: 10 years (of 365.25 days).
+pub const DEFAULT_MAX_HORIZON: Duration = Duration::from_secs(10 * 31_557_600);
+/// Default most schedules pending at once: 20 million, a few GiB of store at typical sizes.
+pub const DEFAULT_MAX_PENDING: u64 = 20_000_000;
+/// Default target subjects natsched may publish to (before the deny rules): all.
+pub const DEFAULT_ALLOW_SUBJECTS: &str = ">";
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +68,10 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub wheel: WheelConfig,
+    #[serde(default)]
+    pub security: SecurityConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// `[nats]`: the server natsched connects to.
@@ -69,6 +82,33 @@ pub struct NatsConfig {
     pub url: String,
     /// Connection name reported to the server.
     pub name: String,
+    /// User name, for a server with `authorization { users = [...] }`; with `password`.
+    pub user: Option<String>,
+    /// Password of `user`.
+    pub password: Option<Secret>,
+}
+
+/// A secret from the config: its `Debug` output says only whether it is set, so it cannot
+/// leak into logs or error messages.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: impl Into<String>) -> Secret {
+        Secret(secret.into())
+    }
+
+    /// The secret itself: pass it on, never print it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(****)")
+    }
 }
 
 /// `[api]`: the request subjects natsched answers.
@@ -106,11 +146,69 @@ pub struct WheelConfig {
     pub max_resident: usize,
 }
 
+/// `[security]`: which target subjects natsched may publish to (see [`crate::policy`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// NATS subject patterns a target must match one of.
+    pub allow_subjects: Vec<String>,
+    /// Patterns refused, in addition to the built-in ones (`$SYS.>`, `$JS.>`, `$KV.>`,
+    /// `$O.>`, `$SRV.>`, `_INBOX.>` and `<prefix>.>`). Deny wins, except against an allow
+    /// pattern strictly more specific than the deny pattern.
+    pub deny_subjects: Vec<String>,
+}
+
+/// `[limits]`: bounds on what one request and all of them together may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest header block a schedule may deliver, in bytes; larger gets 431.
+    pub max_headers_bytes: usize,
+    /// Farthest ahead a schedule may be due, e.g. `"10years"`; later gets 422.
+    #[serde(deserialize_with = "duration")]
+    pub max_horizon: Duration,
+    /// Most schedules pending at once; beyond, new ones get 503 (cancels and fires go on).
+    pub max_pending: u64,
+    /// Per-subject limits on pending schedules; beyond, new ones get 429.
+    pub quotas: Vec<QuotaConfig>,
+}
+
+/// One `[[limits.quotas]]` entry: schedules whose target matches `subjects` may be at most
+/// `max_pending` at once. A schedule counts against every quota it matches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    pub subjects: String,
+    pub max_pending: u64,
+}
+
 impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
             url: DEFAULT_NATS_URL.to_owned(),
             name: DEFAULT_CONNECTION_NAME.to_owned(),
+            user: None,
+            password: None,
+        }
+    }
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            allow_subjects: vec![DEFAULT_ALLOW_SUBJECTS.to_owned()],
+            deny_subjects: Vec::new(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_headers_bytes: DEFAULT_MAX_HEADERS_BYTES,
+            max_horizon: DEFAULT_MAX_HORIZON,
+            max_pending: DEFAULT_MAX_PENDING,
+            quotas: Vec::new(),
         }
     }
 }
@@ -213,6 +311,62 @@ impl Config {
         if self.wheel.max_resident < 1000 {
             return invalid("wheel.max_resident", "must be at least 1000");
         }
+        if self.nats.user.is_some() != self.nats.password.is_some() {
+            return invalid(
+                "nats.user",
+                "give both nats.user and nats.password, or neither",
+            );
+        }
+        self.validate_policy()
+    }
+
+    fn validate_policy(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let security = &self.security;
+        if security.allow_subjects.is_empty() {
+            return invalid(
+                "security.allow_subjects",
+                "must not be empty: natsched could deliver nothing".to_owned(),
+            );
+        }
+        for (key, texts) in [
+            ("security.allow_subjects", &security.allow_subjects),
+            ("security.deny_subjects", &security.deny_subjects),
+        ] {
+            for text in texts {
+                if let Err(reason) = crate::policy::Pattern::parse(text) {
+                    return invalid(key, reason);
+                }
+            }
+        }
+        let limits = &self.limits;
+        if limits.max_headers_bytes == 0 {
+            return invalid("limits.max_headers_bytes", "must be at least 1".to_owned());
+        }
+        if limits.max_horizon < Duration::from_secs(1) {
+            return invalid("limits.max_horizon", "must be at least 1s".to_owned());
+        }
+        if limits.max_pending == 0 {
+            return invalid("limits.max_pending", "must be at least 1".to_owned());
+        }
+        if limits.quotas.len() > crate::policy::MAX_QUOTAS {
+            let reason = format!("at most {} quotas", crate::policy::MAX_QUOTAS);
+            return invalid("limits.quotas", reason);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for quota in &limits.quotas {
+            if let Err(reason) = crate::policy::Pattern::parse(&quota.subjects) {
+                return invalid("limits.quotas", reason);
+            }
+            if !seen.insert(quota.subjects.as_str()) {
+                let reason = format!("{:?} is given more than once", quota.subjects);
+                return invalid("limits.quotas", reason);
+            }
+            if quota.max_pending == 0 {
+                let reason = format!("max_pending of {:?} must be at least 1", quota.subjects);
+                return invalid("limits.quotas", reason);
+            }
+        }
         Ok(())
     }
 }
@@ -254,6 +408,38 @@ mod tests {
     }
 
     #[test]
+    fn the_password_never_shows_in_debug_output() {
+        let config =
+            Config::from_toml("[nats]\nuser = \"natsched\"\npassword = \"hunter2-secret\"\n")
+                .unwrap();
+        assert_eq!(
+            config.nats.password.as_ref().unwrap().expose(),
+            "hunter2-secret"
+        );
+        let debug = format!("{config:?} {:#?}", config.nats);
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("Secret(****)"), "{debug}");
+    }
+
+    #[test]
+    fn policy_defaults_apply_when_the_sections_are_absent() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config.security.allow_subjects, [">"]);
+        assert!(config.security.deny_subjects.is_empty());
+        assert_eq!(config.limits.max_horizon, DEFAULT_MAX_HORIZON);
+        assert_eq!(config.limits.max_pending, DEFAULT_MAX_PENDING);
+        assert_eq!(config.limits.max_headers_bytes, DEFAULT_MAX_HEADERS_BYTES);
+        let config = Config::from_toml(
+            "[limits]\nmax_horizon = \"30days\"\n[[limits.quotas]]\n\
+             subjects = \"orders.>\"\nmax_pending = 5\n",
+        )
+        .unwrap();
+        assert_eq!(config.limits.max_horizon, Duration::from_secs(30 * 86_400));
+        assert_eq!(config.limits.quotas[0].subjects, "orders.>");
+        assert_eq!(config.limits.max_pending, DEFAULT_MAX_PENDING);
+    }
+
+    #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         let err = Config::from_toml("[store]\npaht = \"/tmp/x\"\n").unwrap_err();
         assert!(err.to_string().contains("paht"), "{err}");
@@ -271,6 +457,39 @@ mod tests {
             ("[wheel]\nlookahead = \"1ms\"", "wheel.lookahead"),
             ("[wheel]\nmax_resident = 5", "wheel.max_resident"),
             ("[store]\nmax_batch = 0", "store.max_batch"),
+            ("[nats]\nuser = \"u\"", "nats.user"),
+            ("[security]\nallow_subjects = []", "security.allow_subjects"),
+            (
+                "[security]\nallow_subjects = [\"a.>.b\"]",
+                "security.allow_subjects",
+            ),
+            (
+                "[security]\ndeny_subjects = [\"a..b\"]",
+                "security.deny_subjects",
+            ),
+            (
+                "[security]\ndeny_subjects = [\"a b\"]",
+                "security.deny_subjects",
+            ),
+            (
+                "[limits]\nmax_headers_bytes = 0",
+                "limits.max_headers_bytes",
+            ),
+            ("[limits]\nmax_horizon = \"10ms\"", "limits.max_horizon"),
+            ("[limits]\nmax_pending = 0", "limits.max_pending"),
+            (
+                "[[limits.quotas]]\nsubjects = \"a.*x\"\nmax_pending = 1",
+                "limits.quotas",
+            ),
+            (
+                "[[limits.quotas]]\nsubjects = \"a\"\nmax_pending = 0",
+                "limits.quotas",
+            ),
+            (
+                "[[limits.quotas]]\nsubjects = \"a\"\nmax_pending = 1\n\
+                 [[limits.quotas]]\nsubjects = \"a\"\nmax_pending = 2",
+                "limits.quotas",
+            ),
         ] {
             let err = Config::from_toml(text).unwrap_err();
             assert!(

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::committer::StoreCommand;
 use crate::metrics::{Endpoint, Metrics};
+use crate::policy::{Policy, PolicyError};
 use crate::protocol::{self, AddLimits, ApiError};
 use crate::replies::{self, Reply};
 use crate::time;
@@ -27,25 +28,43 @@ pub struct Intake {
     add_prefix: String,
     /// `api.max_payload`.
     max_payload: usize,
+    /// What may be scheduled: targets, header size, horizon.
+    policy: Arc<Policy>,
     metrics: Arc<Metrics>,
     adds: Subscriber,
     /// `<prefix>.add` with no target: only ever answered with an error.
     bare: Subscriber,
 }
 
+/// What [`Intake::subscribe`] needs.
+pub struct IntakeOptions<'a> {
+    pub client: Client,
+    /// `api.prefix`.
+    pub prefix: &'a str,
+    /// `api.max_payload`.
+    pub max_payload: usize,
+    pub policy: Arc<Policy>,
+    pub metrics: Arc<Metrics>,
+}
+
 impl Intake {
     pub async fn subscribe(
-        client: Client,
-        prefix: &str,
-        max_payload: usize,
-        metrics: Arc<Metrics>,
+        options: IntakeOptions<'_>,
     ) -> Result<Intake, async_nats::SubscribeError> {
+        let IntakeOptions {
+            client,
+            prefix,
+            max_payload,
+            policy,
+            metrics,
+        } = options;
         let adds = client.subscribe(format!("{prefix}.add.>")).await?;
         let bare = client.subscribe(format!("{prefix}.add")).await?;
         Ok(Intake {
             client,
             add_prefix: format!("{prefix}.add."),
             max_payload,
+            policy,
             metrics,
             adds,
             bare,
@@ -102,17 +121,30 @@ impl Intake {
             .subject
             .strip_prefix(self.add_prefix.as_str())
             .unwrap_or_default();
+        let now = time::now_ms();
         let parsed = protocol::parse_add(
             target,
             message.headers.as_ref(),
             message.payload.clone(),
-            time::now_ms(),
+            now,
             AddLimits {
                 max_payload: self.max_payload,
                 // Read per request: it is the server's, and can change on reconnect.
                 server_max_payload: self.client.max_payload(),
             },
-        );
+        )
+        .and_then(|schedule| match self.policy.admit(&schedule, now) {
+            Ok(()) => Ok(schedule),
+            Err(refused) => {
+                if matches!(
+                    refused,
+                    PolicyError::Denied { .. } | PolicyError::NotAllowed { .. }
+                ) {
+                    Metrics::count(&self.metrics.denied_total, 1);
+                }
+                Err(ApiError::from(refused))
+            }
+        });
         match parsed {
             Ok(schedule) => {
                 let add = StoreCommand::Add {

@@ -46,6 +46,7 @@ pub mod intake;
 pub mod listing;
 pub mod loadgen;
 pub mod metrics;
+pub mod policy;
 pub mod protocol;
 pub mod record;
 pub mod replies;
@@ -69,8 +70,9 @@ use crate::api::Api;
 use crate::committer::{Committer, CommitterOptions};
 use crate::config::Config;
 use crate::firing::{Firing, FiringOutputs};
-use crate::intake::Intake;
+use crate::intake::{Intake, IntakeOptions};
 use crate::metrics::Metrics;
+use crate::policy::Policy;
 use crate::retries::Retries;
 use crate::scheduler::{Scheduler, WheelCommand};
 use crate::service::MicroService;
@@ -112,6 +114,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let Started {
         store,
+        policy,
         client,
         metrics,
         retries,
@@ -133,6 +136,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             max_batch: config.store.max_batch,
             lookahead: config.wheel.lookahead,
             max_resident: config.wheel.max_resident,
+            capacity: policy.capacity().clone(),
         },
         store_rx,
         wheel_tx.clone(),
@@ -222,6 +226,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// What start-up makes before the daemon serves.
 struct Started {
     store: Store,
+    policy: Arc<Policy>,
     client: async_nats::Client,
     metrics: Arc<Metrics>,
     retries: Arc<Retries>,
@@ -242,16 +247,18 @@ async fn start(config: &Config) -> Result<Started, RunError> {
         .map_err(|e| RunError::Task(e.to_string()))??;
     tracing::info!(path = %config.store.path.display(), "store open");
 
+    let policy = Arc::new(Policy::new(config)?);
     let client = connect(config).await?;
     let metrics = Arc::new(Metrics::default());
     let retries = Arc::new(Retries::default());
     let prefix = &config.api.prefix;
-    let intake = Intake::subscribe(
-        client.clone(),
+    let intake = Intake::subscribe(IntakeOptions {
+        client: client.clone(),
         prefix,
-        config.api.max_payload,
-        metrics.clone(),
-    )
+        max_payload: config.api.max_payload,
+        policy: policy.clone(),
+        metrics: metrics.clone(),
+    })
     .await?;
     let api = Api::subscribe(
         client.clone(),
@@ -279,6 +286,7 @@ async fn start(config: &Config) -> Result<Started, RunError> {
     tracing::info!(prefix = %config.api.prefix, url = %config.nats.url, "accepting schedules");
     Ok(Started {
         store,
+        policy,
         client,
         metrics,
         retries,
@@ -347,7 +355,11 @@ async fn join_bounded(name: &str, task: &mut tokio::task::JoinHandle<()>) {
 
 /// Connects, retrying until the server is reachable.
 async fn connect(config: &Config) -> Result<async_nats::Client, RunError> {
-    async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new();
+    if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
+        options = options.user_and_password(user.clone(), password.expose().to_owned());
+    }
+    options
         .name(&config.nats.name)
         .retry_on_initial_connect()
         .event_callback(|event| async move {

@@ -20,8 +20,14 @@ pub struct Metrics {
     pub errors_total: AtomicU64,
     /// Delivery attempts that failed (the schedule stays stored and is retried).
     pub delivery_errors_total: AtomicU64,
+    /// Schedules refused because natsched may not publish to their target (403).
+    pub denied_total: AtomicU64,
     /// Schedules in the store, as the committer last wrote it.
     pub pending: AtomicU64,
+    /// Pending schedules per quota, as the committer last wrote them.
+    pub quotas: Mutex<Vec<QuotaUsage>>,
+    /// Why the store cannot be written, while it cannot (new schedules get 503 meanwhile).
+    pub store_error: Mutex<Option<String>>,
     /// Publish time minus due time, in microseconds.
     lateness: Mutex<Histogram<u64>>,
     /// Per API endpoint, in [`Endpoint::ALL`] order.
@@ -76,6 +82,14 @@ pub struct EndpointStats {
     pub last_error: Mutex<Option<String>>,
 }
 
+/// How full one `[[limits.quotas]]` entry is.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub subjects: String,
+    pub pending: u64,
+    pub max_pending: u64,
+}
+
 /// Lateness percentiles in milliseconds.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct LatenessMs {
@@ -95,7 +109,10 @@ impl Default for Metrics {
             cancelled_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
             delivery_errors_total: AtomicU64::new(0),
+            denied_total: AtomicU64::new(0),
             pending: AtomicU64::new(0),
+            quotas: Mutex::default(),
+            store_error: Mutex::default(),
             // 1 µs to 1 day at 3 significant digits; anything later is recorded as a day.
             lateness: Mutex::new(Histogram::new_with_bounds(1, 86_400_000_000, 3).expect("bounds")),
             endpoints: Default::default(),
@@ -120,6 +137,25 @@ impl Metrics {
             stats.errors.fetch_add(1, Ordering::Relaxed);
             *stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
         }
+    }
+
+    /// Sets (or with `None` clears) why the store cannot be written.
+    pub fn set_store_error(&self, error: Option<String>) {
+        *self.store_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    pub fn store_error(&self) -> Option<String> {
+        self.store_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn quotas(&self) -> Vec<QuotaUsage> {
+        self.quotas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn endpoint(&self, endpoint: Endpoint) -> &EndpointStats {

@@ -184,26 +184,6 @@ async fn get_describes_a_pending_schedule() {
     daemon.stop().await;
 }
 
-async fn stats(client: &Client) -> serde_json::Value {
-    serde_json::from_slice(&call(client, "sched.stats", "").await.payload).unwrap()
-}
-
-/// Polls stats until `done` holds (the store counts a fired schedule out within 100 ms).
-async fn stats_when(
-    client: &Client,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = std::time::Instant::now();
-    loop {
-        let s = stats(client).await;
-        if done(&s) {
-            return s;
-        }
-        assert!(start.elapsed() < WAIT, "stats never got there: {s}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_count_what_happened_and_pending_survives_restart() {
     let server = NatsServer::start();

@@ -68,4 +68,23 @@ impl Committer {
         };
         Ok(full)
     }
+
+    /// While the store cannot be written nothing migrates, but the migration cursor still
+    /// moves past far buckets that hold nothing (this only reads), so loading waits only for
+    /// far segments that really need migrating: sparse far-future schedules coming due
+    /// during an outage wait for the store to take writes again.
+    pub(super) fn pass_empty_far(&mut self) -> Result<bool, StoreError> {
+        let before = self.migrate_before(time::now_ms());
+        if self.far_cursor >= before {
+            return Ok(false);
+        }
+        let next = self
+            .store
+            .scan(SegmentKey::far(self.far_cursor, 0), before, 1)?;
+        self.far_cursor = match next.first() {
+            Some((key, _)) => key.bucket,
+            None => before,
+        };
+        Ok(false)
+    }
 }

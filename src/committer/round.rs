@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 // Per-schedule maps hash with foldhash: randomly seeded like std's SipHash, several times faster.
 use foldhash::{HashMap, HashSet};
 
+use crate::policy::{Capacity, Ledger, QuotaMask};
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
 use crate::replies::{Ack, Reply};
@@ -68,6 +69,21 @@ enum Place {
     Gone,
 }
 
+/// A fired schedule still in the store: what removing it needs.
+pub struct Fired {
+    pub copy: ScheduleRef,
+    /// Whether its id is a caller's (indexed).
+    pub caller_id: bool,
+    /// The quotas it counts against.
+    pub quotas: QuotaMask,
+}
+
+/// The pending schedule a new one replaces: where it is, and the quotas it counts against.
+struct Replaced {
+    place: Place,
+    quotas: QuotaMask,
+}
+
 /// The staged changes of one round.
 #[derive(Default)]
 pub struct Round {
@@ -81,8 +97,8 @@ pub struct Round {
     /// Wheel changes to send once committed (removals; inserts are added by the committer).
     wheel: Vec<WheelCommand>,
     acks: Vec<(Option<Reply>, Outcome)>,
-    /// How this round changes the number of pending schedules.
-    pending_delta: i64,
+    /// Pending schedules, in all and per quota, as of the changes staged so far.
+    ledger: Ledger,
     /// Copies the wheel gave up for this round's cancels.
     withdrawn: Vec<Resident>,
     /// Whether the batch reached the store (even if its fsync then failed).
@@ -112,41 +128,55 @@ enum Outcome {
 }
 
 impl Round {
-    /// Stages a new schedule, removing the pending copy of its id, if any.
+    /// A round starting from what is pending (`ledger`).
+    pub fn new(ledger: Ledger) -> Round {
+        Round {
+            ledger,
+            ..Round::default()
+        }
+    }
+
+    /// Stages a new schedule, removing the pending copy of its id, if any; or refuses it
+    /// when it does not fit `capacity`.
     pub fn add(
         &mut self,
         store: &Store,
+        capacity: &Capacity,
         mut schedule: Schedule,
         reply: Option<Reply>,
     ) -> Result<(), StoreError> {
-        self.pending_delta += 1;
+        let quotas = capacity.mask(&schedule.subject);
         // A generated id is new by construction; only a caller's id can already be pending.
-        if schedule.caller_id {
-            // A caller's id is indexed when pending; one of the form of a generated id may
-            // name a schedule stored under it as generated.
-            let place = if protocol::far_parts(&schedule.id).is_some() {
-                self.place_of(store, &schedule.id)?
-            } else {
-                self.place_of_caller(store, &schedule.id)?
-            };
-            match place {
+        let replaced = match schedule.caller_id {
+            true => self.pending_copy(store, capacity, &schedule.id)?,
+            false => None,
+        };
+        if let Err(refused) =
+            capacity.room_for(&self.ledger, quotas, replaced.as_ref().map(|r| r.quotas))
+        {
+            self.refuse_with(reply, refused.into());
+            return Ok(());
+        }
+        if let Some(replaced) = replaced {
+            match replaced.place {
                 Place::New(bucket) => {
-                    let schedules = self.new.get_mut(&bucket).expect("placed there");
-                    schedules.retain(|s| s.id != schedule.id);
-                    self.pending_delta -= 1;
+                    if let Some(schedules) = self.new.get_mut(&bucket) {
+                        schedules.retain(|s| s.id != schedule.id);
+                    }
                 }
                 Place::Stored(key) => {
                     let remaining = self.rewrite(store, key)?;
                     if let Some(at) = remaining.iter().position(|s| s.id == schedule.id) {
                         let old = remaining.remove(at);
-                        self.pending_delta -= 1;
                         self.wheel
                             .push(WheelCommand::Remove(ScheduleRef::of(key, &old)));
                     }
                 }
                 Place::Gone => {}
             }
+            self.ledger.remove(replaced.quotas);
         }
+        self.ledger.add(quotas);
         let bucket = bucket_of(schedule.due);
         let due = schedule.due;
         if schedule.caller_id {
@@ -167,6 +197,34 @@ impl Round {
         Ok(())
     }
 
+    /// The pending schedule under the caller's id `id`, if any. A caller's id is indexed
+    /// when pending; one of the form of a generated id may name a schedule stored under it
+    /// as generated.
+    fn pending_copy(
+        &mut self,
+        store: &Store,
+        capacity: &Capacity,
+        id: &str,
+    ) -> Result<Option<Replaced>, StoreError> {
+        let place = if protocol::far_parts(id).is_some() {
+            self.place_of(store, id)?
+        } else {
+            self.place_of_caller(store, id)?
+        };
+        let old = match place {
+            Place::New(bucket) => self
+                .new
+                .get(&bucket)
+                .and_then(|schedules| schedules.iter().find(|s| s.id == id)),
+            Place::Stored(key) => self.rewrite(store, key)?.iter().find(|s| s.id == id),
+            Place::Gone => None,
+        };
+        Ok(old.map(|old| Replaced {
+            place,
+            quotas: capacity.mask(&old.subject),
+        }))
+    }
+
     /// Records a request that could not be staged (an earlier one failed): it gets a 503.
     pub fn refuse(&mut self, reply: Option<Reply>) {
         let error =
@@ -184,6 +242,7 @@ impl Round {
     pub fn cancel(
         &mut self,
         store: &Store,
+        capacity: &Capacity,
         id: String,
         reply: Option<Reply>,
         withdraw: impl FnOnce(ScheduleRef) -> Withdrawal,
@@ -193,11 +252,13 @@ impl Round {
             Place::New(bucket) => {
                 // Added earlier in this very round: it never reached the wheel. If that add
                 // replaced a stored copy, the index still points there.
-                let schedules = self.new.get_mut(&bucket).expect("placed there");
-                schedules.retain(|s| s.id != id);
+                let schedules = self.new.entry(bucket).or_default();
+                if let Some(at) = schedules.iter().position(|s| s.id == id) {
+                    let cancelled = schedules.remove(at);
+                    self.ledger.remove(capacity.mask(&cancelled.subject));
+                }
                 self.batch.unindex(&id);
                 self.places.insert(id.clone(), Place::Gone);
-                self.pending_delta -= 1;
                 Outcome::Cancelled { id }
             }
             Place::Stored(key) => {
@@ -230,7 +291,7 @@ impl Round {
                         if let Withdrawal::Withdrawn(resident) = decided {
                             self.withdrawn.push(resident);
                         }
-                        self.pending_delta -= 1;
+                        self.ledger.remove(capacity.mask(&cancelled.subject));
                         if cancelled.caller_id {
                             self.batch.unindex(&id);
                         }
@@ -250,36 +311,58 @@ impl Round {
     pub fn remove_fired(
         &mut self,
         store: &Store,
-        fired: &HashMap<SegmentKey, Vec<(ScheduleRef, bool)>>,
+        fired: &HashMap<SegmentKey, Vec<Fired>>,
     ) -> Result<(), StoreError> {
         for (&key, schedules) in fired {
-            // An id is unique within a segment, so the id alone names the fired copy.
-            let gone: HashSet<&str> = schedules.iter().map(|(f, _)| f.id.as_str()).collect();
+            // An id is unique within a segment, so the id alone names the fired copy. Only
+            // what is still there leaves the counts (a replaced copy left already).
+            let gone: HashMap<&str, QuotaMask> = schedules
+                .iter()
+                .map(|f| (f.copy.id.as_str(), f.quotas))
+                .collect();
+            let mut dropped = Vec::new();
             if let Some(remaining) = self.rewrites.get_mut(&key) {
-                let before = remaining.len();
-                remaining.retain(|s| !gone.contains(s.id.as_str()));
-                self.pending_delta -= (before - remaining.len()) as i64;
+                remaining.retain(|s| match gone.get(s.id.as_str()) {
+                    Some(&quotas) => {
+                        dropped.push(quotas);
+                        false
+                    }
+                    None => true,
+                });
             } else if let Some(raw) = store.raw_segment(key)? {
                 // The common case, on the firing hot path: filter the encoded segment without
                 // decoding its schedules; a fully fired one is removed.
-                match segment::without(raw.as_ref(), |id| gone.contains(id)) {
-                    Ok((kept, dropped)) => {
-                        self.batch.put_raw_segment(key, kept);
-                        self.pending_delta -= i64::from(dropped);
+                let filtered = segment::without(raw.as_ref(), |id| match gone.get(id) {
+                    Some(&quotas) => {
+                        dropped.push(quotas);
+                        true
                     }
+                    None => false,
+                });
+                match filtered {
+                    Ok((kept, _)) => self.batch.put_raw_segment(key, kept),
                     // Damaged since it was loaded: rewritten from what is readable.
                     Err(_) => {
+                        dropped.clear();
                         let remaining = self.rewrite(store, key)?;
-                        let before = remaining.len();
-                        remaining.retain(|s| !gone.contains(s.id.as_str()));
-                        self.pending_delta -= (before - remaining.len()) as i64;
+                        remaining.retain(|s| match gone.get(s.id.as_str()) {
+                            Some(&quotas) => {
+                                dropped.push(quotas);
+                                false
+                            }
+                            None => true,
+                        });
                     }
                 }
             }
-            for (fired, caller_id) in schedules {
-                if *caller_id && self.place_of_caller(store, &fired.id)? == Place::Stored(key) {
-                    self.places.insert(fired.id.clone(), Place::Gone);
-                    self.batch.unindex(&fired.id);
+            for quotas in dropped {
+                self.ledger.remove(quotas);
+            }
+            for fired in schedules {
+                let id = &fired.copy.id;
+                if fired.caller_id && self.place_of_caller(store, id)? == Place::Stored(key) {
+                    self.places.insert(id.clone(), Place::Gone);
+                    self.batch.unindex(id);
                 }
             }
         }
@@ -332,15 +415,23 @@ impl Round {
         self.batch.put_new_segment(key, schedules);
     }
 
-    /// The batch to commit and the wheel changes to send after it; `pending` is the number of
-    /// pending schedules before the round, and comes back as the number after it.
-    pub fn finish(&mut self, next_seq: u64, pending: &mut u64) -> (WriteBatch, Vec<WheelCommand>) {
+    /// The batch to commit and the wheel changes to send after it. The batch records the
+    /// pending counts after the round ([`Round::ledger`]), per quota of `capacity` too.
+    pub fn finish(
+        &mut self,
+        next_seq: u64,
+        capacity: &Capacity,
+    ) -> (WriteBatch, Vec<WheelCommand>) {
         for (key, remaining) in self.rewrites.drain() {
             self.batch.put_segment(key, &remaining);
         }
         self.batch.set_next_seq(next_seq);
-        *pending = pending.saturating_add_signed(self.pending_delta);
-        self.batch.set_pending(*pending);
+        self.batch.set_pending(self.ledger.pending);
+        if capacity.has_quotas() {
+            let names = capacity.quotas().map(|(name, _)| name);
+            self.batch
+                .set_quota_counts(names.zip(self.ledger.used.iter().copied()));
+        }
         (
             std::mem::take(&mut self.batch),
             std::mem::take(&mut self.wheel),
@@ -358,6 +449,11 @@ impl Round {
             .iter()
             .filter(|(_, o)| matches!(o, Outcome::Cancelled { .. }));
         (added.count() as u64, cancelled.count() as u64)
+    }
+
+    /// Pending schedules, in all and per quota, with this round's changes.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
     pub fn mark_applied(&mut self) {
@@ -449,7 +545,7 @@ impl Round {
                 let (schedules, damaged) = store.read_segment(key)?;
                 if let Some(damaged) = damaged {
                     self.batch.quarantine(key, &damaged.raw);
-                    self.pending_delta -= i64::from(damaged.lost.unwrap_or(0));
+                    self.ledger.lose(u64::from(damaged.lost.unwrap_or(0)));
                     self.damaged.insert(key);
                 }
                 entry.insert(schedules)

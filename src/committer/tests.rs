@@ -22,7 +22,21 @@ struct Harness {
 impl Harness {
     /// A committer over a store that already holds `existing` (one segment each).
     fn new(max_resident: usize, existing: &[Schedule]) -> Harness {
+        Harness::with_capacity(max_resident, existing, Capacity::unlimited())
+    }
+
+    /// [`Harness::new`] with pending limits.
+    fn with_capacity(max_resident: usize, existing: &[Schedule], capacity: Capacity) -> Harness {
         let dir = tempfile::tempdir().unwrap();
+        Harness::in_dir(dir, max_resident, existing, capacity)
+    }
+
+    fn in_dir(
+        dir: tempfile::TempDir,
+        max_resident: usize,
+        existing: &[Schedule],
+        capacity: Capacity,
+    ) -> Harness {
         let store = Store::open(&StoreOptions {
             path: dir.path().to_owned(),
             cache_capacity: 1 << 20,
@@ -34,8 +48,11 @@ impl Harness {
             batch.put_segment(key, [s]);
             batch.index(&s.id, key);
         }
-        batch.set_next_seq(existing.len() as u64 + 1);
-        store.commit(batch).unwrap();
+        if !existing.is_empty() {
+            batch.set_next_seq(existing.len() as u64 + 1);
+            batch.set_pending(existing.len() as u64);
+            store.commit(batch).unwrap();
+        }
         let (commands_tx, commands) = mpsc::channel(16);
         let (wheel_tx, wheel) = std::sync::mpsc::channel();
         let (acks_tx, acks) = mpsc::unbounded_channel();
@@ -44,6 +61,7 @@ impl Harness {
             // Long, so that a slow test machine never sees a near-future schedule come due.
             lookahead: Duration::from_secs(60),
             max_resident,
+            capacity,
         };
         let resident = Arc::new(AtomicUsize::new(0));
         let metrics = Arc::new(crate::metrics::Metrics::default());
@@ -58,6 +76,37 @@ impl Harness {
             _commands: commands_tx,
             _dir: dir,
         }
+    }
+
+    /// The same store opened again by a new committer with `capacity`, as after a restart.
+    fn restart(self, capacity: Capacity) -> Harness {
+        let Harness {
+            committer, _dir, ..
+        } = self;
+        drop(committer);
+        Harness::in_dir(_dir, 1000, &[], capacity)
+    }
+
+    /// Sends `command` alone in a round and returns its reply.
+    fn request(&mut self, command: StoreCommand) -> Result<Bytes, ApiError> {
+        self.committer.round(std::iter::once(command), false);
+        let mut acks = self.acks.try_recv().unwrap();
+        assert_eq!(acks.len(), 1);
+        acks.remove(0).result
+    }
+
+    fn add_answered(&mut self, schedule: Schedule) -> Result<Bytes, ApiError> {
+        self.request(StoreCommand::Add {
+            schedule,
+            reply: Some(reply()),
+        })
+    }
+
+    /// Loads and migrates a chunk, as the run loop does; the store must take it.
+    fn advance(&mut self) -> bool {
+        let more = self.committer.advance();
+        assert!(self.committer.outage.is_none(), "the store failed");
+        more
     }
 
     /// What the committer told the wheel since the last call, as (insert?, due, id); the
@@ -145,7 +194,7 @@ fn loads_overdue_and_near_schedules_but_leaves_the_far_future_on_disk() {
             schedule("older", now - 9000),
         ],
     );
-    assert!(!h.committer.advance().unwrap());
+    assert!(!h.advance());
     let ids: Vec<_> = h.told().into_iter().map(|(_, _, id)| id).collect();
     assert_eq!(
         ids,
@@ -155,7 +204,7 @@ fn loads_overdue_and_near_schedules_but_leaves_the_far_future_on_disk() {
     assert_eq!(h.committer.resident.load(Ordering::Relaxed), 3);
     // The cursor now sits at the horizon: nothing more to load until time moves on.
     assert!(h.committer.cursor.bucket > now + 100);
-    assert!(!h.committer.advance().unwrap());
+    assert!(!h.advance());
     assert!(h.told().is_empty());
 }
 
@@ -166,17 +215,14 @@ fn never_holds_more_than_max_resident() {
         .map(|i| schedule(&format!("s{i:02}"), now + 1000 * i))
         .collect();
     let mut h = Harness::new(20, &many);
-    assert!(
-        h.committer.advance().unwrap(),
-        "a full chunk means more may wait"
-    );
+    assert!(h.advance(), "a full chunk means more may wait");
     assert_eq!(h.told().len(), 20);
-    assert!(!h.committer.advance().unwrap());
+    assert!(!h.advance());
     assert!(h.told().is_empty(), "at the cap nothing more is loaded");
 
     // Firing 15 of them makes room for exactly 15 more, continuing in due order.
     h.committer.resident.fetch_sub(15, Ordering::Relaxed);
-    h.committer.advance().unwrap();
+    h.advance();
     let told = h.told();
     assert_eq!(told.len(), 15);
     assert_eq!(told[0].2, "s20");
@@ -186,7 +232,7 @@ fn never_holds_more_than_max_resident() {
 fn adds_inside_the_horizon_go_to_the_wheel_and_replaces_move_them() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[]);
-    h.committer.advance().unwrap();
+    h.advance();
 
     h.add(schedule("a", now + 200));
     assert_eq!(h.told(), [(true, now + 200, "a".to_owned())]);
@@ -223,7 +269,7 @@ fn adds_inside_the_horizon_go_to_the_wheel_and_replaces_move_them() {
 fn a_generated_id_given_back_as_sched_id_replaces_it() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[]);
-    h.committer.advance().unwrap();
+    h.advance();
     // One near (its id stays as generated), one far ahead (stored under a far id).
     for due in [now + 1000, now + DAY] {
         h.add(Schedule {
@@ -247,7 +293,7 @@ fn a_generated_id_given_back_as_sched_id_replaces_it() {
 fn a_fired_copy_never_deletes_its_replacement() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[schedule("x", now - 10)]);
-    h.committer.advance().unwrap();
+    h.advance();
     let [old] = h.inserted().try_into().expect("x was loaded");
     // x fired at its old time while a replacement arrived; the old copy's deletion comes later.
     h.add(schedule("x", now + DAY));
@@ -269,7 +315,7 @@ fn a_fired_copy_never_deletes_its_replacement() {
 fn fired_schedules_leave_their_segment_and_it_goes_when_empty() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[]);
-    h.committer.advance().unwrap();
+    h.advance();
     // One round, one bucket: one segment of three.
     let adds = ["a", "b", "c"].map(|id| StoreCommand::Add {
         schedule: schedule(id, now + 20_000),
@@ -340,7 +386,7 @@ fn an_earlier_arrival_evicts_the_latest_resident_which_loads_again_later() {
         .collect();
     let mut h = Harness::new(20, &many);
     let scheduler = real_scheduler(&mut h);
-    h.committer.advance().unwrap();
+    h.advance();
     let mut expected: Vec<String> = (0..20).map(|i| format!("s{i:02}")).collect();
     wait_for_wheel(&scheduler, &expected);
 
@@ -378,7 +424,7 @@ fn an_earlier_arrival_evicts_the_latest_resident_which_loads_again_later() {
     while scheduler.lock().unwrap().ids_in_wheel() != expected
         && start.elapsed() < Duration::from_secs(10)
     {
-        h.committer.advance().unwrap();
+        h.advance();
         std::thread::sleep(Duration::from_millis(5));
     }
     wait_for_wheel(&scheduler, &expected);
@@ -389,7 +435,7 @@ fn a_same_due_replacement_survives_the_old_copy_firing() {
     let now = time::now_ms();
     let due = now - 10;
     let mut h = Harness::new(1000, &[schedule("x", due)]);
-    h.committer.advance().unwrap();
+    h.advance();
     let [old] = h.inserted().try_into().expect("x was loaded");
     let new = Schedule {
         payload: Bytes::from_static(b"NEW"),
@@ -434,7 +480,7 @@ fn cancel_command(id: &str) -> StoreCommand {
 fn a_cancel_during_shutdown_is_refused_not_claimed() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[schedule("x", now - 10)]);
-    h.committer.advance().unwrap();
+    h.advance();
     // The timer thread has stopped; firing may still be publishing x.
     h.wheel = std::sync::mpsc::channel().1;
     h.committer
@@ -451,7 +497,7 @@ fn a_cancel_during_shutdown_is_refused_not_claimed() {
 fn a_failed_round_gives_the_wheel_back_what_its_cancels_took() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[schedule("a", now + 5000)]);
-    h.committer.advance().unwrap();
+    h.advance();
     let [held] = h.inserted().try_into().expect("a was loaded");
     // "b" points at an unreadable segment, so adding b fails the round after a's cancel.
     // A stand-in timer thread that hands the copy over.
@@ -494,7 +540,7 @@ fn a_failed_round_gives_the_wheel_back_what_its_cancels_took() {
 fn fired_removals_of_a_failed_round_are_retried() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[schedule("a", now - 10)]);
-    h.committer.advance().unwrap();
+    h.advance();
     let fired = h.inserted();
     // The disk fails during the round that flushes a's removal.
     let add_b = StoreCommand::Add {
@@ -509,6 +555,7 @@ fn fired_removals_of_a_failed_round_are_retried() {
         h.committer.store.get("a").unwrap().is_some(),
         "the round failed"
     );
+    h.committer.try_recover();
     h.committer.round(std::iter::empty(), true);
     assert_eq!(
         h.committer.store.get("a").unwrap(),
@@ -536,7 +583,7 @@ fn add_all(h: &mut Harness, schedules: Vec<Schedule>) {
 fn sparse_far_ahead_schedules_go_to_far_segments_under_far_ids() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[]);
-    h.committer.advance().unwrap();
+    h.advance();
     // Sparse: a few per fine bucket, far ahead, generated and caller ids.
     let mut sparse: Vec<Schedule> = (0..50).map(|i| generated(now + DAY + i * 1000)).collect();
     sparse.push(schedule("mine", now + DAY + 5));
@@ -601,7 +648,7 @@ fn far_buckets_move_to_fine_segments_before_the_horizon_reaches_them() {
     h.committer.store.commit(batch).unwrap();
 
     // The first step after a start migrates what the horizon needs, then loads it.
-    while h.committer.advance().unwrap() {}
+    while h.advance() {}
     let mut loaded: Vec<_> = h.inserted().into_iter().map(|r| r.schedule.id).collect();
     loaded.sort();
     let mut expected = [generated_id.clone(), "caller".to_owned()];
@@ -689,4 +736,161 @@ fn a_sched_id_naming_a_segment_not_written_yet_is_refused() {
     let acks = h.acks.try_recv().unwrap();
     assert_eq!(acks[0].result.as_ref().unwrap_err().code, 400);
     assert!(h.stored().is_empty());
+}
+
+fn capacity(toml: &str) -> Capacity {
+    let config = crate::config::Config::from_toml(toml).unwrap();
+    crate::policy::Policy::new(&config)
+        .unwrap()
+        .capacity()
+        .clone()
+}
+
+fn to(subject: &str, id: &str, due: UnixMs) -> Schedule {
+    let mut schedule = schedule(id, due);
+    schedule.subject = subject.into();
+    schedule
+}
+
+#[test]
+fn a_full_store_refuses_new_schedules_but_takes_replacements_cancels_and_fires() {
+    let now = time::now_ms();
+    let mut h = Harness::with_capacity(1000, &[], capacity("[limits]\nmax_pending = 2\n"));
+    h.add_answered(schedule("a", now - 10)).unwrap();
+    h.add_answered(schedule("b", now + DAY)).unwrap();
+    let full = h.add_answered(schedule("c", now + DAY)).unwrap_err();
+    assert_eq!(full.code, 503, "{full:?}");
+    assert!(full.description.contains("store full"), "{full:?}");
+    assert_eq!(h.committer.store.get("c").unwrap(), None, "stores nothing");
+    // Replacing a pending id adds nothing.
+    h.add_answered(schedule("b", now + 2 * DAY)).unwrap();
+    h.request(cancel_command("b")).unwrap();
+    h.add_answered(schedule("c", now + DAY)).unwrap();
+    // Firing makes room.
+    h.advance();
+    let fired = h.inserted();
+    assert_eq!(fired.len(), 1);
+    h.fire(fired);
+    h.add_answered(schedule("d", now + DAY)).unwrap();
+    assert_eq!(h.committer.ledger.pending, 2);
+    assert_eq!(h.committer.store.pending().unwrap(), 2);
+    assert_eq!(h.stored().len(), 2);
+}
+
+#[test]
+fn quotas_count_every_matching_pattern_and_survive_restarts() {
+    let quotas = "[[limits.quotas]]\nsubjects = \"orders.>\"\nmax_pending = 2\n\
+                  [[limits.quotas]]\nsubjects = \"*.eu\"\nmax_pending = 1\n";
+    let mut h = Harness::with_capacity(1000, &[], capacity(quotas));
+    let due = time::now_ms() + DAY;
+    h.add_answered(to("orders.us", "o1", due)).unwrap();
+    h.add_answered(to("orders.eu", "o2", due)).unwrap();
+    let eu = h.add_answered(to("billing.eu", "b1", due)).unwrap_err();
+    assert_eq!(eu.code, 429);
+    assert!(eu.description.contains("\"*.eu\""), "{eu:?}");
+    let orders = h.add_answered(to("orders.x", "o3", due)).unwrap_err();
+    assert!(orders.description.contains("\"orders.>\""), "{orders:?}");
+    h.add_answered(to("billing.us", "b2", due)).unwrap();
+    // A replacement in the same quotas fits; moving o2 out of both frees them.
+    h.add_answered(to("orders.eu", "o2", due + 1)).unwrap();
+    h.add_answered(to("billing.us", "o2", due)).unwrap();
+    h.add_answered(to("x.eu", "e1", due)).unwrap();
+    h.request(cancel_command("o1")).unwrap();
+    assert_eq!(h.committer.ledger.used, [0, 1]);
+    assert_eq!(h.committer.ledger.pending, 3);
+    let usage = h.committer.metrics.quotas();
+    assert_eq!((usage[1].subjects.as_str(), usage[1].pending), ("*.eu", 1));
+
+    // A restart reads the counts back.
+    let mut h = h.restart(capacity(quotas));
+    assert_eq!(h.committer.ledger.used, [0, 1]);
+    assert_eq!(h.add_answered(to("y.eu", "e2", due)).unwrap_err().code, 429);
+    // A quota configured anew is counted from the store.
+    let more = format!("{quotas}[[limits.quotas]]\nsubjects = \"billing.*\"\nmax_pending = 9\n");
+    let h = h.restart(capacity(&more));
+    assert_eq!(h.committer.ledger.used, [0, 1, 2]);
+    assert_eq!(h.committer.ledger.pending, 3);
+    // Without quotas the record goes, so that a later quota is counted afresh.
+    let h = h.restart(Capacity::unlimited());
+    assert_eq!(h.committer.store.quota_counts().unwrap(), None);
+    assert_eq!(h.committer.ledger.pending, 3);
+}
+
+#[test]
+fn fired_schedules_leave_their_quotas() {
+    let now = time::now_ms();
+    let quotas = "[[limits.quotas]]\nsubjects = \"orders.>\"\nmax_pending = 1\n";
+    let mut h = Harness::with_capacity(1000, &[], capacity(quotas));
+    h.add_answered(to("orders.x", "o1", now - 10)).unwrap();
+    assert_eq!(
+        h.add_answered(to("orders.y", "o2", now)).unwrap_err().code,
+        429
+    );
+    h.advance();
+    let fired = h.inserted();
+    h.fire(fired);
+    assert_eq!(h.committer.ledger.used, [0]);
+    h.add_answered(to("orders.y", "o2", now + DAY)).unwrap();
+    let h = h.restart(capacity(quotas));
+    assert_eq!(h.committer.ledger.used, [1]);
+}
+
+#[test]
+fn a_store_that_cannot_be_written_refuses_at_once_keeps_firing_and_recovers() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[schedule("old", now - 10)]);
+    h.committer.store.fail_writes(true);
+    let failed = h.add_answered(schedule("a", now + DAY)).unwrap_err();
+    assert_eq!(failed.code, 503);
+    assert!(h.committer.metrics.store_error().is_some());
+    // Until the next check nothing is tried, even though the disk works again.
+    h.committer.store.fail_writes(false);
+    let refused = h.add_answered(schedule("b", now + DAY)).unwrap_err();
+    assert_eq!(refused.code, 503);
+    assert!(
+        refused.description.contains("store unavailable for"),
+        "{refused:?}"
+    );
+    assert_eq!(h.request(cancel_command("old")).unwrap_err().code, 503);
+    // Loading only reads: what is stored still reaches the wheel and fires.
+    h.committer.advance();
+    let fired = h.inserted();
+    assert_eq!(fired.len(), 1);
+    h.fire(fired);
+    assert!(
+        h.committer.store.get("old").unwrap().is_some(),
+        "not removed yet"
+    );
+
+    h.committer.try_recover();
+    assert!(h.committer.outage.is_none());
+    assert_eq!(h.committer.metrics.store_error(), None);
+    h.add_answered(schedule("c", now + DAY)).unwrap();
+    h.committer.round(std::iter::empty(), true);
+    assert_eq!(
+        h.committer.store.get("old").unwrap(),
+        None,
+        "removed once it works"
+    );
+    assert_eq!(h.stored(), [(now + DAY, "c".to_owned())]);
+    assert_eq!(h.committer.ledger.pending, 1);
+}
+
+#[test]
+fn a_recovery_check_that_fails_keeps_the_outage() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[]);
+    h.committer.store.fail_writes(true);
+    assert_eq!(
+        h.add_answered(schedule("a", now + DAY)).unwrap_err().code,
+        503
+    );
+    h.committer.try_recover();
+    assert!(h.committer.outage.is_some());
+    // The database stayed open for readers.
+    assert_eq!(h.committer.store.get("a").unwrap(), None);
+    h.committer.store.fail_writes(false);
+    h.committer.try_recover();
+    assert!(h.committer.outage.is_none());
+    h.add_answered(schedule("a", now + DAY)).unwrap();
 }

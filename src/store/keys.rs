@@ -4,7 +4,7 @@
 //! |----------------------------------------------|----------------------------------------|
 //! | `f` · bucket (`u64` BE Unix ms) · seq (`u64` BE) | a *far* [segment](super::segment): sparse schedules of one commit round due in that [`FAR_BUCKET_MS`] bucket |
 //! | `i` · id                                     | the segment key holding that id        |
-//! | `m` · name                                   | metadata: format version, next segment seq, pending count |
+//! | `m` · name                                   | metadata: format version, next segment seq, pending count (in all and per quota) |
 //! | `q` · segment key                            | the original bytes of a damaged segment, kept for inspection (see `Store::scan`) |
 //! | `s` · bucket (`u64` BE Unix ms) · seq (`u64` BE) | a *fine* [segment](super::segment): the schedules of one commit round due in that [`BUCKET_MS`] bucket |
 //!
@@ -47,6 +47,9 @@ pub(crate) const FORMAT_KEY: &[u8] = b"mformat";
 pub(crate) const NEXT_SEQ_KEY: &[u8] = b"mnextseq";
 /// Where the number of pending schedules is kept.
 pub(crate) const PENDING_KEY: &[u8] = b"mpending";
+/// Where the pending counts per quota are kept (JSON: `[[pattern, count], …]`), when quotas
+/// are configured.
+pub(crate) const QUOTAS_KEY: &[u8] = b"mquotas";
 /// Where the end of the last bucket that may hold ids of store format 2 is kept (see
 /// `Store::locate`).
 pub(crate) const LEGACY_IDS_KEY: &[u8] = b"mlegacyids";

@@ -33,6 +33,9 @@ use segment::Salvage;
 const GET_ATTEMPTS: usize = 3;
 /// How long opening waits for the store's lock (see [`Store::open`]).
 const LOCK_WAIT: Duration = Duration::from_secs(3);
+/// The file [`Store::probe_room`] writes, and how much: a few of sled's log segments.
+const PROBE_FILE: &str = "natsched.probe";
+const PROBE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The version of the store format written by this build, kept under the `mformat` key.
 /// Version 3: every id natsched generates names its segment's seq (see [`Store::locate`]).
@@ -72,6 +75,13 @@ pub enum StoreError {
     },
     #[error("stored metadata {key:?} is unreadable (expected 8 bytes, found {len})")]
     CorruptMeta { key: String, len: usize },
+    #[error("the store is being reopened after a write failure")]
+    Reopening,
+    #[error("no room to write in the store's directory {path}: {source}")]
+    NoRoom {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Tuning for [`Store::open`].
@@ -86,7 +96,9 @@ pub struct StoreOptions {
 /// The open database.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
+    /// `None` only while [`Store::reopen`] swaps it (readers then get [`StoreError::Reopening`]).
+    db: Arc<std::sync::RwLock<Option<sled::Db>>>,
+    options: StoreOptions,
     path: PathBuf,
     damage: Arc<Damage>,
     /// Tests make writes fail with this, as a full or broken disk would.
@@ -105,6 +117,34 @@ pub struct RawSegment(sled::IVec);
 impl AsRef<[u8]> for RawSegment {
     fn as_ref(&self) -> &[u8] {
         &self.0
+    }
+}
+
+/// Opens sled's database, waiting for its lock. sled releases the lock from background
+/// threads shortly after a database is dropped, so a quick restart (or [`Store::reopen`]) can
+/// find it still held. Another live process holding it is a real error, reported once the
+/// wait is over.
+fn open_db(options: &StoreOptions) -> Result<sled::Db, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: options.path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&options.path).map_err(|e| open_err(e.into()))?;
+    let config = sled::Config::new()
+        .path(&options.path)
+        .cache_capacity(options.cache_capacity);
+    let started = Instant::now();
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && started.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(err) => return Err(open_err(err)),
+        }
     }
 }
 
@@ -251,6 +291,21 @@ impl WriteBatch {
         self.len += 1;
     }
 
+    /// Records how many schedules are pending per quota, by quota pattern.
+    pub fn set_quota_counts<'a>(&mut self, counts: impl IntoIterator<Item = (&'a str, u64)>) {
+        let counts: Vec<(&str, u64)> = counts.into_iter().collect();
+        let json = serde_json::to_vec(&counts).unwrap_or_default();
+        self.batch.insert(keys::QUOTAS_KEY, json);
+        self.len += 1;
+    }
+
+    /// Forgets the counts per quota (no quotas are configured: once some are again, they are
+    /// counted afresh rather than trusted from before).
+    pub fn clear_quota_counts(&mut self) {
+        self.batch.remove(keys::QUOTAS_KEY);
+        self.len += 1;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -259,32 +314,10 @@ impl WriteBatch {
 impl Store {
     /// Opens (or creates) the database and checks its format version.
     pub fn open(options: &StoreOptions) -> Result<Store, StoreError> {
-        let open_err = |source| StoreError::Open {
-            path: options.path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&options.path).map_err(|e| open_err(e.into()))?;
-        let config = sled::Config::new()
-            .path(&options.path)
-            .cache_capacity(options.cache_capacity);
-        // sled releases its file lock from background threads shortly after a database is
-        // dropped, so a quick restart can find it still held. Another live process holding it
-        // is a real error, reported once the wait is over.
-        let started = Instant::now();
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && started.elapsed() < LOCK_WAIT =>
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(err) => return Err(open_err(err)),
-            }
-        };
+        let db = open_db(options)?;
         let mut store = Store {
-            db,
+            db: Arc::new(std::sync::RwLock::new(Some(db))),
+            options: options.clone(),
             path: options.path.clone(),
             damage: Arc::default(),
             #[cfg(test)]
@@ -293,26 +326,81 @@ impl Store {
             legacy_seqs_below: 0,
         };
         // Checked before anything is written, so a refused store is left as it was.
-        if let Some(expected) = watermark::read(&options.path)? {
-            let found = store.next_seq()?;
-            if found < expected || store.db.get(keys::FORMAT_KEY)?.is_none() {
+        store.check_rollback()?;
+        store.check_format(&options.path)?;
+        store.mark()?;
+        Ok(store)
+    }
+
+    /// Refuses a store that has fewer writes than the watermark says it had.
+    fn check_rollback(&self) -> Result<(), StoreError> {
+        if let Some(expected) = watermark::read(&self.path)? {
+            let found = self.next_seq()?;
+            if found < expected || self.db()?.get(keys::FORMAT_KEY)?.is_none() {
                 return Err(StoreError::RolledBack {
-                    path: options.path.clone(),
+                    path: self.path.clone(),
                     found,
                     expected,
                 });
             }
         }
-        store.check_format(&options.path)?;
-        // What sled recovered may sit only in the page cache (a process killed before its
-        // fsync): make it durable before the mark says the store got this far, or a power
-        // loss now would make the next start refuse a store that lost nothing acknowledged.
-        sync_dir(&options.path).map_err(|source| StoreError::Watermark {
-            path: options.path.clone(),
+        Ok(())
+    }
+
+    /// Makes what sled recovered durable, then records how far the store got. (What sled
+    /// recovered may sit only in the page cache, after a process killed before its fsync: a
+    /// power loss after the mark would make the next start refuse a store that lost nothing
+    /// acknowledged.)
+    fn mark(&self) -> Result<(), StoreError> {
+        sync_dir(&self.path).map_err(|source| StoreError::Watermark {
+            path: self.path.clone(),
             source,
         })?;
-        watermark::write(&options.path, store.next_seq()?)?;
-        Ok(store)
+        watermark::write(&self.path, self.next_seq()?)
+    }
+
+    /// Closes the database and opens it again, for every clone of this handle: how the
+    /// writer recovers from a failed write. sled 0.34 refuses every write after one of its
+    /// log writes failed (a full disk, an I/O error) until the database is opened again, and
+    /// what it had taken in memory but not written is then gone, as after a crash. The
+    /// watermark check applies as at start. Readers meanwhile get [`StoreError::Reopening`].
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+        // Dropped before opening again: it holds the database's lock.
+        drop(db.take());
+        *db = Some(open_db(&self.options)?);
+        drop(db);
+        self.check_rollback()?;
+        self.mark()
+    }
+
+    /// Whether the store's directory takes writes again: writes [`PROBE_BYTES`] to a file
+    /// beside the database, fsyncs and removes it. Cheaper than reopening the database to
+    /// find out, and it leaves readers their database while the disk is still full.
+    pub fn probe_room(&self) -> Result<(), StoreError> {
+        use std::io::Write as _;
+        self.injected_failure()?;
+        let path = self.path.join(PROBE_FILE);
+        let no_room = |source| StoreError::NoRoom {
+            path: self.path.clone(),
+            source,
+        };
+        let written = std::fs::File::create(&path).and_then(|mut file| {
+            file.write_all(&vec![0; PROBE_BYTES])?;
+            file.sync_all()
+        });
+        let removed = std::fs::remove_file(&path);
+        written.map_err(no_room)?;
+        removed.map_err(no_room)
+    }
+
+    /// The open database (a cheap handle).
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        self.db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(StoreError::Reopening)
     }
 
     /// Makes everything durable and records how far the store has got (see
@@ -323,7 +411,7 @@ impl Store {
     }
 
     fn check_format(&mut self, path: &Path) -> Result<(), StoreError> {
-        match self.db.get(keys::FORMAT_KEY)?.as_deref() {
+        match self.db()?.get(keys::FORMAT_KEY)?.as_deref() {
             Some([STORE_FORMAT]) => {}
             Some([2]) => self.upgrade_from_2()?,
             Some(other) => {
@@ -333,8 +421,8 @@ impl Store {
                 });
             }
             None => {
-                self.db.insert(keys::FORMAT_KEY, &[STORE_FORMAT])?;
-                self.db.flush()?;
+                self.db()?.insert(keys::FORMAT_KEY, &[STORE_FORMAT])?;
+                self.db()?.flush()?;
             }
         }
         self.legacy_ids_until = self.meta_u64(keys::LEGACY_IDS_KEY)?.unwrap_or(0);
@@ -350,7 +438,7 @@ impl Store {
         let mut legacy_until = 0;
         for tier in [Tier::Far, Tier::Fine] {
             let from = SegmentKey::first_of(tier).to_bytes();
-            let last = self.db.range(from..).next_back().transpose()?;
+            let last = self.db()?.range(from..).next_back().transpose()?;
             if let Some(key) = last.and_then(|(key, _)| SegmentKey::from_bytes(&key))
                 && key.tier == tier
             {
@@ -363,7 +451,7 @@ impl Store {
             }
         }
         let mut next_seq = self.next_seq()?;
-        for item in self.db.scan_prefix(keys::ID_KEYS) {
+        for item in self.db()?.scan_prefix(keys::ID_KEYS) {
             let (key, _) = item?;
             let id = std::str::from_utf8(&key[1..]).unwrap_or_default();
             if let Some((_, seq, _)) = protocol::far_parts(id) {
@@ -375,8 +463,8 @@ impl Store {
         batch.insert(keys::NEXT_SEQ_KEY, &next_seq.to_be_bytes());
         batch.insert(keys::LEGACY_SEQS_KEY, &next_seq.to_be_bytes());
         batch.insert(keys::FORMAT_KEY, &[STORE_FORMAT]);
-        self.db.apply_batch(batch)?;
-        self.db.flush()?;
+        self.db()?.apply_batch(batch)?;
+        self.db()?.flush()?;
         tracing::info!(legacy_until, "store upgraded from format 2 to 3");
         Ok(())
     }
@@ -391,10 +479,62 @@ impl Store {
         Ok(self.meta_u64(keys::PENDING_KEY)?.unwrap_or(0))
     }
 
+    /// The pending counts per quota pattern as last recorded; `None` if there are none, or if
+    /// the record is unreadable (they can always be counted again: [`Store::count_pending`]).
+    pub fn quota_counts(&self) -> Result<Option<Vec<(String, u64)>>, StoreError> {
+        let Some(value) = self.db()?.get(keys::QUOTAS_KEY)? else {
+            return Ok(None);
+        };
+        let counts = serde_json::from_slice(&value);
+        if counts.is_err() {
+            tracing::warn!("the stored counts per quota are unreadable; counting again");
+        }
+        Ok(counts.ok())
+    }
+
+    /// Counts the pending schedules, in all and per quota: `quotas` gives the bits of the
+    /// quotas a target counts against, out of `count` quotas. Reads every segment, so it is
+    /// for when no count is recorded (quotas newly configured).
+    pub fn count_pending(
+        &self,
+        count: usize,
+        quotas: impl Fn(&str) -> u64,
+    ) -> Result<(u64, Vec<u64>), StoreError> {
+        let mut pending = 0;
+        let mut used = vec![0; count];
+        let db = self.db()?;
+        for tier in [Tier::Far, Tier::Fine] {
+            let from = SegmentKey::first_of(tier);
+            let to = SegmentKey {
+                bucket: UnixMs::MAX,
+                seq: u64::MAX,
+                ..from
+            };
+            for item in db.range(from.to_bytes()..=to.to_bytes()) {
+                let (_, value) = item?;
+                let schedules = match segment::decode_salvaging(&value) {
+                    Ok(schedules) => schedules,
+                    Err(salvage) => salvage.schedules,
+                };
+                for schedule in schedules {
+                    pending += 1;
+                    let mut bits = quotas(&schedule.subject);
+                    while bits != 0 {
+                        if let Some(used) = used.get_mut(bits.trailing_zeros() as usize) {
+                            *used += 1;
+                        }
+                        bits &= bits - 1;
+                    }
+                }
+            }
+        }
+        Ok((pending, used))
+    }
+
     /// A metadata number; a damaged one is an error, never a default (a next seq read as 1
     /// would overwrite segments).
     fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
-        let Some(value) = self.db.get(key)? else {
+        let Some(value) = self.db()?.get(key)? else {
             return Ok(None);
         };
         let bytes: [u8; 8] = value
@@ -411,7 +551,7 @@ impl Store {
     pub fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
         self.injected_failure()?;
         if !batch.is_empty() {
-            self.db.apply_batch(batch.batch)?;
+            self.db()?.apply_batch(batch.batch)?;
         }
         Ok(())
     }
@@ -419,7 +559,7 @@ impl Store {
     /// Makes every committed change durable (fsync).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.injected_failure()?;
-        self.db.flush()?;
+        self.db()?.flush()?;
         Ok(())
     }
 
@@ -454,7 +594,7 @@ impl Store {
     /// generated by store format 2 are the exception: random ULIDs, searched for in their
     /// bucket while any may still be pending.)
     pub fn locate(&self, id: &str) -> Result<Option<SegmentKey>, StoreError> {
-        if let Some(value) = self.db.get(keys::id_key(id))? {
+        if let Some(value) = self.db()?.get(keys::id_key(id))? {
             return Ok(SegmentKey::from_bytes(&value));
         }
         if let Some((due, seq, _)) = protocol::far_parts(id) {
@@ -462,7 +602,7 @@ impl Store {
                 SegmentKey::far(far_bucket_of(due), seq),
                 SegmentKey::fine(bucket_of(due), seq),
             ] {
-                if let Some(value) = self.db.get(key.to_bytes())?
+                if let Some(value) = self.db()?.get(key.to_bytes())?
                     && segment::finds_generated_id(&value, id)
                 {
                     return Ok(Some(key));
@@ -479,7 +619,7 @@ impl Store {
     /// pending caller id is always indexed).
     pub fn locate_indexed(&self, id: &str) -> Result<Option<SegmentKey>, StoreError> {
         Ok(self
-            .db
+            .db()?
             .get(keys::id_key(id))?
             .and_then(|value| SegmentKey::from_bytes(&value)))
     }
@@ -495,7 +635,7 @@ impl Store {
         if from >= to {
             return Ok(None);
         }
-        for item in self.db.range(from..to) {
+        for item in self.db()?.range(from..to) {
             let (key, value) = item?;
             let Some(key) = SegmentKey::from_bytes(&key) else {
                 continue; // not a segment key: not ours to read
@@ -520,7 +660,7 @@ impl Store {
         &self,
         key: SegmentKey,
     ) -> Result<(Vec<Schedule>, Option<Damaged>), StoreError> {
-        let Some(value) = self.db.get(key.to_bytes())? else {
+        let Some(value) = self.db()?.get(key.to_bytes())? else {
             return Ok((Vec::new(), None));
         };
         match segment::decode_salvaging(&value) {
@@ -561,12 +701,12 @@ impl Store {
         &self,
         key: SegmentKey,
     ) -> Result<Option<impl AsRef<[u8]> + use<>>, StoreError> {
-        Ok(self.db.get(key.to_bytes())?)
+        Ok(self.db()?.get(key.to_bytes())?)
     }
 
     /// Whether the caller-chosen id `id` is indexed (pending).
     pub fn is_indexed(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.db.contains_key(keys::id_key(id))?)
+        Ok(self.db()?.contains_key(keys::id_key(id))?)
     }
 
     /// The pending schedule `id`, if any.
@@ -619,7 +759,7 @@ impl Store {
         if from >= end || max_schedules == 0 {
             return Ok(out);
         }
-        for item in self.db.range(from.to_bytes()..end.to_bytes()) {
+        for item in self.db()?.range(from.to_bytes()..end.to_bytes()) {
             let (key, value) = item?;
             let Some(key) = SegmentKey::from_bytes(&key) else {
                 tracing::error!(key = ?key, "skipping a key that is not a segment key");
@@ -673,7 +813,7 @@ impl Store {
 
     /// Bytes the database occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
+        Ok(self.db()?.size_on_disk()?)
     }
 }
 

@@ -130,7 +130,7 @@ pub fn holds_generated_id(bytes: &[u8], wanted: &str) -> Result<bool, DecodeErro
 /// nothing is left), and how many were dropped.
 pub fn without(
     bytes: &[u8],
-    drop: impl Fn(&str) -> bool,
+    mut drop: impl FnMut(&str) -> bool,
 ) -> Result<(Option<Vec<u8>>, u32), DecodeError> {
     let mut out = Vec::with_capacity(bytes.len());
     let (mut count, mut dropped): (u32, u32) = (0, 0);

@@ -139,7 +139,8 @@ fn an_unreadable_segment_is_skipped_not_fatal() {
     batch.put_segment(key(300, 3), &[schedule("c", 350, true)]);
     store.commit(batch).unwrap();
     store
-        .db
+        .db()
+        .unwrap()
         .insert(key(200, 2).to_bytes(), b"garbage".as_slice())
         .unwrap();
 
@@ -148,10 +149,14 @@ fn an_unreadable_segment_is_skipped_not_fatal() {
         .unwrap();
     let keys: Vec<_> = found.iter().map(|(k, _)| *k).collect();
     assert_eq!(keys, [key(100, 1), key(300, 3)]);
-    assert_eq!(store.db.get(key(200, 2).to_bytes()).unwrap(), None);
+    assert_eq!(
+        store.db().unwrap().get(key(200, 2).to_bytes()).unwrap(),
+        None
+    );
     assert_eq!(
         store
-            .db
+            .db()
+            .unwrap()
             .get(keys::quarantine_key(key(200, 2)))
             .unwrap()
             .unwrap(),
@@ -201,7 +206,8 @@ fn a_damaged_segment_keeps_its_readable_schedules_in_place() {
     assert_eq!(store.pending().unwrap(), 2);
     assert_eq!(
         store
-            .db
+            .db()
+            .unwrap()
             .get(keys::quarantine_key(key(100, 7)))
             .unwrap()
             .unwrap(),
@@ -225,7 +231,8 @@ fn damaged_metadata_is_an_error_not_a_default() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     store
-        .db
+        .db()
+        .unwrap()
         .insert(keys::NEXT_SEQ_KEY, b"\x01".as_slice())
         .unwrap();
     assert!(matches!(
@@ -337,13 +344,19 @@ fn format_2_stores_are_upgraded_and_their_random_ids_still_found() {
         batch.put_new_segment(key(9_900, 4), &[schedule(&caller_shaped, 9_999, true)]);
         batch.set_next_seq(5);
         store.commit(batch).unwrap();
-        store.db.insert(keys::FORMAT_KEY, &[2]).unwrap();
-        store.db.remove(keys::LEGACY_IDS_KEY).unwrap();
+        store.db().unwrap().insert(keys::FORMAT_KEY, &[2]).unwrap();
+        store.db().unwrap().remove(keys::LEGACY_IDS_KEY).unwrap();
         store.flush().unwrap();
     }
     let store = open(dir.path());
     assert_eq!(
-        store.db.get(keys::FORMAT_KEY).unwrap().unwrap().as_ref(),
+        store
+            .db()
+            .unwrap()
+            .get(keys::FORMAT_KEY)
+            .unwrap()
+            .unwrap()
+            .as_ref(),
         [3]
     );
     assert_eq!(store.legacy_ids_until, 10_000, "the end of the last bucket");

@@ -78,8 +78,18 @@ impl Store {
             seq: u64::MAX,
             ..from
         };
-        let mut range = self.db.range(from.to_bytes()..=last.to_bytes()).peekable();
+        let (mut range, mut failed) = match self.db() {
+            Ok(db) => (
+                Some(db.range(from.to_bytes()..=last.to_bytes()).peekable()),
+                None,
+            ),
+            Err(err) => (None, Some(err)),
+        };
         std::iter::from_fn(move || {
+            if let Some(err) = failed.take() {
+                return Some(Err(err));
+            }
+            let range = range.as_mut()?;
             let mut current: Option<Window> = None;
             loop {
                 let next_bucket = match range.peek() {

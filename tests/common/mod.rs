@@ -211,10 +211,14 @@ impl Daemon {
         let prefix = config.api.prefix.clone();
         let url = config.nats.url.clone();
         let (stop, stopped) = oneshot::channel();
+        let mut options = async_nats::ConnectOptions::new();
+        if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
+            options = options.user_and_password(user.clone(), password.expose().to_owned());
+        }
         let task = tokio::spawn(natsched::run(config, async {
             let _ = stopped.await;
         }));
-        let client = async_nats::connect(url.as_str()).await.unwrap();
+        let client = options.connect(url.as_str()).await.unwrap();
         wait_ready(&client, &prefix).await;
         Daemon {
             stop: Some(stop),
@@ -453,4 +457,30 @@ pub fn sched_id(message: &Message) -> String {
         .unwrap()
         .as_str()
         .to_owned()
+}
+
+/// natsched's `stats` answer.
+pub async fn stats(client: &Client) -> serde_json::Value {
+    let request = client.request("sched.stats", Bytes::new());
+    let reply = tokio::time::timeout(WAIT, request)
+        .await
+        .expect("reply in time")
+        .expect("request");
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+/// Polls stats until `done` holds (the store counts a fired schedule out within 100 ms).
+pub async fn stats_when(
+    client: &Client,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let s = stats(client).await;
+        if done(&s) {
+            return s;
+        }
+        assert!(start.elapsed() < WAIT, "stats never got there: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
