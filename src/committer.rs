@@ -57,7 +57,7 @@ use crate::record::Schedule;
 use crate::replies::{Ack, Reply};
 use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
 use crate::store::{
-    BUCKET_MS, SegmentKey, Store, StoreError, WriteBatch, bucket_of, far_bucket_of,
+    BUCKET_MS, SegmentKey, Store, StoreError, Tier, WriteBatch, bucket_of, far_bucket_of,
 };
 use crate::time::{self, UnixMs};
 
@@ -117,6 +117,9 @@ pub struct Committer {
     ledger: Ledger,
     /// Set while the store cannot be written.
     outage: Option<Outage>,
+    /// Far buckets before this were loaded into the wheel unmigrated during an outage and
+    /// not all migrated since: cancels must ask the wheel about their schedules too.
+    far_held_until: Option<UnixMs>,
     metrics: Arc<Metrics>,
 }
 
@@ -134,6 +137,7 @@ impl Committer {
         let committer = Committer {
             ledger,
             outage: None,
+            far_held_until: None,
             metrics,
             next_seq: store.next_seq()?,
             store,
@@ -240,7 +244,13 @@ impl Committer {
                 }
                 StoreCommand::Cancel { id, reply } if failed.is_none() => {
                     let wheel = &self.wheel;
-                    let withdraw = |copy| {
+                    let far_held = self.far_held_until.is_some();
+                    let withdraw = |copy, tier| {
+                        // A far segment's schedule is in the wheel only if it was loaded
+                        // during a store outage and not migrated since.
+                        if tier == Tier::Far && !far_held {
+                            return Withdrawal::NotHeld;
+                        }
                         let (answer, outcome) = std::sync::mpsc::sync_channel(1);
                         // Once the timer thread has stopped, firing may still be publishing
                         // what it was handed: nobody can tell "cancelled" from "fired".
@@ -308,12 +318,15 @@ impl Committer {
     /// A store operation failed: the outage begins, or goes on.
     fn fail(&mut self, error: StoreError) {
         match &mut self.outage {
-            Some(outage) => outage.failed_again(&error),
-            None => self.outage = Some(Outage::begin(&error)),
+            Some(outage) => outage.note(&error),
+            None => self.outage = Some(Outage::begin(&error, self.far_cursor)),
         }
-        if let Some(outage) = &self.outage {
-            self.metrics.set_store_error(Some(outage.describe()));
-        }
+        self.show_outage();
+    }
+
+    fn show_outage(&self) {
+        let shown = self.outage.as_ref().map(Outage::describe);
+        self.metrics.set_store_error(shown);
     }
 
     /// Checks whether the store takes writes again; if so, reopens it and resumes as after
@@ -321,21 +334,33 @@ impl Committer {
     /// both cursors back to the start (the loader finds again what a lost write had moved;
     /// the wheel ignores what it already holds).
     fn try_recover(&mut self) {
-        let resumed = self
-            .store
-            .probe_room()
-            .and_then(|()| self.store.reopen())
-            .and_then(|()| {
-                let ledger = read_ledger(&self.store, &self.options.capacity)?;
-                let next_seq = self.next_seq.max(self.store.next_seq()?);
-                let mut batch = WriteBatch::default();
-                batch.set_next_seq(next_seq);
-                self.store.commit(batch)?;
-                self.store.flush()?;
-                Ok((ledger, next_seq))
-            });
+        let failed = |committer: &mut Committer, error: StoreError, probed: bool| {
+            if let Some(outage) = &mut committer.outage {
+                outage.check_failed(&error, probed);
+            }
+            committer.show_outage();
+        };
+        if let Err(error) = self.store.probe_room() {
+            return failed(self, error, false);
+        }
+        let resumed = self.store.reopen().and_then(|()| {
+            let durable = self.store.next_seq()?;
+            let ledger = read_ledger(&self.store, &self.options.capacity)?;
+            let next_seq = self.next_seq.max(durable);
+            let mut batch = WriteBatch::default();
+            batch.set_next_seq(next_seq);
+            self.store.commit(batch)?;
+            self.store.flush()?;
+            Ok((ledger, durable, next_seq))
+        });
         match resumed {
-            Ok((ledger, next_seq)) => {
+            Ok((ledger, durable, next_seq)) => {
+                // Segments from the durable seq on were lost with the writes sled had taken
+                // but not written: what the wheel loaded from them must not fire (none was
+                // acknowledged). Sent before anything is loaded again.
+                let _ = self
+                    .wheel
+                    .send(WheelCommand::Unwritten { from_seq: durable });
                 self.ledger = ledger;
                 self.next_seq = next_seq;
                 self.cursor = SegmentKey::start_of(0);
@@ -346,7 +371,7 @@ impl Committer {
                     outage.ended();
                 }
             }
-            Err(err) => self.fail(err),
+            Err(error) => failed(self, error, true),
         }
     }
 
@@ -496,10 +521,10 @@ impl Committer {
 
     /// Migrates and loads what the horizon needs, a chunk of each. Returns whether more is
     /// waiting now. While the store cannot be written only loading goes on (it only reads),
-    /// so what is stored keeps firing (see `pass_empty_far` for the exception).
+    /// so what is stored keeps firing (see `load_far_unmigrated`).
     fn advance(&mut self) -> bool {
         let migrated = match self.outage {
-            Some(_) => self.pass_empty_far(),
+            Some(_) => self.load_far_unmigrated(),
             None => self.migrate_far(),
         };
         // Both get their turn, whatever the other did.
@@ -561,40 +586,43 @@ impl Committer {
     }
 }
 
-/// The pending counts as the store recorded them. Those per quota are counted afresh (one
-/// read of the whole store) when the record lacks a configured quota, and recorded; the record
-/// is dropped when no quota is configured, so a quota configured again later is recounted.
+/// The pending counts as the store recorded them. They are counted afresh (one read of the
+/// whole store) and recorded when the record lacks a configured quota, or when damage found
+/// earlier may have put them off; the record per quota is dropped when no quota is
+/// configured, so a quota configured again later is counted afresh.
 fn read_ledger(store: &Store, capacity: &Capacity) -> Result<Ledger, StoreError> {
     let pending = store.pending()?;
     let recorded = store.quota_counts()?;
-    if !capacity.has_quotas() {
-        if recorded.is_some() {
-            let mut batch = WriteBatch::default();
-            batch.clear_quota_counts();
-            store.commit(batch)?;
-            store.flush()?;
-        }
-        return Ok(Ledger {
-            pending,
-            used: Vec::new(),
-        });
-    }
     let names: Vec<&str> = capacity.quotas().map(|(name, _)| name).collect();
-    let found: Option<Vec<u64>> = recorded.and_then(|recorded| {
+    let found: Option<Vec<u64>> = recorded.as_ref().and_then(|recorded| {
         names
             .iter()
             .map(|name| recorded.iter().find(|(n, _)| n == name).map(|(_, c)| *c))
             .collect()
     });
-    if let Some(used) = found {
-        return Ok(Ledger { pending, used });
+    let recount = store.recount_requested()?;
+    match found {
+        _ if !recount && names.is_empty() => {
+            if recorded.is_some() {
+                let mut batch = WriteBatch::default();
+                batch.clear_quota_counts();
+                store.commit(batch)?;
+                store.flush()?;
+            }
+            return Ok(Ledger {
+                pending,
+                used: Vec::new(),
+            });
+        }
+        Some(used) if !recount => return Ok(Ledger { pending, used }),
+        _ => {}
     }
     let started = Instant::now();
     let (counted, used) = store.count_pending(names.len(), |subject| capacity.mask(subject))?;
     tracing::info!(
         schedules = counted,
         secs = started.elapsed().as_secs_f64(),
-        "counted the pending schedules per quota"
+        "counted the pending schedules (quotas newly configured, or damage found before)"
     );
     if counted != pending {
         tracing::warn!(
@@ -605,7 +633,11 @@ fn read_ledger(store: &Store, capacity: &Capacity) -> Result<Ledger, StoreError>
     }
     let mut batch = WriteBatch::default();
     batch.set_pending(counted);
-    batch.set_quota_counts(names.iter().copied().zip(used.iter().copied()));
+    match names.is_empty() {
+        true => batch.clear_quota_counts(),
+        false => batch.set_quota_counts(names.iter().copied().zip(used.iter().copied())),
+    }
+    batch.clear_recount();
     store.commit(batch)?;
     store.flush()?;
     Ok(Ledger {

@@ -88,6 +88,31 @@ pub struct NatsConfig {
     pub password: Option<Secret>,
 }
 
+impl NatsConfig {
+    /// `url` with any credentials in it (`nats://user:pass@host`) masked: what logs and
+    /// errors show.
+    pub fn shown_url(&self) -> String {
+        mask_url_credentials(&self.url)
+    }
+}
+
+/// A server URL list with the user part of each URL (`user:pass@`, `token@`) replaced by
+/// `***@`.
+pub fn mask_url_credentials(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let rest_at = url.find("://").map_or(0, |at| at + 3);
+            let (scheme, rest) = url.split_at(rest_at);
+            let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..host_end].rfind('@') {
+                Some(at) => format!("{scheme}***{}", &rest[at..]),
+                None => url.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A secret from the config: its `Debug` output says only whether it is set, so it cannot
 /// leak into logs or error messages.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -290,7 +315,8 @@ impl Config {
                 && t != ">"
                 && !t.chars().any(|c| c.is_whitespace() || c == '*' || c == '>')
         };
-        if !prefix.split('.').all(token_ok) {
+        let pattern_ok = crate::policy::Pattern::parse(&format!("{prefix}.>")).is_ok();
+        if !prefix.split('.').all(token_ok) || !pattern_ok {
             return invalid(
                 "api.prefix",
                 "must be a subject without wildcards, spaces or empty tokens, e.g. \"sched\"",
@@ -422,6 +448,24 @@ mod tests {
     }
 
     #[test]
+    fn credentials_in_urls_are_masked_when_shown() {
+        for (url, shown) in [
+            ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+            ("nats://u:p@h:4222", "nats://***@h:4222"),
+            ("nats://tok@h", "nats://***@h"),
+            ("u:p@h:4222", "***@h:4222"),
+            (
+                "tls://a:b@h1:4222,nats://h2:4222",
+                "tls://***@h1:4222,nats://h2:4222",
+            ),
+            ("nats://h/x@y", "nats://h/x@y"),
+            ("nats://a:p@ss@h", "nats://***@h"),
+        ] {
+            assert_eq!(mask_url_credentials(url), shown, "{url}");
+        }
+    }
+
+    #[test]
     fn policy_defaults_apply_when_the_sections_are_absent() {
         let config = Config::from_toml("").unwrap();
         assert_eq!(config.security.allow_subjects, [">"]);
@@ -452,6 +496,7 @@ mod tests {
         for (text, key) in [
             ("[api]\nprefix = \"a.*\"", "api.prefix"),
             ("[api]\nprefix = \"\"", "api.prefix"),
+            ("[api]\nprefix = \"a\\u0001b\"", "api.prefix"),
             ("[api]\nmax_payload = 0", "api.max_payload"),
             ("[nats]\nurl = \" \"", "nats.url"),
             ("[wheel]\nlookahead = \"1ms\"", "wheel.lookahead"),

@@ -275,15 +275,19 @@ async fn start(config: &Config) -> Result<Started, RunError> {
         match tokio::time::timeout(NATS_WAIT_REPORT, client.flush()).await {
             Ok(Ok(())) => break,
             Ok(Err(err)) => {
-                tracing::warn!(url = %config.nats.url, error = %err, "NATS flush failed; retrying")
+                tracing::warn!(url = %config.nats.shown_url(), error = %err, "NATS flush failed; retrying")
             }
             Err(_) => tracing::warn!(
-                url = %config.nats.url,
+                url = %config.nats.shown_url(),
                 "waiting for NATS: the server is unreachable; retrying (SIGTERM stops natsched)"
             ),
         }
     }
-    tracing::info!(prefix = %config.api.prefix, url = %config.nats.url, "accepting schedules");
+    tracing::info!(
+        prefix = %config.api.prefix,
+        url = %config.nats.shown_url(),
+        "accepting schedules"
+    );
     Ok(Started {
         store,
         policy,
@@ -377,7 +381,7 @@ async fn connect(config: &Config) -> Result<async_nats::Client, RunError> {
         .connect(config.nats.url.as_str())
         .await
         .map_err(|source| RunError::Connect {
-            url: config.nats.url.clone(),
+            url: config.nats.shown_url(),
             source,
         })
 }

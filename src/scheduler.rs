@@ -84,6 +84,10 @@ pub enum WheelCommand {
     /// them out at the given instant (see [`crate::retries`]). Until then a cancel or a
     /// replace can take them out like any other.
     Retry(Vec<(Resident, UnixMs)>),
+    /// The store was reopened after a write failure and lost every segment from this seq on
+    /// (writes it had taken but not made durable; none was acknowledged): forget the copies
+    /// loaded from them, unless they are already being fired.
+    Unwritten { from_seq: u64 },
 }
 
 /// The answer to [`WheelCommand::Withdraw`].
@@ -274,6 +278,23 @@ impl Scheduler {
             WheelCommand::Retry(residents) => {
                 for (resident, at) in residents {
                     self.retry(resident, at);
+                }
+            }
+            WheelCommand::Unwritten { from_seq } => {
+                let lost: Vec<(String, Held)> = self
+                    .held
+                    .iter()
+                    .filter(|(_, held)| held.segment.seq >= from_seq && held.entry.is_some())
+                    .map(|(id, held)| (id.clone(), *held))
+                    .collect();
+                for (id, held) in lost {
+                    self.held.remove(&id);
+                    if let Some(entry) = held.entry {
+                        self.drop_entry(entry, held);
+                    }
+                    if held.retrying {
+                        self.retries.forget(&id);
+                    }
                 }
             }
             WheelCommand::Deleted(copies) => {

@@ -3,10 +3,15 @@
 
 use std::collections::BTreeMap;
 
+use std::sync::atomic::Ordering;
+
 use super::{Committer, LOAD_CHUNK};
 use crate::protocol;
 use crate::record::Schedule;
-use crate::store::{FAR_BUCKET_MS, SegmentKey, StoreError, WriteBatch, bucket_of, far_bucket_of};
+use crate::scheduler::{Resident, WheelCommand};
+use crate::store::{
+    BUCKET_MS, FAR_BUCKET_MS, SegmentKey, StoreError, WriteBatch, bucket_of, far_bucket_of,
+};
 use crate::time::{self, UnixMs};
 
 impl Committer {
@@ -66,25 +71,64 @@ impl Committer {
             Some(bucket) if full => bucket,
             _ => before,
         };
+        // Everything loaded unmigrated during an outage has its fine keys now.
+        if self
+            .far_held_until
+            .is_some_and(|until| self.far_cursor >= until)
+        {
+            self.far_held_until = None;
+        }
         Ok(full)
     }
 
-    /// While the store cannot be written nothing migrates, but the migration cursor still
-    /// moves past far buckets that hold nothing (this only reads), so loading waits only for
-    /// far segments that really need migrating: sparse far-future schedules coming due
-    /// during an outage wait for the store to take writes again.
-    pub(super) fn pass_empty_far(&mut self) -> Result<bool, StoreError> {
-        let before = self.migrate_before(time::now_ms());
-        if self.far_cursor >= before {
+    /// While the store cannot be written nothing migrates; instead the far segments the
+    /// horizon reaches are loaded into the wheel as they are, so what is stored keeps firing.
+    /// Each schedule is loaded under the fine key its migration will give it
+    /// ([`SegmentKey::migrated`]): once the store takes writes again, the migration writes
+    /// exactly that key and the wheel takes the reload for the copy it holds. Until then a
+    /// removal after firing, a cancel or a replace finds the schedule in its far segment (see
+    /// `Round::holder_of_fired` and `Round::cancel`). Returns whether more is waiting now.
+    pub(super) fn load_far_unmigrated(&mut self) -> Result<bool, StoreError> {
+        let Some(from) = self.outage.as_ref().map(|outage| outage.far_loaded) else {
+            return Ok(false);
+        };
+        let horizon = time::now_ms().saturating_add(self.options.lookahead.as_millis() as u64);
+        // The loader needs every far bucket starting before the end of the horizon's bucket.
+        let end = bucket_of(horizon).saturating_add(BUCKET_MS);
+        let resident = self.resident.load(Ordering::Relaxed);
+        if from.bucket >= end || resident >= self.options.max_resident {
             return Ok(false);
         }
-        let next = self
-            .store
-            .scan(SegmentKey::far(self.far_cursor, 0), before, 1)?;
-        self.far_cursor = match next.first() {
-            Some((key, _)) => key.bucket,
-            None => before,
+        let limit = LOAD_CHUNK.min(self.options.max_resident - resident);
+        let segments = self.store.scan(from, end, limit)?;
+        let count: usize = segments.iter().map(|(_, s)| s.len()).sum();
+        let full = count >= limit;
+        let next = match segments.last() {
+            Some((last, _)) if full => last.successor(),
+            _ => SegmentKey::far(end, 0),
         };
-        Ok(false)
+        let highest = segments.last().map(|(last, _)| last.bucket);
+        let mut residents = Vec::with_capacity(count);
+        for (key, schedules) in segments {
+            residents.extend(schedules.into_iter().map(|schedule| Resident {
+                segment: key.migrated(schedule.due),
+                schedule: Box::new(schedule),
+            }));
+        }
+        residents.sort_by_key(|r| r.schedule.due);
+        self.resident.fetch_add(count, Ordering::Relaxed);
+        if !residents.is_empty() {
+            let _ = self.wheel.send(WheelCommand::Insert(residents));
+        }
+        // The loader may pass the far buckets loaded whole.
+        self.far_cursor = self.far_cursor.max(next.bucket);
+        if let Some(highest) = highest {
+            let until = self.far_held_until.unwrap_or(0).max(highest + 1);
+            self.far_held_until = Some(until);
+        }
+        if let Some(outage) = &mut self.outage {
+            outage.far_loaded = next;
+        }
+        Ok(full)
     }
 }

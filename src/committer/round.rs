@@ -168,8 +168,8 @@ impl Round {
                     let remaining = self.rewrite(store, key)?;
                     if let Some(at) = remaining.iter().position(|s| s.id == schedule.id) {
                         let old = remaining.remove(at);
-                        self.wheel
-                            .push(WheelCommand::Remove(ScheduleRef::of(key, &old)));
+                        let copy = ScheduleRef::of(key.migrated(old.due), &old);
+                        self.wheel.push(WheelCommand::Remove(copy));
                     }
                 }
                 Place::Gone => {}
@@ -245,7 +245,7 @@ impl Round {
         capacity: &Capacity,
         id: String,
         reply: Option<Reply>,
-        withdraw: impl FnOnce(ScheduleRef) -> Withdrawal,
+        withdraw: impl FnOnce(ScheduleRef, Tier) -> Withdrawal,
     ) -> Result<(), StoreError> {
         let outcome = match self.place_of(store, &id)? {
             Place::Gone => Outcome::Refused(ApiError::not_found(&id)),
@@ -264,10 +264,11 @@ impl Round {
             Place::Stored(key) => {
                 let (remaining, damaged) = self.staged(store, key)?;
                 let found = remaining.iter().position(|s| s.id == id);
-                let decided = found.map(|at| match key.tier {
-                    // Far segments are never loaded into the wheel: nothing to ask.
-                    Tier::Far => Withdrawal::NotHeld,
-                    Tier::Fine => withdraw(ScheduleRef::of(key, &remaining[at])),
+                // A far segment's schedule is in the wheel only if it was loaded during a
+                // store outage, under the key its migration will give it.
+                let decided = found.map(|at| {
+                    let copy = &remaining[at];
+                    withdraw(ScheduleRef::of(key.migrated(copy.due), copy), key.tier)
                 });
                 match found.zip(decided) {
                     None if damaged => Outcome::Refused(ApiError::new(
@@ -313,7 +314,8 @@ impl Round {
         store: &Store,
         fired: &HashMap<SegmentKey, Vec<Fired>>,
     ) -> Result<(), StoreError> {
-        for (&key, schedules) in fired {
+        for (&fired_key, schedules) in fired {
+            let key = self.holder_of_fired(store, fired_key)?;
             // An id is unique within a segment, so the id alone names the fired copy. Only
             // what is still there leaves the counts (a replaced copy left already).
             let gone: HashMap<&str, QuotaMask> = schedules
@@ -367,6 +369,19 @@ impl Round {
             }
         }
         Ok(())
+    }
+
+    /// The segment holding what fired from `key`: `key`, unless it is a fine key that a
+    /// schedule was loaded under before its far segment was migrated (during a store outage)
+    /// and the migration has not happened yet: then its far segment.
+    fn holder_of_fired(&self, store: &Store, key: SegmentKey) -> Result<SegmentKey, StoreError> {
+        let exists = |key: SegmentKey| -> Result<bool, StoreError> {
+            Ok(self.rewrites.contains_key(&key) || store.raw_segment(key)?.is_some())
+        };
+        if key.tier == Tier::Fine && !exists(key)? && exists(key.far_origin())? {
+            return Ok(key.far_origin());
+        }
+        Ok(key)
     }
 
     /// The new schedules, by fine bucket (taken out of the round).
@@ -480,7 +495,10 @@ impl Round {
         for (reply, outcome) in std::mem::take(&mut self.acks) {
             let result = match (outcome, failure) {
                 (Outcome::Refused(error), _) => Err(error),
-                (_, Some(err)) => Err(ApiError::unavailable(format!("store unavailable: {err}"))),
+                (_, Some(err)) => Err(ApiError::unavailable(format!(
+                    "store unavailable: {}",
+                    err.brief()
+                ))),
                 (Outcome::Added { id, due }, None) => Ok(protocol::add_reply(&id, due)),
                 (Outcome::Named { id, due }, None) => Ok(protocol::add_reply(
                     id.array_to_str(&mut [0; ulid::ULID_LEN]),
@@ -545,6 +563,9 @@ impl Round {
                 let (schedules, damaged) = store.read_segment(key)?;
                 if let Some(damaged) = damaged {
                     self.batch.quarantine(key, &damaged.raw);
+                    // What it lost may be uncounted (unreadable header) and its quotas are
+                    // unknown: the next start counts again.
+                    self.batch.request_recount();
                     self.ledger.lose(u64::from(damaged.lost.unwrap_or(0)));
                     self.damaged.insert(key);
                 }

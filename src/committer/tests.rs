@@ -124,6 +124,7 @@ impl Harness {
                 WheelCommand::Deleted(_)
                 | WheelCommand::Withdraw(..)
                 | WheelCommand::Retry(_)
+                | WheelCommand::Unwritten { .. }
                 | WheelCommand::Evict { .. } => {}
             }
         }
@@ -848,7 +849,7 @@ fn a_store_that_cannot_be_written_refuses_at_once_keeps_firing_and_recovers() {
     let refused = h.add_answered(schedule("b", now + DAY)).unwrap_err();
     assert_eq!(refused.code, 503);
     assert!(
-        refused.description.contains("store unavailable for"),
+        refused.description.contains("store unavailable since"),
         "{refused:?}"
     );
     assert_eq!(h.request(cancel_command("old")).unwrap_err().code, 503);
@@ -893,4 +894,131 @@ fn a_recovery_check_that_fails_keeps_the_outage() {
     h.committer.try_recover();
     assert!(h.committer.outage.is_none());
     h.add_answered(schedule("a", now + DAY)).unwrap();
+}
+
+/// A stand-in timer thread with a real scheduler, applying what the committer tells the
+/// wheel (nothing expires: the test fires by hand). Joined, it gives the scheduler back.
+fn timer_thread(h: &mut Harness) -> std::thread::JoinHandle<crate::scheduler::Scheduler> {
+    let resident = h.committer.resident.clone();
+    let (wheel_tx, wheel_rx) = std::sync::mpsc::channel();
+    h.committer.wheel = wheel_tx;
+    std::thread::spawn(move || {
+        let retries = Arc::new(crate::retries::Retries::default());
+        let mut scheduler = crate::scheduler::Scheduler::new(resident, retries);
+        while let Ok(command) = wheel_rx.recv() {
+            scheduler.apply(command);
+        }
+        scheduler
+    })
+}
+
+#[test]
+fn during_an_outage_far_segments_load_unmigrated_and_stay_cancellable_and_removable() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[]);
+    // A far segment (seq 100) whose schedules come due soon: its migration would need a write.
+    let named = |due, index| {
+        let id = protocol::far_id(due, 100, index).unwrap();
+        crate::record::test_schedule(&id, due, false)
+    };
+    let (soon, later) = (named(now + 1000, 0), named(now + 2000, 1));
+    let far = SegmentKey::far(far_bucket_of(now + 1000), 100);
+    let mut batch = WriteBatch::default();
+    batch.put_new_segment(far, &[soon.clone(), later.clone()]);
+    batch.set_next_seq(101);
+    batch.set_pending(2);
+    h.committer.store.commit(batch).unwrap();
+    (h.committer.next_seq, h.committer.ledger.pending) = (101, 2);
+    let timer = timer_thread(&mut h);
+
+    h.committer.store.fail_writes(true);
+    assert_eq!(
+        h.add_answered(schedule("x", now + DAY)).unwrap_err().code,
+        503
+    );
+    h.committer.store.fail_writes(false);
+    assert!(h.committer.outage.is_some());
+    while h.committer.advance() {}
+    assert_eq!(
+        h.committer.far_cursor,
+        bucket_of(now + 60_000) + BUCKET_MS,
+        "loaded up to the horizon"
+    );
+    // Firing takes `soon` under the fine key its migration will give it.
+    let fired = Resident {
+        segment: far.migrated(soon.due),
+        schedule: Box::new(soon.clone()),
+    };
+    assert_eq!(fired.segment, SegmentKey::fine(bucket_of(soon.due), 100));
+    h.fire(vec![fired]);
+
+    h.committer.try_recover();
+    assert!(h.committer.outage.is_none());
+    // Cancelling `later` (still in its far segment) takes it out of the wheel too.
+    h.request(cancel_command(&later.id)).unwrap();
+    // The fired one leaves its far segment, which is then empty.
+    h.committer.round(std::iter::empty(), true);
+    assert_eq!(h.stored(), []);
+    assert_eq!(h.committer.ledger.pending, 0);
+    assert_eq!(h.committer.store.pending().unwrap(), 0);
+    h.advance();
+    assert_eq!(h.committer.far_held_until, None, "migrated past it");
+    drop(h.committer);
+    let scheduler = timer.join().unwrap();
+    assert_eq!(scheduler.ids_in_wheel(), [soon.id], "later was withdrawn");
+}
+
+#[test]
+fn what_a_lost_write_had_loaded_is_forgotten_after_reopening() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[schedule("kept", now + 5000)]);
+    let timer = timer_thread(&mut h);
+    h.advance();
+    h.committer.store.fail_writes(true);
+    assert_eq!(
+        h.add_answered(schedule("x", now + 1000)).unwrap_err().code,
+        503
+    );
+    // As if sled had taken a write into memory and lost it: the wheel holds a copy from a
+    // segment the store does not have (the next seq).
+    let phantom = Resident {
+        segment: SegmentKey::fine(bucket_of(now + 3000), h.committer.next_seq),
+        schedule: Box::new(schedule("phantom", now + 3000)),
+    };
+    h.committer
+        .wheel
+        .send(WheelCommand::Insert(vec![phantom]))
+        .unwrap();
+    h.committer.store.fail_writes(false);
+    h.committer.try_recover();
+    drop(h.committer);
+    let scheduler = timer.join().unwrap();
+    assert_eq!(scheduler.ids_in_wheel(), ["kept"]);
+}
+
+#[test]
+fn damage_of_unknown_extent_is_counted_again_at_the_next_start() {
+    let now = time::now_ms();
+    let quotas = "[[limits.quotas]]\nsubjects = \"q.>\"\nmax_pending = 10\n";
+    let mut h = Harness::with_capacity(1000, &[], capacity(quotas));
+    h.add_answered(to("q.a", "a", now + DAY)).unwrap();
+    h.add_answered(to("q.b", "b", now + DAY)).unwrap();
+    // b's segment turns to garbage, header and all: nobody can tell what it held.
+    let key = h.committer.store.locate_indexed("b").unwrap().unwrap();
+    let mut batch = WriteBatch::default();
+    batch.put_raw_segment(key, Some(b"garbage".to_vec()));
+    h.committer.store.commit(batch).unwrap();
+    assert_eq!(h.request(cancel_command("b")).unwrap_err().code, 500);
+    assert_eq!(h.committer.ledger.pending, 2, "the loss is of unknown size");
+    assert!(h.committer.store.recount_requested().unwrap());
+    let h = h.restart(capacity(quotas));
+    assert_eq!(
+        h.committer.ledger,
+        Ledger {
+            pending: 1,
+            used: vec![1]
+        }
+    );
+    assert!(!h.committer.store.recount_requested().unwrap());
+    assert_eq!(h.committer.store.pending().unwrap(), 1);
 }

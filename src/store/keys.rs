@@ -50,6 +50,9 @@ pub(crate) const PENDING_KEY: &[u8] = b"mpending";
 /// Where the pending counts per quota are kept (JSON: `[[pattern, count], …]`), when quotas
 /// are configured.
 pub(crate) const QUOTAS_KEY: &[u8] = b"mquotas";
+/// Present when the pending counts may be off (a damaged segment lost schedules whose number
+/// or quotas are unknown): the next start counts them again.
+pub(crate) const RECOUNT_KEY: &[u8] = b"mrecount";
 /// Where the end of the last bucket that may hold ids of store format 2 is kept (see
 /// `Store::locate`).
 pub(crate) const LEGACY_IDS_KEY: &[u8] = b"mlegacyids";
@@ -114,6 +117,23 @@ impl SegmentKey {
             bucket: 0,
             seq: 0,
         }
+    }
+
+    /// The fine segment that a schedule due at `due` in this far segment moves to when the
+    /// segment is migrated (the same seq, the due's bucket): the key the wheel knows the
+    /// schedule by even if it was loaded before the migration (during a store outage). A fine
+    /// key is its own.
+    pub fn migrated(self, due: UnixMs) -> SegmentKey {
+        match self.tier {
+            Tier::Far => SegmentKey::fine(bucket_of(due), self.seq),
+            Tier::Fine => self,
+        }
+    }
+
+    /// The far segment this fine segment's schedules were migrated from, if they were (the
+    /// same seq; a seq names one segment only, so for any other fine segment there is none).
+    pub fn far_origin(self) -> SegmentKey {
+        SegmentKey::far(far_bucket_of(self.bucket), self.seq)
     }
 
     /// The boundary before every fine segment of `bucket` and later.

@@ -84,6 +84,20 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// What went wrong, in words safe to tell a client (no paths, no keys): the rest is for
+    /// logs and operators.
+    pub fn brief(&self) -> String {
+        match self {
+            StoreError::Io(sled::Error::Io(source))
+            | StoreError::NoRoom { source, .. }
+            | StoreError::Watermark { source, .. } => format!("I/O error: {}", source.kind()),
+            StoreError::Reopening => "the store is being reopened".to_owned(),
+            _ => "store error".to_owned(),
+        }
+    }
+}
+
 /// Tuning for [`Store::open`].
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -299,6 +313,19 @@ impl WriteBatch {
         self.len += 1;
     }
 
+    /// Asks the next start to count the pending schedules again: damage lost some whose
+    /// number (an unreadable segment header) or quotas are unknown.
+    pub fn request_recount(&mut self) {
+        self.batch.insert(keys::RECOUNT_KEY, &[1]);
+        self.len += 1;
+    }
+
+    /// The counts are exact again.
+    pub fn clear_recount(&mut self) {
+        self.batch.remove(keys::RECOUNT_KEY);
+        self.len += 1;
+    }
+
     /// Forgets the counts per quota (no quotas are configured: once some are again, they are
     /// counted afresh rather than trusted from before).
     pub fn clear_quota_counts(&mut self) {
@@ -365,11 +392,13 @@ impl Store {
     /// what it had taken in memory but not written is then gone, as after a crash. The
     /// watermark check applies as at start. Readers meanwhile get [`StoreError::Reopening`].
     pub fn reopen(&self) -> Result<(), StoreError> {
-        let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
-        // Dropped before opening again: it holds the database's lock.
-        drop(db.take());
-        *db = Some(open_db(&self.options)?);
-        drop(db);
+        // Dropped before opening again: it holds the database's lock. The handle's lock is
+        // not held while sled's is waited for, so readers get `Reopening` meanwhile instead
+        // of waiting; should the open fail, they keep getting it until a reopen succeeds.
+        let old = self.db.write().unwrap_or_else(|e| e.into_inner()).take();
+        drop(old);
+        let db = open_db(&self.options)?;
+        *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db);
         self.check_rollback()?;
         self.mark()
     }
@@ -492,9 +521,16 @@ impl Store {
         Ok(counts.ok())
     }
 
+    /// Whether the pending counts must be counted again ([`WriteBatch::request_recount`]).
+    pub fn recount_requested(&self) -> Result<bool, StoreError> {
+        Ok(self.db()?.contains_key(keys::RECOUNT_KEY)?)
+    }
+
     /// Counts the pending schedules, in all and per quota: `quotas` gives the bits of the
     /// quotas a target counts against, out of `count` quotas. Reads every segment, so it is
-    /// for when no count is recorded (quotas newly configured).
+    /// for when no count can be trusted (quotas newly configured, damage). Damaged segments
+    /// met are repaired as the writer's scans repair them (only the writer calls this), and
+    /// the count is absolute: their losses are not taken off it again.
     pub fn count_pending(
         &self,
         count: usize,
@@ -511,10 +547,16 @@ impl Store {
                 ..from
             };
             for item in db.range(from.to_bytes()..=to.to_bytes()) {
-                let (_, value) = item?;
+                let (key, value) = item?;
                 let schedules = match segment::decode_salvaging(&value) {
                     Ok(schedules) => schedules,
-                    Err(salvage) => salvage.schedules,
+                    Err(salvage) => {
+                        if let Some(key) = SegmentKey::from_bytes(&key) {
+                            self.damage.report(key, &salvage);
+                            self.repair(key, &value, &salvage)?;
+                        }
+                        salvage.schedules
+                    }
                 };
                 for schedule in schedules {
                     pending += 1;
@@ -528,6 +570,7 @@ impl Store {
                 }
             }
         }
+        self.take_lost();
         Ok((pending, used))
     }
 
@@ -801,6 +844,7 @@ impl Store {
         let mut batch = WriteBatch::default();
         batch.quarantine(key, raw);
         batch.put_segment(key, &salvage.schedules);
+        batch.request_recount();
         if lost > 0 {
             batch.set_pending(self.pending()?.saturating_sub(lost));
         }
