@@ -138,6 +138,7 @@ fn run(config_path: PathBuf) -> Result<(), String> {
             // Listening from the start: a SIGTERM while the store opens or NATS is still
             // unreachable stops natsched cleanly instead of killing it.
             let shutdown = shutdown_signal()?;
+            watch_file_size_limit()?;
             natsched::run(config, shutdown)
                 .await
                 .map_err(|e| e.to_string())
@@ -168,6 +169,22 @@ fn bench(options: natsched::loadgen::LoadOptions) -> Result<(), String> {
         "{}",
         serde_json::to_string(&report).expect("report serializes")
     );
+    Ok(())
+}
+
+/// A write past the file-size limit (`ulimit -f`, systemd's `LimitFSIZE=`) raises SIGXFSZ,
+/// which by default kills the process. Handled, the write fails with EFBIG instead, and the
+/// store treats that like a full disk: new schedules get 503, stored ones keep firing, and
+/// natsched recovers once the limit allows the write.
+fn watch_file_size_limit() -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut limit = signal(SignalKind::from_raw(libc::SIGXFSZ))
+        .map_err(|e| format!("cannot listen for SIGXFSZ: {e}"))?;
+    tokio::spawn(async move {
+        while limit.recv().await.is_some() {
+            tracing::warn!("a write reached the file-size limit (SIGXFSZ); it fails instead");
+        }
+    });
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_nats::Client;
 use bytes::Bytes;
 use common::*;
+use futures::StreamExt;
 
 /// Schedules onto `target` due now; returns the error code and description, if refused.
 async fn try_schedule(client: &Client, target: &str) -> Option<(u16, String)> {
@@ -132,6 +133,7 @@ async fn with_the_example_server_config_each_team_schedules_onto_its_own_subject
                 name.into(),
                 format!("{name}-example-password"),
             )
+            .custom_inbox_prefix(format!("_INBOX_{name}"))
             .connect(url.as_str())
             .await
             .unwrap()
@@ -177,8 +179,23 @@ async fn with_the_example_server_config_each_team_schedules_onto_its_own_subject
     }
     assert_quiet(&mut orders_inbox, Duration::from_millis(300)).await;
     assert_quiet(&mut billing_inbox, Duration::from_millis(300)).await;
+    // Nor can a team listen in on another's replies or on natsched's fences.
+    // (A request's reply, and a delivery's fence, would be overheard.)
+    for (client, subject, requester, target) in [
+        (&orders, "_INBOX_billing.>", &billing, "billing.ping"),
+        (&billing, "_INBOX.>", &admin, "orders.ping"),
+    ] {
+        let mut sub = client.subscribe(subject).await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(try_schedule(requester, target).await, None);
+        let overheard = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+        assert!(
+            !matches!(overheard, Ok(Some(_))),
+            "{subject}: {overheard:?}"
+        );
+    }
     let stats = stats_when(&admin, |s| s["pending"] == 0).await;
-    assert_eq!(stats["scheduled_total"], 2, "{stats}");
+    assert_eq!(stats["scheduled_total"], 4, "{stats}");
     assert_eq!(stats["errors_total"], before["errors_total"], "{stats}");
     daemon.stop().await;
 }

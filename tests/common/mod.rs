@@ -293,11 +293,17 @@ impl DaemonProcess {
 
     /// Writes a config file (NATS at `url`) into `dir` and starts the binary, without waiting.
     pub fn spawn(url: &str, store: &Path, dir: &Path) -> DaemonProcess {
+        DaemonProcess::spawn_with(url, store, dir, "")
+    }
+
+    /// [`DaemonProcess::spawn`] with `more` (TOML: further keys of `[store]`, then further
+    /// sections) appended to the config file.
+    pub fn spawn_with(url: &str, store: &Path, dir: &Path, more: &str) -> DaemonProcess {
         let config_path = dir.join("natsched.toml");
         std::fs::write(
             &config_path,
             format!(
-                "[nats]\nurl = \"{}\"\n[api]\nprefix = \"sched\"\n[store]\npath = \"{}\"\n",
+                "[nats]\nurl = \"{}\"\n[api]\nprefix = \"sched\"\n[store]\npath = \"{}\"\n{more}",
                 url,
                 store.display()
             ),
@@ -329,6 +335,11 @@ impl DaemonProcess {
             config_path,
             log,
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Waits until its stderr holds `needle`; returns the log so far.
