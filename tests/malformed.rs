@@ -9,10 +9,11 @@
 //! UTF-8, lines without a colon, 10 000 headers, a 1 MiB header, broken framing), oversized and
 //! random headers, invalid ids (bad characters, too long, empty, not UTF-8, of natsched's
 //! generated-id layout naming a segment not written yet), unknown `Sched-*` headers, empty and huge payloads, wildcard,
-//! empty-token, over-long and non-UTF-8 targets, garbage, far-future and overflowing times,
+//! empty-token, over-long and non-UTF-8 targets, targets natsched may not publish to (403, with
+//! control characters to escape), garbage, far-future and overflowing times,
 //! missing, doubled and repeated time headers, and garbage to cancel, get, list and stats.
 //! Each bad add has exactly one defect on an otherwise valid request, so the code the protocol
-//! gives it is known (400, or 413 for size). What counts as bad is what the README's protocol
+//! gives it is known (400, 403 for a denied target, or 413 for size). What counts as bad is what the README's protocol
 //! refuses: a far-past time is valid (due now), so the valid schedules include some.
 //!
 //! nats-server (2.9 at least) routes a subject with an empty token (`sched.add.a..b`) to no
@@ -300,6 +301,7 @@ const CLASSES: &[(Generator, u32)] = &[
     (Gen::payload_too_large, 200),
     (Gen::no_headers, 150),
     (Gen::wildcard_target, 250),
+    (Gen::denied_target, 250),
     (Gen::empty_token_target, 200),
     (Gen::long_target, 4),
     (Gen::target_invalid_utf8, 120),
@@ -734,6 +736,27 @@ impl Gen {
         };
         let mut request = refused_add("no header block (PUB)", i, Vec::new(), payload);
         request.header = None;
+        request
+    }
+
+    /// A target natsched may not publish to (a built-in deny rule), with odd characters in it
+    /// that its 403 description must quote escaped.
+    fn denied_target(&mut self, i: usize) -> Request {
+        let payload = self.small_payload();
+        let odd = ["", "\u{1b}[31m", "\u{7f}", "\u{200b}", "\u{e9}", "\u{1}"][self.rng.below(6)];
+        let target = match self.rng.below(7) {
+            0 => format!("$SYS.REQ.SERVER.PING{odd}"),
+            1 => format!("$JS.API.STREAM.DELETE.S{i}{odd}"),
+            2 => format!("$KV.bucket.k{i}{odd}"),
+            3 => format!("$O.store.{i}{odd}"),
+            4 => format!("$SRV.PING{odd}"),
+            5 => format!("_INBOX.{i}{odd}"),
+            _ => format!("sched.add.loop.{i}{odd}"),
+        };
+        let lines = self.with_delay();
+        let mut request = refused_add("denied target", i, lines, payload);
+        request.subject = format!("sched.add.{target}").into_bytes();
+        request.expect = Expect::Refused(Some(403));
         request
     }
 
@@ -1772,6 +1795,18 @@ fn check(run: &Run) -> Problems {
                  dropped publishes by class: {dropped_by_class:?}",
                 delta("errors_total")
             ),
+        );
+    }
+    // Every denied target is counted as such, answered or not.
+    let denied = run
+        .sent
+        .iter()
+        .filter(|s| s.class == "denied target")
+        .count() as u64;
+    if delta("denied_total") != denied {
+        problems.add(
+            "denied_total disagrees",
+            format!("grew by {}, expected {denied}", delta("denied_total")),
         );
     }
     if delta("scheduled_total") != VALID as u64 {
