@@ -300,10 +300,11 @@ impl Committer {
                 let _ = self.wheel.send(WheelCommand::Insert(back));
             }
         }
-        self.send_acks(&mut round, result.as_ref().err());
-        if let Err(err) = result {
+        // The outage is on record (stats) before anyone hears of its first 503.
+        if let Err(err) = &result {
             self.fail(err);
         }
+        self.send_acks(&mut round, result.as_ref().err());
     }
 
     /// Sends the round's replies, given how it ended.
@@ -316,10 +317,10 @@ impl Committer {
     }
 
     /// A store operation failed: the outage begins, or goes on.
-    fn fail(&mut self, error: StoreError) {
+    fn fail(&mut self, error: &StoreError) {
         match &mut self.outage {
-            Some(outage) => outage.note(&error),
-            None => self.outage = Some(Outage::begin(&error, self.far_cursor)),
+            Some(outage) => outage.note(error),
+            None => self.outage = Some(Outage::begin(error, self.far_cursor)),
         }
         self.show_outage();
     }
@@ -538,7 +539,7 @@ impl Committer {
         match (migrated, loaded) {
             (Ok(migrated), Ok(loaded)) => migrated || loaded,
             (Err(err), _) | (_, Err(err)) => {
-                self.fail(err);
+                self.fail(&err);
                 false
             }
         }
