@@ -187,7 +187,13 @@ impl Api {
         match tokio::task::spawn_blocking(move || read(&store)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err @ StoreError::Corrupt { .. })) => Err(ApiError::new(500, err.to_string())),
-            Ok(Err(err)) => Err(ApiError::unavailable(format!("store unavailable: {err}"))),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "store read failed");
+                Err(ApiError::unavailable(format!(
+                    "store unavailable: {}",
+                    err.brief()
+                )))
+            }
             Err(err) => Err(ApiError::unavailable(format!("store read failed: {err}"))),
         }
     }

@@ -1176,7 +1176,7 @@ struct ConfigValues {
 fn prefix_token() -> impl Strategy<Value = String> {
     prop::collection::vec(
         any::<char>().prop_filter("a prefix character", |c| {
-            !c.is_whitespace() && !matches!(c, '*' | '>' | '.')
+            !c.is_whitespace() && !c.is_control() && !matches!(c, '*' | '>' | '.')
         }),
         1..6,
     )
@@ -1330,7 +1330,7 @@ proptest! {
             (0usize..1000).prop_map(|n| (format!("[wheel]\nmax_resident = {n}"), "wheel.max_resident")),
             (0u64..100).prop_map(|n| (format!("[wheel]\nlookahead = \"{n}ms\""), "wheel.lookahead")),
             "[ \t]{0,3}".prop_map(|u| (format!("[nats]\nurl = \"{u}\""), "nats.url")),
-            prop_oneof!["[a-z]{0,3}(\\.\\.|\\*|>| |\t|\u{a0})[a-z]{0,3}", "[a-z]{1,3}\\.", "\\.[a-z]{1,3}"].prop_map(|p| (format!("[api]\nprefix = {}", toml_string(&p)), "api.prefix")),
+            prop_oneof!["[a-z]{0,3}(\\.\\.|\\*|>| |\t|\u{a0}|\u{1}|\u{7f})[a-z]{0,3}", "[a-z]{1,3}\\.", "\\.[a-z]{1,3}"].prop_map(|p| (format!("[api]\nprefix = {}", toml_string(&p)), "api.prefix")),
             Just(("[api]\nmax_payload = 0".to_owned(), "api.max_payload")),
             Just(("[store]\nmax_batch = 0".to_owned(), "store.max_batch")),
             Just(("[store]\npath = \"\"".to_owned(), "store.path")),

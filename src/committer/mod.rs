@@ -70,6 +70,9 @@ const IDLE_TICK: Duration = Duration::from_millis(20);
 const LOAD_CHUNK: usize = 16_384;
 /// How long fired schedules may wait before they are removed from the store.
 const FIRED_FLUSH: Duration = Duration::from_millis(100);
+/// While the store cannot be written, loading stops once this many times
+/// `wheel.max_resident` fired schedules wait for their removal (each is remembered until then).
+const OUTAGE_FIRED_FACTOR: usize = 4;
 
 /// What the committer is asked to do.
 #[derive(Debug)]
@@ -117,9 +120,17 @@ pub struct Committer {
     ledger: Ledger,
     /// Set while the store cannot be written.
     outage: Option<Outage>,
-    /// Far buckets before this were loaded into the wheel unmigrated during an outage and
-    /// not all migrated since: cancels must ask the wheel about their schedules too.
+    /// Far buckets before this may have schedules in the wheel under their fine keys while
+    /// their far segment is still stored (loaded unmigrated during an outage, or migrated by
+    /// a write the outage lost), until the migration passes them: cancels must ask the wheel
+    /// about such far copies too.
     far_held_until: Option<UnixMs>,
+    /// When the store last recovered from an outage, and how long the last outage began
+    /// waiting between checks (see [`Committer::fail`]).
+    recovered_at: Option<Instant>,
+    check_every: Duration,
+    /// Fired schedules waiting in `fired` for their removal.
+    fired_count: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -138,6 +149,9 @@ impl Committer {
             ledger,
             outage: None,
             far_held_until: None,
+            recovered_at: None,
+            check_every: outage::CHECK_EVERY,
+            fired_count: 0,
             metrics,
             next_seq: store.next_seq()?,
             store,
@@ -283,6 +297,7 @@ impl Committer {
             // Gone from the store now, so they can no longer be loaded again: the wheel may
             // forget them.
             self.fired_since = None;
+            self.fired_count = 0;
             let deleted: Vec<ScheduleRef> = std::mem::take(&mut self.fired)
                 .into_values()
                 .flatten()
@@ -320,7 +335,18 @@ impl Committer {
     fn fail(&mut self, error: &StoreError) {
         match &mut self.outage {
             Some(outage) => outage.note(error),
-            None => self.outage = Some(Outage::begin(error, self.far_cursor)),
+            None => {
+                // A store that fails again soon after it recovered (it takes a small write
+                // but not real rounds) is checked less and less often.
+                self.check_every = match self.recovered_at {
+                    Some(at) if at.elapsed() < outage::FLAP_WINDOW => {
+                        (self.check_every * 2).min(outage::MAX_CHECK_EVERY)
+                    }
+                    _ => outage::CHECK_EVERY,
+                };
+                let outage = Outage::begin(error, self.far_cursor, self.check_every);
+                self.outage = Some(outage);
+            }
         }
         self.show_outage();
     }
@@ -344,36 +370,49 @@ impl Committer {
         if let Err(error) = self.store.probe_room() {
             return failed(self, error, false);
         }
-        let resumed = self.store.reopen().and_then(|()| {
-            let durable = self.store.next_seq()?;
-            let ledger = read_ledger(&self.store, &self.options.capacity)?;
-            let next_seq = self.next_seq.max(durable);
-            let mut batch = WriteBatch::default();
-            batch.set_next_seq(next_seq);
-            self.store.commit(batch)?;
-            self.store.flush()?;
-            Ok((ledger, durable, next_seq))
-        });
-        match resumed {
-            Ok((ledger, durable, next_seq)) => {
-                // Segments from the durable seq on were lost with the writes sled had taken
-                // but not written: what the wheel loaded from them must not fire (none was
-                // acknowledged). Sent before anything is loaded again.
-                let _ = self
-                    .wheel
-                    .send(WheelCommand::Unwritten { from_seq: durable });
+        let durable = match self.store.reopen().and_then(|()| self.store.next_seq()) {
+            Ok(durable) => durable,
+            Err(error) => return failed(self, error, true),
+        };
+        // Segments from the durable seq on were lost with the writes sled had taken but not
+        // written: what the wheel loaded from them must not fire (none was acknowledged).
+        // Sent at once (a later step may fail, and the next attempt finds a higher seq), and
+        // before anything is loaded again.
+        let _ = self
+            .wheel
+            .send(WheelCommand::Unwritten { from_seq: durable });
+        match self.resume_after_reopen(durable) {
+            Ok((ledger, next_seq)) => {
                 self.ledger = ledger;
                 self.next_seq = next_seq;
+                // A migration lost with the failed writes comes back as its far segment while
+                // the wheel may hold its schedules under their fine keys: cancels ask the
+                // wheel about far copies until the migration has passed them again.
+                let until = self.far_held_until.unwrap_or(0).max(self.far_cursor);
+                self.far_held_until = Some(until);
                 self.cursor = SegmentKey::start_of(0);
                 self.far_cursor = 0;
                 self.publish_ledger();
                 self.metrics.set_store_error(None);
+                self.recovered_at = Some(Instant::now());
                 if let Some(outage) = self.outage.take() {
                     outage.ended();
                 }
             }
             Err(error) => failed(self, error, true),
         }
+    }
+
+    /// After reopening: the counts as stored, and a write (with fsync) of the next seq, which
+    /// never goes back (lost seqs are not handed out again).
+    fn resume_after_reopen(&self, durable: u64) -> Result<(Ledger, u64), StoreError> {
+        let ledger = read_ledger(&self.store, &self.options.capacity)?;
+        let next_seq = self.next_seq.max(durable);
+        let mut batch = WriteBatch::default();
+        batch.set_next_seq(next_seq);
+        self.store.commit(batch)?;
+        self.store.flush()?;
+        Ok((ledger, next_seq))
     }
 
     /// Why a caller's `Sched-Id` of the form of a generated id must be refused: it names a
@@ -393,6 +432,7 @@ impl Committer {
         if self.fired_since.is_none() {
             self.fired_since = Some(Instant::now());
         }
+        self.fired_count += residents.len();
         let capacity = &self.options.capacity;
         for Resident { segment, schedule } in residents {
             let quotas = capacity.mask(&schedule.subject);
@@ -524,6 +564,16 @@ impl Committer {
     /// waiting now. While the store cannot be written only loading goes on (it only reads),
     /// so what is stored keeps firing (see `load_far_unmigrated`).
     fn advance(&mut self) -> bool {
+        if self.outage.is_some()
+            && self.fired_count >= OUTAGE_FIRED_FACTOR * self.options.max_resident
+        {
+            // What fired cannot leave the store, and is remembered until it can: loading
+            // stops here, so memory stays bounded however long the outage lasts.
+            if let Some(outage) = &mut self.outage {
+                outage.firing_paused(self.fired_count);
+            }
+            return false;
+        }
         let migrated = match self.outage {
             Some(_) => self.load_far_unmigrated(),
             None => self.migrate_far(),

@@ -18,7 +18,10 @@ use crate::store::{SegmentKey, StoreError};
 /// How often the writer checks whether the store takes writes again.
 pub(super) const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Longest wait between checks, once reopening the store has failed again and again.
-const MAX_CHECK_EVERY: Duration = Duration::from_secs(30);
+pub(super) const MAX_CHECK_EVERY: Duration = Duration::from_secs(30);
+/// An outage beginning this soon after the last one ended starts with checks twice as far
+/// apart as that one did (a store that takes a small write but not real rounds).
+pub(super) const FLAP_WINDOW: Duration = Duration::from_secs(60);
 /// How often a lasting outage is logged again.
 const REPORT_EVERY: Duration = Duration::from_secs(60);
 
@@ -34,11 +37,14 @@ pub(super) struct Outage {
     last_report: Instant,
     /// The next far segment to load into memory unmigrated.
     pub(super) far_loaded: SegmentKey,
+    /// Whether loading was stopped for the fired schedules waiting (logged once).
+    paused: bool,
 }
 
 impl Outage {
-    /// The outage starting with `error`; far buckets before `far_cursor` are migrated.
-    pub(super) fn begin(error: &StoreError, far_cursor: u64) -> Outage {
+    /// The outage starting with `error`, checked every `check_every` at first; far buckets
+    /// before `far_cursor` are migrated.
+    pub(super) fn begin(error: &StoreError, far_cursor: u64, check_every: Duration) -> Outage {
         let now = Instant::now();
         tracing::error!(
             %error,
@@ -50,10 +56,11 @@ impl Outage {
             began: crate::time::format_ms(crate::time::now_ms()),
             error: error.to_string(),
             brief: error.brief(),
-            next_check: now + CHECK_EVERY,
-            check_every: CHECK_EVERY,
+            next_check: now + check_every,
+            check_every,
             last_report: now,
             far_loaded: SegmentKey::far(far_cursor, 0),
+            paused: false,
         }
     }
 
@@ -80,6 +87,18 @@ impl Outage {
                 %error,
                 for_secs = self.since.elapsed().as_secs(),
                 "the store still cannot be written; new schedules get 503"
+            );
+        }
+    }
+
+    /// Loading stopped: `count` fired schedules wait for their removal.
+    pub(super) fn firing_paused(&mut self, count: usize) {
+        if !self.paused {
+            self.paused = true;
+            tracing::error!(
+                waiting = count,
+                "fired schedules cannot leave the store while it cannot be written: loading \
+                 (and so firing) pauses until it can, to keep memory bounded"
             );
         }
     }
@@ -117,7 +136,7 @@ mod tests {
     #[test]
     fn only_failed_checks_put_the_next_check_off_and_reopen_failures_back_off() {
         let error = StoreError::Reopening;
-        let mut outage = Outage::begin(&error, 0);
+        let mut outage = Outage::begin(&error, 0, CHECK_EVERY);
         let first = outage.next_check;
         // The loader failing every few milliseconds must not keep recovery from running.
         for _ in 0..100 {

@@ -314,8 +314,14 @@ impl Round {
         store: &Store,
         fired: &HashMap<SegmentKey, Vec<Fired>>,
     ) -> Result<(), StoreError> {
+        // Grouped by the segment that holds them: the fine keys of one unmigrated far segment
+        // all lead to it, and it must be filtered once, for all of them.
+        let mut held: HashMap<SegmentKey, Vec<&Fired>> = HashMap::default();
         for (&fired_key, schedules) in fired {
-            let key = self.holder_of_fired(store, fired_key)?;
+            let holder = self.holder_of_fired(store, fired_key)?;
+            held.entry(holder).or_default().extend(schedules);
+        }
+        for (key, schedules) in held {
             // An id is unique within a segment, so the id alone names the fired copy. Only
             // what is still there leaves the counts (a replaced copy left already).
             let gone: HashMap<&str, QuotaMask> = schedules

@@ -916,19 +916,25 @@ fn timer_thread(h: &mut Harness) -> std::thread::JoinHandle<crate::scheduler::Sc
 fn during_an_outage_far_segments_load_unmigrated_and_stay_cancellable_and_removable() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[]);
-    // A far segment (seq 100) whose schedules come due soon: its migration would need a write.
+    // A far segment (seq 100) of the next minute, within the horizon: its migration would
+    // need a write. Its schedules fall into three fine buckets.
+    let minute = far_bucket_of(now) + crate::store::FAR_BUCKET_MS;
     let named = |due, index| {
         let id = protocol::far_id(due, 100, index).unwrap();
         crate::record::test_schedule(&id, due, false)
     };
-    let (soon, later) = (named(now + 1000, 0), named(now + 2000, 1));
-    let far = SegmentKey::far(far_bucket_of(now + 1000), 100);
+    let (a, b, c) = (
+        named(minute + 100, 0),
+        named(minute + 600, 1),
+        named(minute + 1200, 2),
+    );
+    let far = SegmentKey::far(minute, 100);
     let mut batch = WriteBatch::default();
-    batch.put_new_segment(far, &[soon.clone(), later.clone()]);
+    batch.put_new_segment(far, &[a.clone(), b.clone(), c.clone()]);
     batch.set_next_seq(101);
-    batch.set_pending(2);
+    batch.set_pending(3);
     h.committer.store.commit(batch).unwrap();
-    (h.committer.next_seq, h.committer.ledger.pending) = (101, 2);
+    (h.committer.next_seq, h.committer.ledger.pending) = (101, 3);
     let timer = timer_thread(&mut h);
 
     h.committer.store.fail_writes(true);
@@ -939,24 +945,28 @@ fn during_an_outage_far_segments_load_unmigrated_and_stay_cancellable_and_remova
     h.committer.store.fail_writes(false);
     assert!(h.committer.outage.is_some());
     while h.committer.advance() {}
-    assert_eq!(
-        h.committer.far_cursor,
-        bucket_of(now + 60_000) + BUCKET_MS,
-        "loaded up to the horizon"
+    assert!(
+        h.committer.far_cursor > minute,
+        "loaded past the far bucket"
     );
-    // Firing takes `soon` under the fine key its migration will give it.
-    let fired = Resident {
-        segment: far.migrated(soon.due),
-        schedule: Box::new(soon.clone()),
-    };
-    assert_eq!(fired.segment, SegmentKey::fine(bucket_of(soon.due), 100));
-    h.fire(vec![fired]);
+    // Firing takes a and b under the fine keys their migration will give them: two fine
+    // keys of one far segment.
+    let fired: Vec<Resident> = [&a, &b]
+        .into_iter()
+        .map(|s| Resident {
+            segment: far.migrated(s.due),
+            schedule: Box::new(s.clone()),
+        })
+        .collect();
+    assert_eq!(fired[0].segment, SegmentKey::fine(bucket_of(a.due), 100));
+    assert_ne!(fired[0].segment, fired[1].segment);
+    h.fire(fired);
 
     h.committer.try_recover();
     assert!(h.committer.outage.is_none());
-    // Cancelling `later` (still in its far segment) takes it out of the wheel too.
-    h.request(cancel_command(&later.id)).unwrap();
-    // The fired one leaves its far segment, which is then empty.
+    // Cancelling c (still in its far segment) takes it out of the wheel too.
+    h.request(cancel_command(&c.id)).unwrap();
+    // Both fired ones leave their far segment, which is then gone.
     h.committer.round(std::iter::empty(), true);
     assert_eq!(h.stored(), []);
     assert_eq!(h.committer.ledger.pending, 0);
@@ -965,7 +975,80 @@ fn during_an_outage_far_segments_load_unmigrated_and_stay_cancellable_and_remova
     assert_eq!(h.committer.far_held_until, None, "migrated past it");
     drop(h.committer);
     let scheduler = timer.join().unwrap();
-    assert_eq!(scheduler.ids_in_wheel(), [soon.id], "later was withdrawn");
+    let mut expected = vec![a.id, b.id];
+    expected.sort();
+    assert_eq!(scheduler.ids_in_wheel(), expected, "c was withdrawn");
+}
+
+#[test]
+fn during_an_outage_a_damaged_segment_does_not_stop_loading() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[schedule("a", now + 1000)]);
+    let mut batch = WriteBatch::default();
+    batch.put_raw_segment(
+        SegmentKey::fine(bucket_of(now + 500), 50),
+        Some(b"junk".to_vec()),
+    );
+    h.committer.store.commit(batch).unwrap();
+    h.committer.store.fail_writes(true);
+    assert_eq!(
+        h.add_answered(schedule("x", now + DAY)).unwrap_err().code,
+        503
+    );
+    // Its repair would be a write; what comes after it loads all the same.
+    while h.committer.advance() {}
+    let loaded: Vec<String> = h.inserted().into_iter().map(|r| r.schedule.id).collect();
+    assert_eq!(loaded, ["a"]);
+    h.committer.store.fail_writes(false);
+    h.committer.try_recover();
+    h.advance();
+    assert_eq!(h.committer.store.damaged_total(), 1);
+}
+
+#[test]
+fn during_a_long_outage_loading_pauses_while_too_many_fired_wait() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[schedule("due", now - 10)]);
+    h.committer.store.fail_writes(true);
+    assert_eq!(
+        h.add_answered(schedule("x", now + DAY)).unwrap_err().code,
+        503
+    );
+    let waiting: Vec<Resident> = (0..4000)
+        .map(|i| Resident {
+            segment: SegmentKey::fine(bucket_of(now - DAY), 1),
+            schedule: Box::new(schedule(&format!("f{i}"), now - DAY)),
+        })
+        .collect();
+    h.fire(waiting);
+    assert!(!h.committer.advance());
+    assert!(
+        h.inserted().is_empty(),
+        "nothing loads while 4 x max_resident wait"
+    );
+    h.committer.store.fail_writes(false);
+    h.committer.try_recover();
+    h.committer.round(std::iter::empty(), true);
+    h.advance();
+    let loaded: Vec<String> = h.inserted().into_iter().map(|r| r.schedule.id).collect();
+    assert_eq!(loaded, ["due"]);
+}
+
+#[test]
+fn a_store_failing_again_soon_after_recovering_is_checked_less_often() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[]);
+    for expected in [1, 2, 4] {
+        h.committer.store.fail_writes(true);
+        assert_eq!(
+            h.add_answered(schedule("a", now + DAY)).unwrap_err().code,
+            503
+        );
+        assert_eq!(h.committer.check_every, Duration::from_secs(expected));
+        h.committer.store.fail_writes(false);
+        h.committer.try_recover();
+        assert!(h.committer.outage.is_none());
+    }
 }
 
 #[test]

@@ -55,6 +55,18 @@ fn pattern_text() -> impl Strategy<Value = String> {
 }
 
 proptest! {
+    /// Any text (a config value) parses or is refused with a reason, and what parses can be
+    /// matched against any subject and compared with any other pattern without a panic.
+    #[test]
+    fn parsing_and_matching_never_panic(text in any::<String>(), subject in any::<String>()) {
+        if let Ok(pattern) = Pattern::parse(&text) {
+            let _ = pattern.matches(&subject);
+            let other = Pattern::parse(">").unwrap();
+            let _ = (pattern.is_within(&other), other.is_within(&pattern));
+            prop_assert_eq!(pattern.as_str(), text.as_str());
+        }
+    }
+
     #[test]
     fn matching_agrees_with_the_model(p in pattern_text(), s in "[abc](\\.[abc]){0,4}") {
         let tokens: Vec<&str> = p.split('.').collect();

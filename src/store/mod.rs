@@ -823,7 +823,11 @@ impl Store {
                 // kept aside for inspection, and the scan goes on.
                 Err(salvage) => {
                     self.damage.report(key, &salvage);
-                    self.repair(key, &value, &salvage)?;
+                    // A repair is a write: when the store cannot be written, the readable
+                    // schedules load all the same, and a later scan repairs it.
+                    if let Err(error) = self.repair(key, &value, &salvage) {
+                        tracing::warn!(?key, %error, "cannot repair a damaged segment now");
+                    }
                     salvage.schedules
                 }
             };
