@@ -260,8 +260,8 @@ impl Committer {
                     let wheel = &self.wheel;
                     let far_held = self.far_held_until.is_some();
                     let withdraw = |copy, tier| {
-                        // A far segment's schedule is in the wheel only if it was loaded
-                        // during a store outage and not migrated since.
+                        // A far segment's schedule is in the wheel only after an outage,
+                        // until migrated again (see `far_held_until`).
                         if tier == Tier::Far && !far_held {
                             return Withdrawal::NotHeld;
                         }
