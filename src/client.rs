@@ -66,6 +66,8 @@ pub enum ClientError {
     Refused { code: u16, description: String },
     #[error("invalid header {0:?}: use 'Name: value'")]
     Header(String),
+    #[error(transparent)]
+    ConnectSetup(#[from] crate::connect::ConnectSetupError),
 }
 
 /// Sends one request and returns the reply body, turning error replies into [`ClientError`].
@@ -75,12 +77,15 @@ async fn call(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Bytes, ClientError> {
-    let client: Client = async_nats::connect(connection.server.as_str())
-        .await
-        .map_err(|source| ClientError::Connect {
-            url: connection.server.clone(),
-            source,
-        })?;
+    let (options, urls) = crate::connect::for_urls(&connection.server)?;
+    let client: Client =
+        options
+            .connect(urls.as_str())
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: crate::config::mask_url_credentials(&connection.server),
+                source,
+            })?;
     let request = client.request_with_headers(subject.clone(), headers, body);
     let reply = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
         Ok(Ok(reply)) => reply,

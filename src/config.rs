@@ -86,9 +86,51 @@ pub struct NatsConfig {
     pub user: Option<String>,
     /// Password of `user`.
     pub password: Option<Secret>,
+    /// Token, for a server with `authorization { token = ... }`.
+    pub token: Option<Secret>,
+    /// A NATS credentials file (JWT and nkey seed), for servers run with accounts.
+    pub creds_file: Option<PathBuf>,
+    /// A file holding an nkey seed (`SU...`), for a server with nkey users.
+    pub nkey_seed_file: Option<PathBuf>,
+    /// `[nats.tls]`: TLS to the server.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[nats.tls]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// CA certificates (PEM) to trust for the server's certificate, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for a server that verifies clients; with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// Connect with TLS only (otherwise TLS is used when the server asks for it).
+    pub required: bool,
 }
 
 impl NatsConfig {
+    /// Which way of authenticating `[nats]` gives, if any (for error messages).
+    pub fn auth_kind(&self) -> Option<&'static str> {
+        self.auth_kinds().next()
+    }
+
+    /// The ways of authenticating `[nats]` gives (validation allows one at most).
+    fn auth_kinds(&self) -> impl Iterator<Item = &'static str> {
+        [
+            (
+                self.user.is_some() || self.password.is_some(),
+                "user/password",
+            ),
+            (self.token.is_some(), "token"),
+            (self.creds_file.is_some(), "creds_file"),
+            (self.nkey_seed_file.is_some(), "nkey_seed_file"),
+        ]
+        .into_iter()
+        .filter_map(|(given, kind)| given.then_some(kind))
+    }
+
     /// `url` with any credentials in it (`nats://user:pass@host`) masked: what logs and
     /// errors show.
     pub fn shown_url(&self) -> String {
@@ -214,6 +256,10 @@ impl Default for NatsConfig {
             name: DEFAULT_CONNECTION_NAME.to_owned(),
             user: None,
             password: None,
+            token: None,
+            creds_file: None,
+            nkey_seed_file: None,
+            tls: None,
         }
     }
 }
@@ -337,11 +383,23 @@ impl Config {
         if self.wheel.max_resident < 1000 {
             return invalid("wheel.max_resident", "must be at least 1000");
         }
-        if self.nats.user.is_some() != self.nats.password.is_some() {
+        let nats = &self.nats;
+        if nats.user.is_some() != nats.password.is_some() {
             return invalid(
                 "nats.user",
                 "give both nats.user and nats.password, or neither",
             );
+        }
+        if nats.auth_kinds().count() > 1 {
+            return invalid(
+                "nats",
+                "give one way to authenticate: user/password, token, creds_file or nkey_seed_file",
+            );
+        }
+        if let Some(tls) = &nats.tls
+            && tls.cert_file.is_some() != tls.key_file.is_some()
+        {
+            return invalid("nats.tls", "give both cert_file and key_file, or neither");
         }
         self.validate_policy()
     }

@@ -41,6 +41,7 @@ pub mod api;
 pub mod client;
 pub mod committer;
 pub mod config;
+pub mod connect;
 pub mod firing;
 pub mod intake;
 pub mod listing;
@@ -93,6 +94,8 @@ pub enum RunError {
         url: String,
         source: async_nats::ConnectError,
     },
+    #[error("cannot set up the NATS connection: {0}")]
+    ConnectSetup(#[from] connect::ConnectSetupError),
     #[error("cannot subscribe to the API subjects: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("a natsched task failed: {0}")]
@@ -359,10 +362,8 @@ async fn join_bounded(name: &str, task: &mut tokio::task::JoinHandle<()>) {
 
 /// Connects, retrying until the server is reachable.
 async fn connect(config: &Config) -> Result<async_nats::Client, RunError> {
-    let mut options = async_nats::ConnectOptions::new();
-    if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
-        options = options.user_and_password(user.clone(), password.expose().to_owned());
-    }
+    let options = async_nats::ConnectOptions::new();
+    let (options, urls) = connect::for_daemon(&config.nats, options).await?;
     options
         .name(&config.nats.name)
         .retry_on_initial_connect()
@@ -378,7 +379,7 @@ async fn connect(config: &Config) -> Result<async_nats::Client, RunError> {
                 other => tracing::info!(event = %other, "NATS event"),
             }
         })
-        .connect(config.nats.url.as_str())
+        .connect(urls.as_str())
         .await
         .map_err(|source| RunError::Connect {
             url: config.nats.shown_url(),

@@ -134,6 +134,8 @@ pub enum LoadError {
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("invalid options: {0}")]
     Options(&'static str),
+    #[error(transparent)]
+    ConnectSetup(crate::connect::ConnectSetupError),
 }
 
 fn now_micros() -> u64 {
@@ -150,22 +152,25 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
             "count, rate, in-flight and subjects must be > 0",
         ));
     }
+    let (_, urls) = crate::connect::for_urls(&options.server).map_err(LoadError::ConnectSetup)?;
     let connect = |name: &'static str| {
-        async_nats::ConnectOptions::new()
-            .name(name)
-            .subscription_capacity(1 << 20)
-            .connect(options.server.as_str())
+        let urls = urls.clone();
+        async move {
+            let (connect_options, _) =
+                crate::connect::for_urls(&options.server).map_err(LoadError::ConnectSetup)?;
+            connect_options
+                .name(name)
+                .subscription_capacity(1 << 20)
+                .connect(urls.as_str())
+                .await
+                .map_err(|source| LoadError::Connect {
+                    url: crate::config::mask_url_credentials(&options.server),
+                    source,
+                })
+        }
     };
-    let connect_err = |source| LoadError::Connect {
-        url: options.server.clone(),
-        source,
-    };
-    let sender = connect("natsched-bench-intake")
-        .await
-        .map_err(connect_err)?;
-    let receiver = connect("natsched-bench-receive")
-        .await
-        .map_err(connect_err)?;
+    let sender = connect("natsched-bench-intake").await?;
+    let receiver = connect("natsched-bench-receive").await?;
 
     let run_id = options
         .run_id

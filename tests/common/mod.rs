@@ -209,16 +209,16 @@ impl Daemon {
             .with_test_writer()
             .try_init();
         let prefix = config.api.prefix.clone();
-        let url = config.nats.url.clone();
         let (stop, stopped) = oneshot::channel();
-        let mut options = async_nats::ConnectOptions::new();
-        if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
-            options = options.user_and_password(user.clone(), password.expose().to_owned());
-        }
+        // Connected as natsched itself would be (credentials, TLS).
+        let (options, urls) =
+            natsched::connect::for_daemon(&config.nats, async_nats::ConnectOptions::new())
+                .await
+                .unwrap();
         let task = tokio::spawn(natsched::run(config, async {
             let _ = stopped.await;
         }));
-        let client = options.connect(url.as_str()).await.unwrap();
+        let client = options.connect(urls.as_str()).await.unwrap();
         wait_ready(&client, &prefix).await;
         Daemon {
             stop: Some(stop),
