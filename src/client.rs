@@ -83,7 +83,7 @@ async fn call(
             .connect(urls.as_str())
             .await
             .map_err(|source| ClientError::Connect {
-                url: crate::config::mask_url_credentials(&connection.server),
+                url: crate::connect::mask_credentials(&connection.server),
                 source,
             })?;
     let request = client.request_with_headers(subject.clone(), headers, body);

@@ -47,6 +47,28 @@ pub struct ServerUrls {
     pub auth: Option<UrlAuth>,
 }
 
+/// `url` split around its credentials: (scheme and `://`, the credentials, the rest after
+/// `@`), or `None` if it has none.
+fn userinfo(url: &str) -> Option<(&str, &str, &str)> {
+    let rest_at = url.find("://").map_or(0, |at| at + 3);
+    let (scheme, rest) = url.split_at(rest_at);
+    let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at = rest[..host_end].rfind('@')?;
+    Some((scheme, &rest[..at], &rest[at + 1..]))
+}
+
+/// A server URL list with the credentials of each URL (`user:pass@`, `token@`) replaced by
+/// `***@`: what logs and error messages show.
+pub fn mask_credentials(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match userinfo(url) {
+            Some((scheme, _, rest)) => format!("{scheme}***@{rest}"),
+            None => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Splits the credentials off every URL of `urls`. Every URL that has credentials must have
 /// the same ones.
 pub fn split_credentials(urls: &str) -> Result<ServerUrls, ConnectSetupError> {
@@ -54,10 +76,7 @@ pub fn split_credentials(urls: &str) -> Result<ServerUrls, ConnectSetupError> {
     let mut bare = Vec::new();
     for url in urls.split(',') {
         let url = url.trim();
-        let rest_at = url.find("://").map_or(0, |at| at + 3);
-        let (scheme, rest) = url.split_at(rest_at);
-        let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let Some(at) = rest[..host_end].rfind('@') else {
+        let Some((scheme, userinfo, rest)) = userinfo(url) else {
             bare.push(url.to_owned());
             continue;
         };
@@ -67,7 +86,6 @@ pub fn split_credentials(urls: &str) -> Result<ServerUrls, ConnectSetupError> {
                 .map(|text| text.into_owned())
                 .map_err(|_| ConnectSetupError::UrlEncoding)
         };
-        let userinfo = &rest[..at];
         let found = match userinfo.split_once(':') {
             Some((user, password)) => UrlAuth::UserPassword {
                 user: decode(user)?,
@@ -79,7 +97,7 @@ pub fn split_credentials(urls: &str) -> Result<ServerUrls, ConnectSetupError> {
             Some(known) if *known != found => return Err(ConnectSetupError::MixedCredentials),
             _ => auth = Some(found),
         }
-        bare.push(format!("{scheme}{}", &rest[at + 1..]));
+        bare.push(format!("{scheme}{rest}"));
     }
     Ok(ServerUrls {
         urls: bare.join(","),
@@ -151,6 +169,24 @@ pub async fn for_daemon(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_masked_when_shown() {
+        for (url, shown) in [
+            ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+            ("nats://u:p@h:4222", "nats://***@h:4222"),
+            ("nats://tok@h", "nats://***@h"),
+            ("u:p@h:4222", "***@h:4222"),
+            (
+                "tls://a:b@h1:4222,nats://h2:4222",
+                "tls://***@h1:4222,nats://h2:4222",
+            ),
+            ("nats://h/x@y", "nats://h/x@y"),
+            ("nats://a:p@ss@h", "nats://***@h"),
+        ] {
+            assert_eq!(mask_credentials(url), shown, "{url}");
+        }
+    }
 
     #[test]
     fn credentials_come_off_every_url() {

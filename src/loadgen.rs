@@ -164,7 +164,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
                 .connect(urls.as_str())
                 .await
                 .map_err(|source| LoadError::Connect {
-                    url: crate::config::mask_url_credentials(&options.server),
+                    url: crate::connect::mask_credentials(&options.server),
                     source,
                 })
         }
