@@ -24,7 +24,7 @@ pub(crate) use capacity::{MAX_QUOTAS, QuotaMask};
 pub(crate) use subjects::Pattern;
 
 use crate::config::Config;
-use crate::protocol::ApiError;
+use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
 use crate::time::{self, UnixMs};
 use capacity::Quota;
@@ -154,7 +154,7 @@ impl Policy {
                 });
             }
         }
-        let size = headers_bytes(schedule);
+        let size = protocol::headers_bytes(schedule);
         if size > self.max_headers_bytes {
             return Err(PolicyError::HeadersTooLarge {
                 size,
@@ -170,14 +170,4 @@ impl Policy {
         }
         Ok(())
     }
-}
-
-/// Bytes the schedule's own headers take in the delivered message: `Name: value\r\n` each
-/// (natsched's `Sched-Id` and `Sched-Due` not included).
-pub fn headers_bytes(schedule: &Schedule) -> usize {
-    schedule
-        .headers
-        .iter()
-        .map(|(name, value)| name.len() + value.len() + ": \r\n".len())
-        .sum()
 }

@@ -229,7 +229,7 @@ fn admit_gives_each_breach_its_own_code_and_names_the_rule() {
 
     // "Name: value\r\n" is 13 bytes and "B: \r\n" 5: 18 fits in 20, 13 + 8 does not.
     let fits = schedule("a", now, &[("Name", "value"), ("B", "")]);
-    assert_eq!(headers_bytes(&fits), 13 + 5);
+    assert_eq!(protocol::headers_bytes(&fits), 13 + 5);
     assert_eq!(policy.admit(&fits, now), Ok(()));
     let error = policy
         .admit(&schedule("a", now, &[("Name", "value"), ("Bb", "cc")]), now)

@@ -187,15 +187,21 @@ pub const MAX_NAME_LEN: usize = u16::MAX as usize;
 /// Most headers accepted on one request (the store keeps the count in 16 bits).
 pub const MAX_HEADERS: usize = u16::MAX as usize;
 
+/// Bytes the schedule's own headers take in the delivered message: `Name: value\r\n` each
+/// (natsched's `Sched-Id` and `Sched-Due` not included).
+pub fn headers_bytes(schedule: &Schedule) -> usize {
+    schedule
+        .headers
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + ": \r\n".len())
+        .sum()
+}
+
 /// Bytes the delivered message counts against the server's `max_payload`: the header block,
 /// with natsched's `Sched-Id` and `Sched-Due` added, plus the payload.
 pub fn delivered_size(schedule: &Schedule) -> usize {
     const LINE: usize = ": \r\n".len();
-    let headers: usize = schedule
-        .headers
-        .iter()
-        .map(|(n, v)| n.len() + v.len() + LINE)
-        .sum();
+    let headers = headers_bytes(schedule);
     // A schedule without a caller's id gets its (ULID) id from the store writer.
     let id_len = if schedule.caller_id {
         schedule.id.len()
