@@ -129,8 +129,6 @@ pub struct Committer {
     /// waiting between checks (see [`Committer::fail`]).
     recovered_at: Option<Instant>,
     check_every: Duration,
-    /// Fired schedules waiting in `fired` for their removal.
-    fired_count: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -151,7 +149,6 @@ impl Committer {
             far_held_until: None,
             recovered_at: None,
             check_every: outage::CHECK_EVERY,
-            fired_count: 0,
             metrics,
             next_seq: store.next_seq()?,
             store,
@@ -297,7 +294,6 @@ impl Committer {
             // Gone from the store now, so they can no longer be loaded again: the wheel may
             // forget them.
             self.fired_since = None;
-            self.fired_count = 0;
             let deleted: Vec<ScheduleRef> = std::mem::take(&mut self.fired)
                 .into_values()
                 .flatten()
@@ -432,7 +428,6 @@ impl Committer {
         if self.fired_since.is_none() {
             self.fired_since = Some(Instant::now());
         }
-        self.fired_count += residents.len();
         let capacity = &self.options.capacity;
         for Resident { segment, schedule } in residents {
             let quotas = capacity.mask(&schedule.subject);
@@ -564,15 +559,15 @@ impl Committer {
     /// waiting now. While the store cannot be written only loading goes on (it only reads),
     /// so what is stored keeps firing (see `load_far_unmigrated`).
     fn advance(&mut self) -> bool {
-        if self.outage.is_some()
-            && self.fired_count >= OUTAGE_FIRED_FACTOR * self.options.max_resident
-        {
+        if let Some(outage) = &mut self.outage {
             // What fired cannot leave the store, and is remembered until it can: loading
-            // stops here, so memory stays bounded however long the outage lasts.
-            if let Some(outage) = &mut self.outage {
-                outage.firing_paused(self.fired_count);
+            // stops here, so memory stays bounded however long the outage lasts. (Counted
+            // only during an outage: otherwise `fired` is emptied every 100 ms.)
+            let waiting: usize = self.fired.values().map(Vec::len).sum();
+            if waiting >= OUTAGE_FIRED_FACTOR * self.options.max_resident {
+                outage.firing_paused(waiting);
+                return false;
             }
-            return false;
         }
         let migrated = match self.outage {
             Some(_) => self.load_far_unmigrated(),
@@ -669,7 +664,15 @@ fn read_ledger(store: &Store, capacity: &Capacity) -> Result<Ledger, StoreError>
         _ => {}
     }
     let started = Instant::now();
-    let (counted, used) = store.count_pending(names.len(), |subject| capacity.mask(subject))?;
+    let mut counted = Ledger {
+        pending: 0,
+        used: vec![0; names.len()],
+    };
+    store.for_each_pending(|schedule| counted.add(capacity.mask(&schedule.subject)))?;
+    let Ledger {
+        pending: counted,
+        used,
+    } = counted;
     tracing::info!(
         schedules = counted,
         secs = started.elapsed().as_secs_f64(),

@@ -509,7 +509,7 @@ impl Store {
     }
 
     /// The pending counts per quota pattern as last recorded; `None` if there are none, or if
-    /// the record is unreadable (they can always be counted again: [`Store::count_pending`]).
+    /// the record is unreadable (they can always be counted again: [`Store::for_each_pending`]).
     pub fn quota_counts(&self) -> Result<Option<Vec<(String, u64)>>, StoreError> {
         let Some(value) = self.db()?.get(keys::QUOTAS_KEY)? else {
             return Ok(None);
@@ -526,18 +526,11 @@ impl Store {
         Ok(self.db()?.contains_key(keys::RECOUNT_KEY)?)
     }
 
-    /// Counts the pending schedules, in all and per quota: `quotas` gives the bits of the
-    /// quotas a target counts against, out of `count` quotas. Reads every segment, so it is
-    /// for when no count can be trusted (quotas newly configured, damage). Damaged segments
-    /// met are repaired as the writer's scans repair them (only the writer calls this), and
-    /// the count is absolute: their losses are not taken off it again.
-    pub fn count_pending(
-        &self,
-        count: usize,
-        quotas: impl Fn(&str) -> u64,
-    ) -> Result<(u64, Vec<u64>), StoreError> {
-        let mut pending = 0;
-        let mut used = vec![0; count];
+    /// Shows `visit` every pending schedule: reads every segment, so it is for counting when
+    /// no count can be trusted (quotas newly configured, damage). Damaged segments met are
+    /// repaired as the writer's scans repair them (only the writer calls this), and their
+    /// losses are not taken off the pending count later: a count made from this is absolute.
+    pub fn for_each_pending(&self, mut visit: impl FnMut(&Schedule)) -> Result<(), StoreError> {
         let db = self.db()?;
         for tier in [Tier::Far, Tier::Fine] {
             let from = SegmentKey::first_of(tier);
@@ -558,20 +551,11 @@ impl Store {
                         salvage.schedules
                     }
                 };
-                for schedule in schedules {
-                    pending += 1;
-                    let mut bits = quotas(&schedule.subject);
-                    while bits != 0 {
-                        if let Some(used) = used.get_mut(bits.trailing_zeros() as usize) {
-                            *used += 1;
-                        }
-                        bits &= bits - 1;
-                    }
-                }
+                schedules.iter().for_each(&mut visit);
             }
         }
         self.take_lost();
-        Ok((pending, used))
+        Ok(())
     }
 
     /// A metadata number; a damaged one is an error, never a default (a next seq read as 1
