@@ -68,7 +68,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::Api;
-use crate::committer::{Committer, CommitterOptions};
+use crate::committer::{Committer, CommitterLinks, CommitterOptions};
 use crate::config::Config;
 use crate::firing::{Firing, FiringOutputs};
 use crate::intake::{Intake, IntakeOptions};
@@ -141,11 +141,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             max_resident: config.wheel.max_resident,
             capacity: policy.capacity().clone(),
         },
-        store_rx,
-        wheel_tx.clone(),
-        ack_tx,
-        resident.clone(),
-        metrics.clone(),
+        CommitterLinks {
+            commands: store_rx,
+            wheel: wheel_tx.clone(),
+            acks: ack_tx,
+            resident: resident.clone(),
+            metrics: metrics.clone(),
+        },
     )?;
     let runtime = tokio::runtime::Handle::current();
     let mut store_done = spawn_thread("natsched-store", move || committer.run(runtime))?;

@@ -98,6 +98,19 @@ pub struct CommitterOptions {
     pub capacity: Capacity,
 }
 
+/// What the committer talks to.
+pub struct CommitterLinks {
+    /// Requests and fired schedules.
+    pub commands: mpsc::Receiver<StoreCommand>,
+    /// The timer thread's wheel.
+    pub wheel: std::sync::mpsc::Sender<WheelCommand>,
+    /// Replies to send once durable.
+    pub acks: mpsc::UnboundedSender<Vec<Ack>>,
+    /// Schedules in memory, shared with the timer thread and firing.
+    pub resident: Arc<AtomicUsize>,
+    pub metrics: Arc<Metrics>,
+}
+
 /// The store-writer thread's state.
 pub struct Committer {
     store: Store,
@@ -136,12 +149,15 @@ impl Committer {
     pub fn new(
         store: Store,
         options: CommitterOptions,
-        commands: mpsc::Receiver<StoreCommand>,
-        wheel: std::sync::mpsc::Sender<WheelCommand>,
-        acks: mpsc::UnboundedSender<Vec<Ack>>,
-        resident: Arc<AtomicUsize>,
-        metrics: Arc<Metrics>,
+        links: CommitterLinks,
     ) -> Result<Committer, StoreError> {
+        let CommitterLinks {
+            commands,
+            wheel,
+            acks,
+            resident,
+            metrics,
+        } = links;
         let ledger = read_ledger(&store, &options.capacity)?;
         let committer = Committer {
             ledger,

@@ -65,10 +65,14 @@ impl Harness {
         };
         let resident = Arc::new(AtomicUsize::new(0));
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let committer = Committer::new(
-            store, options, commands, wheel_tx, acks_tx, resident, metrics,
-        )
-        .unwrap();
+        let links = CommitterLinks {
+            commands,
+            wheel: wheel_tx,
+            acks: acks_tx,
+            resident,
+            metrics,
+        };
+        let committer = Committer::new(store, options, links).unwrap();
         Harness {
             committer,
             wheel,
