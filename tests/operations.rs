@@ -11,22 +11,6 @@ use common::*;
 use futures::StreamExt;
 use natsched::time::{format_ms, now_ms};
 
-async fn call(client: &Client, subject: &str, body: &str) -> async_nats::Message {
-    let request = client.request(subject.to_owned(), Bytes::from(body.to_owned()));
-    tokio::time::timeout(WAIT, request)
-        .await
-        .expect("reply in time")
-        .expect("request")
-}
-
-async fn cancel(client: &Client, id: &str) -> Result<serde_json::Value, u16> {
-    let reply = call(client, "sched.cancel", id).await;
-    match error_code(&reply) {
-        Some(code) => Err(code),
-        None => Ok(serde_json::from_slice(&reply.payload).unwrap()),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_schedule_never_fires() {
     let (_server, _store, daemon, client) = setup(|_| {}).await;

@@ -11,19 +11,7 @@ use futures::StreamExt;
 
 /// Schedules onto `target` due now; returns the error code and description, if refused.
 async fn try_schedule(client: &Client, target: &str) -> Option<(u16, String)> {
-    let reply = request(
-        client,
-        &format!("sched.add.{target}"),
-        &[("Sched-Delay", "0")],
-        b"x",
-    )
-    .await;
-    let code = error_code(&reply)?;
-    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
-    Some((
-        code,
-        body["error"]["description"].as_str().unwrap().to_owned(),
-    ))
+    try_add(client, target, &[("Sched-Delay", "0")]).await
 }
 
 #[tokio::test]

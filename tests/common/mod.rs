@@ -495,3 +495,35 @@ pub async fn stats_when(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Sends `body` to `subject` as a request and returns the reply.
+pub async fn call(client: &Client, subject: &str, body: &str) -> Message {
+    let request = client.request(subject.to_owned(), Bytes::from(body.to_owned()));
+    tokio::time::timeout(WAIT, request)
+        .await
+        .expect("reply in time")
+        .expect("request")
+}
+
+/// Cancels `id`: the reply body, or the error code.
+pub async fn cancel(client: &Client, id: &str) -> Result<serde_json::Value, u16> {
+    let reply = call(client, "sched.cancel", id).await;
+    match error_code(&reply) {
+        Some(code) => Err(code),
+        None => Ok(serde_json::from_slice(&reply.payload).unwrap()),
+    }
+}
+
+/// Sends a schedule request onto `target`; returns the error code and description if it is
+/// refused.
+pub async fn try_add(
+    client: &Client,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
+    let reply = request(client, &format!("sched.add.{target}"), headers, b"x").await;
+    let code = error_code(&reply)?;
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    let description = body["error"]["description"].as_str().unwrap().to_owned();
+    Some((code, description))
+}
