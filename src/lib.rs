@@ -17,7 +17,7 @@
 //! * [`committer`] is the store's only writer: group commit, replace-by-id, deletes, and loading
 //!   the near future from disk into the wheel.
 //! * [`scheduler`] runs the pure timing [`wheel`] against the clock.
-//! * [`firing`] publishes due messages and reports them for deletion once confirmed.
+//! * [`delivery`] publishes due messages and reports them for deletion once confirmed.
 //! * [`api`], [`listing`], [`service`] and [`metrics`] operate it: cancel, get, list, stats and
 //!   micro-service discovery. [`client`] is the command-line client, [`loadgen`] the load
 //!   generator behind `natsched bench`.
@@ -42,7 +42,8 @@ pub mod client;
 pub mod committer;
 pub mod config;
 pub mod connect;
-pub mod firing;
+pub mod delivery;
+
 pub mod intake;
 pub mod listing;
 pub mod loadgen;
@@ -70,7 +71,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::Api;
 use crate::committer::{Committer, CommitterLinks, CommitterOptions};
 use crate::config::Config;
-use crate::firing::{Firing, FiringOutputs};
+use crate::delivery::{Firing, FiringOutputs};
 use crate::intake::{Intake, IntakeOptions};
 use crate::metrics::Metrics;
 use crate::policy::Policy;

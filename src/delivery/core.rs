@@ -64,7 +64,7 @@ static DUE_NAME: LazyLock<HeaderName> = LazyLock::new(|| protocol::DUE.into_head
 /// Built with the checking constructors (the plain ones assert): a stored header that is not
 /// valid NATS header text (only a damaged store holds one) fails the delivery instead of
 /// stopping natsched.
-pub fn delivery_headers(schedule: &Schedule, due: &str) -> Result<HeaderMap, String> {
+pub(crate) fn delivery_headers(schedule: &Schedule, due: &str) -> Result<HeaderMap, String> {
     let invalid = |what: &str, text: &str| format!("stored {what} {text:?} is not valid in NATS");
     let mut headers = HeaderMap::new();
     for (name, value) in &schedule.headers {
