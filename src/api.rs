@@ -231,6 +231,7 @@ pub fn describe(schedule: &Schedule, retries: &Retries) -> Bytes {
         created: String,
         headers: BTreeMap<&'a str, Vec<&'a str>>,
         payload_size: usize,
+        delivery: &'static str,
         attempts: u32,
         last_error: Option<String>,
     }
@@ -246,6 +247,10 @@ pub fn describe(schedule: &Schedule, retries: &Retries) -> Bytes {
         created: time::format_ms(schedule.created),
         headers,
         payload_size: schedule.payload.len(),
+        delivery: match schedule.delivery {
+            crate::record::Delivery::Core => "core",
+            crate::record::Delivery::JetStream => "jetstream",
+        },
         attempts: failure.as_ref().map_or(0, |f| f.attempts),
         last_error: failure.map(|f| f.last_error),
     };

@@ -38,6 +38,14 @@ pub const DEFAULT_MAX_HORIZON: Duration = Duration::from_secs(10 * 31_557_600);
 pub const DEFAULT_MAX_PENDING: u64 = 20_000_000;
 /// Default target subjects natsched may publish to (before the deny rules): all.
 pub const DEFAULT_ALLOW_SUBJECTS: &str = ">";
+/// Longest wait between two attempts to deliver a schedule NATS did not take.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The stream natsched creates for `[intake] mode = "jetstream"`.
+pub const DEFAULT_INTAKE_STREAM: &str = "SCHED_INTAKE";
+/// Replicas of that stream (1 on a single server; 3 on a cluster).
+pub const DEFAULT_INTAKE_REPLICAS: usize = 1;
+/// How long that stream remembers a `Nats-Msg-Id` to drop a client's re-sent request.
+pub const DEFAULT_INTAKE_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +80,10 @@ pub struct Config {
     pub security: SecurityConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub intake: IntakeConfig,
 }
 
 /// `[nats]`: the server natsched connects to.
@@ -223,6 +235,47 @@ pub struct LimitsConfig {
     pub quotas: Vec<QuotaConfig>,
 }
 
+/// `[delivery]`: how due schedules are published.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Targets delivered through JetStream (publish, wait for the stream's PubAck, dedupe by
+    /// `Nats-Msg-Id`) unless a request says otherwise with `Sched-Deliver`.
+    pub jetstream_subjects: Vec<String>,
+    /// Longest wait between attempts to deliver a schedule NATS did not take, e.g. `"30s"`;
+    /// the wait starts at 100 ms and doubles.
+    #[serde(deserialize_with = "duration")]
+    pub max_backoff: Duration,
+}
+
+/// `[intake]`: where schedule requests come in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntakeConfig {
+    /// `core` (request/reply) or `jetstream` (requests wait in a work-queue stream).
+    pub mode: IntakeMode,
+    /// The stream capturing `<prefix>.add.>` in jetstream mode (created if absent).
+    pub stream: String,
+    /// Its replicas.
+    pub replicas: usize,
+    /// Its duplicate window, e.g. `"2m"`: a request re-sent with the same `Nats-Msg-Id`
+    /// within it is stored once.
+    #[serde(deserialize_with = "duration")]
+    pub duplicate_window: Duration,
+}
+
+/// How requests reach natsched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IntakeMode {
+    /// Core NATS request/reply: natsched answers each request once it is durable.
+    #[default]
+    Core,
+    /// A JetStream work-queue stream: the server acknowledges the publish, natsched consumes
+    /// it and acknowledges the message once the schedule is durable.
+    Jetstream,
+}
+
 /// One `[[limits.quotas]]` entry: schedules whose target matches `subjects` may be at most
 /// `max_pending` at once. A schedule counts against every quota it matches.
 #[derive(Debug, Clone, Deserialize)]
@@ -263,6 +316,26 @@ impl Default for LimitsConfig {
             max_horizon: DEFAULT_MAX_HORIZON,
             max_pending: DEFAULT_MAX_PENDING,
             quotas: Vec::new(),
+        }
+    }
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            jetstream_subjects: Vec::new(),
+            max_backoff: DEFAULT_MAX_BACKOFF,
+        }
+    }
+}
+
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        IntakeConfig {
+            mode: IntakeMode::Core,
+            stream: DEFAULT_INTAKE_STREAM.to_owned(),
+            replicas: DEFAULT_INTAKE_REPLICAS,
+            duplicate_window: DEFAULT_INTAKE_DUPLICATE_WINDOW,
         }
     }
 }
@@ -419,6 +492,32 @@ impl Config {
         if limits.quotas.len() > crate::policy::MAX_QUOTAS {
             let reason = format!("at most {} quotas", crate::policy::MAX_QUOTAS);
             return invalid("limits.quotas", reason);
+        }
+        for text in &self.delivery.jetstream_subjects {
+            if let Err(reason) = crate::policy::Pattern::parse(text) {
+                return invalid("delivery.jetstream_subjects", reason);
+            }
+        }
+        if self.delivery.max_backoff < crate::retries::FIRST_BACKOFF {
+            return invalid("delivery.max_backoff", "must be at least 100ms".to_owned());
+        }
+        let intake = &self.intake;
+        let name_ok = |c: char| !c.is_whitespace() && !c.is_control() && !".*>/\\".contains(c);
+        if intake.stream.is_empty()
+            || intake.stream.len() > 255
+            || !intake.stream.chars().all(name_ok)
+        {
+            return invalid(
+                "intake.stream",
+                "must be a JetStream stream name: 1-255 characters, none of . * > / \\ or spaces"
+                    .to_owned(),
+            );
+        }
+        if !(1..=5).contains(&intake.replicas) {
+            return invalid("intake.replicas", "must be 1 to 5".to_owned());
+        }
+        if intake.duplicate_window < Duration::from_secs(1) {
+            return invalid("intake.duplicate_window", "must be at least 1s".to_owned());
         }
         let mut seen = std::collections::HashSet::new();
         for quota in &limits.quotas {

@@ -256,7 +256,7 @@ async fn start(config: &Config) -> Result<Started, RunError> {
     let policy = Arc::new(Policy::new(config)?);
     let client = connect(config).await?;
     let metrics = Arc::new(Metrics::default());
-    let retries = Arc::new(Retries::default());
+    let retries = Arc::new(Retries::new(config.delivery.max_backoff));
     let prefix = &config.api.prefix;
     let intake = Intake::subscribe(IntakeOptions {
         client: client.clone(),

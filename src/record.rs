@@ -6,7 +6,7 @@
 //!
 //! | field        | encoding                                                          |
 //! |--------------|-------------------------------------------------------------------|
-//! | kind         | `u8`: bits 0-1 delivery (0 = core NATS publish; JetStream comes later), bit 2: a recurrence rule follows, bit 3: headers follow |
+//! | kind         | `u8`: bits 0-1 delivery (0 = core NATS publish, 1 = JetStream publish awaiting the stream's PubAck), bit 2: a recurrence rule follows, bit 3: headers follow |
 //! | created      | varint: zigzag of (created − base) in ms; the segment gives the base (its earliest `created`), so a round's schedules take a byte or two |
 //! | subject      | varint length + UTF-8                                             |
 //! | recurrence   | if kind bit 2: varint length + UTF-8 rule (reserved: never written yet) |
@@ -25,9 +25,11 @@ use crate::time::UnixMs;
 /// How a due schedule is handed to NATS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Delivery {
-    /// A plain core-NATS publish, confirmed by a client flush.
+    /// A plain core-NATS publish, confirmed by a fence (see [`crate::delivery`]).
     #[default]
     Core,
+    /// A JetStream publish with `Nats-Msg-Id`, done once the stream's PubAck is back.
+    JetStream,
 }
 
 /// One pending message.
@@ -90,6 +92,7 @@ impl Schedule {
     pub fn encode_value_into(&self, out: &mut Vec<u8>, created_base: UnixMs) {
         let mut kind = match self.delivery {
             Delivery::Core => 0,
+            Delivery::JetStream => 1,
         };
         if self.recurrence.is_some() {
             kind |= KIND_RECURRENCE;
@@ -133,6 +136,7 @@ impl Schedule {
         let kind = r.u8()?;
         let delivery = match kind & KIND_DELIVERY {
             0 => Delivery::Core,
+            1 => Delivery::JetStream,
             other => return Err(DecodeError::UnknownDelivery(other)),
         };
         let created = (created_base as i64).wrapping_add(unzigzag(r.varint()?)) as u64;
@@ -298,10 +302,10 @@ mod tests {
     #[test]
     fn refuses_damage() {
         let mut value = sample().encode_value(BASE);
-        value[0] |= 1;
+        value[0] |= 3;
         assert_eq!(
             Schedule::decode("x".into(), 0, BASE, &value),
-            Err(DecodeError::UnknownDelivery(1))
+            Err(DecodeError::UnknownDelivery(3))
         );
         // Anything cut before the payload is truncated; a cut payload is just a shorter one
         // (the segment's record length catches that).
@@ -353,6 +357,7 @@ mod tests {
             payload in proptest::collection::vec(any::<u8>(), 0..512),
             created in any::<u64>(),
             rule in proptest::option::of("[ -~]{0,30}"),
+            jetstream in any::<bool>(),
         ) {
             let s = Schedule {
                 id: "id".into(),
@@ -361,7 +366,7 @@ mod tests {
                 headers,
                 payload: Bytes::from(payload),
                 created,
-                delivery: Delivery::Core,
+                delivery: if jetstream { Delivery::JetStream } else { Delivery::Core },
                 recurrence: rule,
                 caller_id: false,
             };

@@ -15,17 +15,15 @@ use crate::time::UnixMs;
 
 /// The wait before the first retry; it doubles with every failed attempt.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// The longest wait between attempts.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest wait between attempts unless `[delivery] max_backoff` says otherwise.
+pub const MAX_BACKOFF: Duration = crate::config::DEFAULT_MAX_BACKOFF;
 /// How often one subject's delivery failures are logged at most.
 pub const LOG_EVERY: Duration = Duration::from_secs(60);
 
-/// How long to wait after the `attempts`-th failed attempt (1 or more).
-pub fn backoff(attempts: u32) -> Duration {
+/// How long to wait after the `attempts`-th failed attempt (1 or more), at most `max`.
+pub fn backoff(attempts: u32, max: Duration) -> Duration {
     let doublings = attempts.saturating_sub(1).min(20);
-    FIRST_BACKOFF
-        .saturating_mul(1 << doublings)
-        .min(MAX_BACKOFF)
+    FIRST_BACKOFF.saturating_mul(1 << doublings).min(max)
 }
 
 /// What went wrong with one schedule so far.
@@ -38,9 +36,15 @@ pub struct Failure {
 }
 
 /// The failed schedules, by id.
-#[derive(Default)]
 pub struct Retries {
     inner: Mutex<Inner>,
+    max_backoff: Duration,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries::new(MAX_BACKOFF)
+    }
 }
 
 #[derive(Default)]
@@ -51,6 +55,14 @@ struct Inner {
 }
 
 impl Retries {
+    /// No failures yet; waits between attempts grow to `max_backoff`.
+    pub fn new(max_backoff: Duration) -> Retries {
+        Retries {
+            inner: Mutex::default(),
+            max_backoff,
+        }
+    }
+
     /// Records a failed attempt to deliver schedule `id` (due at `due`) to `subject`; logs it
     /// unless that subject's failures were logged within [`LOG_EVERY`]. Returns how long to
     /// wait before the next attempt.
@@ -90,7 +102,7 @@ impl Retries {
                  (logged once a minute per subject)"
             );
         }
-        backoff(attempts)
+        backoff(attempts, self.max_backoff)
     }
 
     /// Schedule `id` was delivered, cancelled or replaced: forget its failures.
@@ -123,14 +135,17 @@ mod tests {
 
     #[test]
     fn backoff_doubles_from_100_ms_to_30_s() {
-        let waits: Vec<u64> = (1..=12).map(|a| backoff(a).as_millis() as u64).collect();
+        let waits: Vec<u64> = (1..=12)
+            .map(|a| backoff(a, MAX_BACKOFF).as_millis() as u64)
+            .collect();
         assert_eq!(
             waits,
             [
                 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000
             ]
         );
-        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+        assert_eq!(backoff(u32::MAX, MAX_BACKOFF), MAX_BACKOFF);
+        assert_eq!(backoff(4, Duration::from_millis(250)).as_millis(), 250);
     }
 
     #[test]

@@ -37,6 +37,7 @@ const NOW: UnixMs = 1_796_061_600_000;
 const ROOMY: AddLimits = AddLimits {
     max_payload: 1 << 20,
     server_max_payload: 1 << 20,
+    default_delivery: Delivery::Core,
 };
 /// The last nanosecond the protocol can express (`MAX_MS` and its sub-millisecond part).
 const MAX_NANOS: i128 = MAX_MS as i128 * 1_000_000 + 999_999;
@@ -620,7 +621,7 @@ proptest! {
         no_headers in prop::bool::weighted(0.05),
     ) {
         let (map, held) = header_map(&pairs);
-        let limits = AddLimits { max_payload, server_max_payload };
+        let limits = AddLimits { max_payload, server_max_payload, default_delivery: Delivery::Core };
         let payload = Bytes::from(payload);
         let result = protocol::parse_add(
             &target,
@@ -702,7 +703,7 @@ proptest! {
         }
         let (map, held) = header_map(&pairs);
         prop_assert_eq!(held.len(), pairs.len());
-        let limits = AddLimits { max_payload, server_max_payload };
+        let limits = AddLimits { max_payload, server_max_payload, default_delivery: Delivery::Core };
         let result =
             protocol::parse_add(&target, Some(&map), Bytes::from(payload.clone()), NOW, limits);
         // The delivered message: NATS/1.0 line, each header line, Sched-Id and Sched-Due, the

@@ -29,10 +29,12 @@ use tokio_util::sync::CancellationToken;
 use crate::committer::StoreCommand;
 use crate::metrics::Metrics;
 use crate::protocol;
-use crate::record::Schedule;
+use crate::record::{Delivery, Schedule};
 use crate::retries::Retries;
 use crate::scheduler::{Resident, WheelCommand};
 use crate::time::{self, UnixMs};
+
+use super::jetstream::JetStreamDelivery;
 
 /// Most schedules published per fence.
 const MAX_BATCH: usize = 4096;
@@ -83,13 +85,13 @@ pub(crate) fn delivery_headers(schedule: &Schedule, due: &str) -> Result<HeaderM
 
 /// The `Sched-Due` text of the last due formatted: consecutive fires mostly share one.
 #[derive(Default)]
-struct DueText {
+pub(crate) struct DueText {
     due: Option<u64>,
     text: String,
 }
 
 impl DueText {
-    fn of(&mut self, due: u64) -> &str {
+    pub(crate) fn of(&mut self, due: u64) -> &str {
         if self.due != Some(due) {
             self.due = Some(due);
             self.text = time::format_ms(due);
@@ -112,6 +114,8 @@ pub struct Firing {
     /// Fences carry this, so a message someone else sends to the fence inbox cannot pass
     /// for one.
     fence_nonce: String,
+    /// The publisher of schedules delivered through JetStream, run beside this one.
+    jetstream: Option<JetStreamDelivery>,
 }
 
 /// Which server connection a publish went out on: a reconnect changes it.
@@ -121,6 +125,7 @@ fn session(client: &Client) -> (String, u64) {
 }
 
 /// Where firing sends what it is done with.
+#[derive(Clone)]
 pub struct FiringOutputs {
     /// The committer, which deletes delivered schedules.
     pub store: mpsc::Sender<StoreCommand>,
@@ -139,13 +144,18 @@ impl Firing {
         let fence_subject = client.new_inbox();
         let fences = client.subscribe(fence_subject.clone()).await?;
         Ok(Firing {
-            client,
+            client: client.clone(),
             fence_subject,
             fences,
             fence_seq: 0,
-            metrics,
+            metrics: metrics.clone(),
             lateness_us: Vec::new(),
             due_text: DueText::default(),
+            jetstream: Some(JetStreamDelivery::new(
+                client,
+                metrics.clone(),
+                retries.clone(),
+            )),
             retries,
             fence_nonce: ulid::Ulid::generate().to_string(),
         })
@@ -166,6 +176,10 @@ impl Firing {
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
         tokio::pin!(grace_over);
+        let (to_jetstream, jetstream_due) = mpsc::unbounded_channel();
+        let jetstream = self.jetstream.take().map(|jetstream| {
+            tokio::spawn(jetstream.run(jetstream_due, out.clone(), stop.clone(), SHUTDOWN_GRACE))
+        });
         let mut abandoned = 0;
         let mut batch: Vec<Resident> = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = due.recv().await {
@@ -177,6 +191,9 @@ impl Firing {
                 }
             }
             if !hand_back_early(&mut batch, time::now_ms(), &out) {
+                continue;
+            }
+            if !split_off_jetstream(&mut batch, &to_jetstream) {
                 continue;
             }
             let failed = match abandoned {
@@ -229,6 +246,12 @@ impl Firing {
                 count = abandoned,
                 "stopped without confirmation from NATS; these fire again after restart"
             );
+        }
+        drop(to_jetstream);
+        if let Some(jetstream) = jetstream
+            && let Err(err) = jetstream.await
+        {
+            tracing::error!("JetStream delivery failed: {err}");
         }
     }
 
@@ -364,6 +387,22 @@ fn hand_back_early(batch: &mut Vec<Resident>, now: UnixMs, out: &FiringOutputs) 
         if out.wheel.send(WheelCommand::Retry(again)).is_err() {
             tracing::warn!("timer stopped; they fire after restart");
         }
+    }
+    !batch.is_empty()
+}
+
+/// Hands the schedules of `batch` delivered through JetStream to that publisher, which runs
+/// beside this one (neither waits for the other). Returns whether anything is left here.
+fn split_off_jetstream(
+    batch: &mut Vec<Resident>,
+    to_jetstream: &mpsc::UnboundedSender<Vec<Resident>>,
+) -> bool {
+    let jetstream = |r: &Resident| r.schedule.delivery == Delivery::JetStream;
+    if batch.iter().any(jetstream) {
+        let (streamed, core): (Vec<Resident>, Vec<Resident>) = batch.drain(..).partition(jetstream);
+        batch.extend(core);
+        // The receiver lives until this task drops the sender.
+        let _ = to_jetstream.send(streamed);
     }
     !batch.is_empty()
 }

@@ -1,4 +1,4 @@
-//! Intake: turns requests on `<prefix>.add.<target>` into [`StoreCommand::Add`]s.
+//! Core intake: turns requests on `<prefix>.add.<target>` into [`StoreCommand::Add`]s.
 //!
 //! Malformed requests are answered here at once and never reach the store. Well-formed ones are
 //! handed to the committer, which acknowledges them after they are durable. The committer's queue
@@ -13,10 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::committer::StoreCommand;
 use crate::metrics::{Endpoint, Metrics};
-use crate::policy::{Policy, PolicyError};
-use crate::protocol::{self, AddLimits, ApiError};
+use crate::policy::Policy;
+use crate::protocol::ApiError;
 use crate::replies::{self, Reply};
-use crate::time;
+
+use super::Requests;
 
 /// How long a shutdown waits to unsubscribe and serve what the server had already sent.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -24,12 +25,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Subscriptions of the intake, made before the daemon reports itself ready.
 pub struct Intake {
     client: Client,
-    /// `<prefix>.add.`: stripped from a request's subject to leave its target.
-    add_prefix: String,
-    /// `api.max_payload`.
-    max_payload: usize,
-    /// What may be scheduled: targets, header size, horizon.
-    policy: Arc<Policy>,
+    requests: Requests,
     metrics: Arc<Metrics>,
     adds: Subscriber,
     /// `<prefix>.add` with no target: only ever answered with an error.
@@ -61,10 +57,14 @@ impl Intake {
         let adds = client.subscribe(format!("{prefix}.add.>")).await?;
         let bare = client.subscribe(format!("{prefix}.add")).await?;
         Ok(Intake {
+            requests: Requests {
+                client: client.clone(),
+                add_prefix: format!("{prefix}.add."),
+                max_payload,
+                policy,
+                metrics: metrics.clone(),
+            },
             client,
-            add_prefix: format!("{prefix}.add."),
-            max_payload,
-            policy,
             metrics,
             adds,
             bare,
@@ -108,44 +108,7 @@ impl Intake {
     }
 
     async fn handle(&self, message: Message, store: &tokio::sync::mpsc::Sender<StoreCommand>) {
-        if message.sanitized {
-            // What the client library had to repair cannot be stored or delivered verbatim.
-            let error = ApiError::bad_request(
-                "the request is not valid NATS protocol text: invalid UTF-8 in its subject \
-                 or headers, a bare CR or LF in a header, or a header line without a colon",
-            );
-            self.refuse(message, error).await;
-            return;
-        }
-        let target = message
-            .subject
-            .strip_prefix(self.add_prefix.as_str())
-            .unwrap_or_default();
-        let now = time::now_ms();
-        let parsed = protocol::parse_add(
-            target,
-            message.headers.as_ref(),
-            message.payload.clone(),
-            now,
-            AddLimits {
-                max_payload: self.max_payload,
-                // Read per request: it is the server's, and can change on reconnect.
-                server_max_payload: self.client.max_payload(),
-            },
-        )
-        .and_then(|schedule| match self.policy.admit(&schedule, now) {
-            Ok(()) => Ok(schedule),
-            Err(refused) => {
-                if matches!(
-                    refused,
-                    PolicyError::Denied { .. } | PolicyError::NotAllowed { .. }
-                ) {
-                    Metrics::count(&self.metrics.denied_total, 1);
-                }
-                Err(ApiError::from(refused))
-            }
-        });
-        match parsed {
+        match self.requests.schedule_of(&message) {
             Ok(schedule) => {
                 let add = StoreCommand::Add {
                     schedule,

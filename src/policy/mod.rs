@@ -1,5 +1,5 @@
 //! Who may schedule what, and how much: every check a schedule passes before it is stored,
-//! whichever way it entered (core NATS requests today).
+//! whichever way it entered (core NATS requests or the JetStream intake stream).
 //!
 //! * **Targets** ([`subjects`]): `[security] allow_subjects` / `deny_subjects`, on top of
 //!   built-in denies for the server's own and natsched's own subjects. natsched publishes as
@@ -25,7 +25,7 @@ pub(crate) use subjects::Pattern;
 
 use crate::config::Config;
 use crate::protocol::{self, ApiError};
-use crate::record::Schedule;
+use crate::record::{Delivery, Schedule};
 use crate::time::{self, UnixMs};
 use capacity::Quota;
 use subjects::{Origin, Refused, TargetRules};
@@ -93,6 +93,8 @@ pub struct Policy {
     max_headers_bytes: usize,
     max_horizon: Duration,
     capacity: Capacity,
+    /// `[delivery] jetstream_subjects`: targets delivered through JetStream by default.
+    jetstream_subjects: Vec<Pattern>,
 }
 
 impl Policy {
@@ -127,12 +129,26 @@ impl Policy {
             max_headers_bytes: limits.max_headers_bytes,
             max_horizon: limits.max_horizon,
             capacity: Capacity::new(limits.max_pending, quotas),
+            jetstream_subjects: patterns(
+                "delivery.jetstream_subjects",
+                &config.delivery.jetstream_subjects,
+            )?,
         })
     }
 
     /// The pending limits, which the store writer applies.
     pub fn capacity(&self) -> &Capacity {
         &self.capacity
+    }
+
+    /// How a schedule for `target` is delivered when its request does not say
+    /// (`Sched-Deliver`): JetStream if `[delivery] jetstream_subjects` matches it.
+    pub fn default_delivery(&self, target: &str) -> Delivery {
+        if self.jetstream_subjects.iter().any(|p| p.matches(target)) {
+            Delivery::JetStream
+        } else {
+            Delivery::Core
+        }
     }
 
     /// Whether `schedule`, received at `now`, may be stored as far as the request alone

@@ -28,6 +28,10 @@ pub const DELAY: &str = "Sched-Delay";
 pub const ID: &str = "Sched-Id";
 /// Added on delivery: the due instant in the reply's format.
 pub const DUE: &str = "Sched-Due";
+/// How to deliver: `core` or `jetstream`; overrides `[delivery] jetstream_subjects`.
+pub const DELIVER: &str = "Sched-Deliver";
+/// Added on JetStream delivery: `<id>:<due in Unix ms>`, the same on every attempt.
+pub const MSG_ID: &str = "Nats-Msg-Id";
 /// Names starting with this (case-insensitively) are reserved for natsched.
 pub const RESERVED_PREFIX: &str = "sched-";
 /// The error-code header of the NATS micro-service convention.
@@ -173,13 +177,30 @@ pub fn parse_id_body(body: &[u8]) -> Result<String, ApiError> {
     Ok(validate_id(id)?.to_owned())
 }
 
-/// Limits applied to add requests.
+/// Limits and defaults applied to add requests.
 #[derive(Debug, Clone, Copy)]
 pub struct AddLimits {
     /// Largest accepted payload in bytes (`api.max_payload`).
     pub max_payload: usize,
     /// The server's `max_payload`: the delivered message, headers included, must fit in it.
     pub server_max_payload: usize,
+    /// How to deliver when the request has no `Sched-Deliver` (from `[delivery]`).
+    pub default_delivery: Delivery,
+}
+
+/// The JetStream message id of the delivery of schedule `id` due at `due`.
+pub fn msg_id(id: &str, due: UnixMs) -> String {
+    format!("{id}:{due}")
+}
+
+fn parse_deliver(value: &str) -> Result<Delivery, ApiError> {
+    match value.trim() {
+        v if v.eq_ignore_ascii_case("core") => Ok(Delivery::Core),
+        v if v.eq_ignore_ascii_case("jetstream") => Ok(Delivery::JetStream),
+        _ => Err(ApiError::bad_request(format!(
+            "invalid {DELIVER} {value:?}: use core or jetstream"
+        ))),
+    }
 }
 
 /// Longest target subject or header name accepted (the store keeps their lengths in 16 bits).
@@ -208,7 +229,10 @@ pub fn delivered_size(schedule: &Schedule) -> usize {
     } else {
         ulid::ULID_LEN
     };
-    let ours = ID.len() + id_len + LINE + DUE.len() + "2026-11-24T18:00:00.250Z".len() + LINE;
+    let mut ours = ID.len() + id_len + LINE + DUE.len() + "2026-11-24T18:00:00.250Z".len() + LINE;
+    if schedule.delivery == Delivery::JetStream {
+        ours += MSG_ID.len() + id_len + ":".len() + u64::MAX.to_string().len() + LINE;
+    }
     "NATS/1.0\r\n".len() + headers + ours + "\r\n".len() + schedule.payload.len()
 }
 
@@ -232,6 +256,7 @@ pub fn parse_add(
     let mut at = None;
     let mut delay = None;
     let mut id = None;
+    let mut deliver = None;
     let mut kept = Vec::new();
     for (name, values) in headers.into_iter().flat_map(HeaderMap::iter) {
         let name: &str = name.as_ref();
@@ -252,10 +277,12 @@ pub fn parse_add(
             &mut delay
         } else if name.eq_ignore_ascii_case(ID) {
             &mut id
+        } else if name.eq_ignore_ascii_case(DELIVER) {
+            &mut deliver
         } else {
             return Err(ApiError::bad_request(format!(
                 "unknown header {name:?}: names starting with Sched- are reserved \
-                 (known: {AT}, {DELAY}, {ID})"
+                 (known: {AT}, {DELAY}, {ID}, {DELIVER})"
             )));
         };
         match values.as_slice() {
@@ -296,6 +323,10 @@ pub fn parse_add(
             time::format_ms(time::MAX_MS)
         )));
     }
+    let delivery = match deliver {
+        Some(value) => parse_deliver(value)?,
+        None => limits.default_delivery,
+    };
     let caller_id = id.is_some();
     let id = match id {
         Some(id) => validate_id(id)?.to_owned(),
@@ -309,7 +340,7 @@ pub fn parse_add(
         headers: kept,
         payload,
         created: now,
-        delivery: Delivery::Core,
+        delivery,
         recurrence: None,
         caller_id,
     };

@@ -4,6 +4,7 @@ const NOW: UnixMs = 1_796_061_600_000;
 const LIMITS: AddLimits = AddLimits {
     max_payload: 16,
     server_max_payload: 1024 * 1024,
+    default_delivery: Delivery::Core,
 };
 
 fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -191,6 +192,7 @@ fn a_message_too_big_to_deliver_is_413() {
     let limits = AddLimits {
         max_payload: 1000,
         server_max_payload: 200,
+        default_delivery: Delivery::Core,
     };
     let fits = parse_add(
         "t",

@@ -60,6 +60,8 @@ pub struct NatsServer {
     /// The HTTP monitoring port, if started with [`NatsServer::start_monitored`].
     pub monitor_port: Option<u16>,
     dir: TempDir,
+    /// Its command-line arguments beyond address and port (kept for [`NatsServer::come_back`]).
+    extra: Vec<String>,
 }
 
 impl NatsServer {
@@ -113,6 +115,16 @@ impl NatsServer {
         NatsServer::spawn(port, dir, &[])
     }
 
+    /// A server with JetStream, storing in its own directory (kept when it goes down and
+    /// comes back).
+    pub fn start_jetstream() -> NatsServer {
+        NatsServer::spawn(
+            free_port(),
+            tempfile::tempdir().unwrap(),
+            &["-js", "-sd", "js"],
+        )
+    }
+
     fn spawn(port: u16, dir: TempDir, extra: &[&str]) -> NatsServer {
         let child = Command::new(nats_server_binary())
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
@@ -134,6 +146,7 @@ impl NatsServer {
             url,
             monitor_port: None,
             dir,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         }
     }
 
@@ -146,7 +159,9 @@ impl NatsServer {
     /// Starts the server again on the same port after [`NatsServer::go_down`].
     pub fn come_back(&mut self) {
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        *self = NatsServer::start_on(self.port, dir);
+        let extra = std::mem::take(&mut self.extra);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        *self = NatsServer::spawn(self.port, dir, &extra);
     }
 
     pub fn stop(mut self) {
@@ -277,9 +292,27 @@ impl ProcessHarness {
         }
     }
 
+    /// A harness around `server` (e.g. one with JetStream).
+    pub fn with_server(server: NatsServer) -> ProcessHarness {
+        ProcessHarness {
+            server,
+            store: tempfile::tempdir().unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
     /// Starts natsched on this harness's store; waits until it answers.
     pub async fn start(&self) -> DaemonProcess {
         DaemonProcess::start(&self.server, self.store.path(), self.dir.path()).await
+    }
+
+    /// Starts natsched with `more` added to its config (see [`DaemonProcess::spawn_with`]);
+    /// waits until it answers.
+    pub async fn start_with(&self, more: &str) -> DaemonProcess {
+        let daemon =
+            DaemonProcess::spawn_with(&self.server.url, self.store.path(), self.dir.path(), more);
+        wait_ready(&connect(&self.server).await, "sched").await;
+        daemon
     }
 }
 

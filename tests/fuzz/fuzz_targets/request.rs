@@ -95,6 +95,7 @@ fuzz_target!(|input: Input<'_>| {
     let limits = AddLimits {
         max_payload: usize::from(input.max_payload),
         server_max_payload: input.server_max_payload as usize,
+        default_delivery: natsched::record::Delivery::Core,
     };
     let now = input.now % (MAX_MS + 1);
     let payload = Bytes::copy_from_slice(input.payload);
