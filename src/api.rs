@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::committer::StoreCommand;
+use crate::intake::IntakeBarrier;
 use crate::listing::{self, ListRequest};
 use crate::metrics::{Endpoint, LatenessMs, Metrics, QuotaUsage};
 use crate::protocol::{self, ApiError};
@@ -34,20 +35,35 @@ pub struct Api {
     store: Store,
     metrics: Arc<Metrics>,
     retries: Arc<Retries>,
+    /// With the JetStream intake: what a cancel waits for before it goes to the store writer.
+    barrier: Option<Arc<IntakeBarrier>>,
     cancels: Subscriber,
     gets: Subscriber,
     lists: Subscriber,
     stats: Subscriber,
 }
 
+/// What [`Api::subscribe`] needs.
+pub struct ApiOptions<'a> {
+    pub client: Client,
+    /// `api.prefix`.
+    pub prefix: &'a str,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub retries: Arc<Retries>,
+    pub barrier: Option<Arc<IntakeBarrier>>,
+}
+
 impl Api {
-    pub async fn subscribe(
-        client: Client,
-        prefix: &str,
-        store: Store,
-        metrics: Arc<Metrics>,
-        retries: Arc<Retries>,
-    ) -> Result<Api, async_nats::SubscribeError> {
+    pub async fn subscribe(options: ApiOptions<'_>) -> Result<Api, async_nats::SubscribeError> {
+        let ApiOptions {
+            client,
+            prefix,
+            store,
+            metrics,
+            retries,
+            barrier,
+        } = options;
         Ok(Api {
             cancels: client.subscribe(format!("{prefix}.cancel")).await?,
             gets: client.subscribe(format!("{prefix}.get")).await?,
@@ -57,6 +73,7 @@ impl Api {
             store,
             metrics,
             retries,
+            barrier,
         })
     }
 
@@ -97,6 +114,7 @@ impl Api {
             cancelled_total: u64,
             errors_total: u64,
             denied_total: u64,
+            rejected_total: u64,
             delivery_errors_total: u64,
             undeliverable: usize,
             corrupt_segments_total: u64,
@@ -120,6 +138,7 @@ impl Api {
             cancelled_total: m.cancelled_total.load(Ordering::Relaxed),
             errors_total: m.errors_total.load(Ordering::Relaxed),
             denied_total: m.denied_total.load(Ordering::Relaxed),
+            rejected_total: m.rejected_total.load(Ordering::Relaxed),
             delivery_errors_total: m.delivery_errors_total.load(Ordering::Relaxed),
             undeliverable: self.retries.waiting(),
             corrupt_segments_total: self.store.damaged_total(),
@@ -136,13 +155,26 @@ impl Api {
     async fn cancel(&self, message: Message, commands: &mpsc::Sender<StoreCommand>) {
         match protocol::parse_id_body(&message.payload) {
             Ok(id) => {
-                let cancel = StoreCommand::Cancel {
-                    id,
-                    reply: Reply::to(&message, Endpoint::Cancel),
+                let reply = Reply::to(&message, Endpoint::Cancel);
+                let Some(barrier) = self.barrier.clone() else {
+                    send_cancel(id, reply, commands).await;
+                    return;
                 };
-                if commands.send(cancel).await.is_err() {
-                    tracing::error!("store writer is gone; cancel dropped unanswered");
-                }
+                // Waits for intake to reach the adds published before it, without holding up
+                // the other requests.
+                let commands = commands.clone();
+                let client = self.client.clone();
+                let metrics = self.metrics.clone();
+                tokio::spawn(async move {
+                    match barrier.wait().await {
+                        Ok(()) => send_cancel(id, reply, &commands).await,
+                        Err(error) => {
+                            if let Some(reply) = reply {
+                                replies::answer(&client, reply, Err(error), &metrics).await;
+                            }
+                        }
+                    }
+                });
             }
             Err(error) => {
                 self.answer(Reply::to(&message, Endpoint::Cancel), Err(error))
@@ -218,6 +250,16 @@ fn page_json(items: &[Schedule], next_cursor: Option<String>, retries: &Retries)
     out.extend_from_slice(&serde_json::to_vec(&next_cursor).expect("string serializes"));
     out.push(b'}');
     out.into()
+}
+
+async fn send_cancel(id: String, reply: Option<Reply>, commands: &mpsc::Sender<StoreCommand>) {
+    if commands
+        .send(StoreCommand::Cancel { id, reply })
+        .await
+        .is_err()
+    {
+        tracing::error!("store writer is gone; cancel dropped unanswered");
+    }
 }
 
 /// The JSON a get answers with: the schedule, and its failed delivery attempts (counted since

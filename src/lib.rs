@@ -68,11 +68,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::Api;
+use crate::api::{Api, ApiOptions};
 use crate::committer::{Committer, CommitterLinks, CommitterOptions};
-use crate::config::Config;
+use crate::config::{Config, IntakeMode};
 use crate::delivery::{Firing, FiringOutputs};
-use crate::intake::{Intake, IntakeOptions};
+use crate::intake::{Intake, IntakeOptions, JetStreamIntake};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::retries::Retries;
@@ -97,6 +97,8 @@ pub enum RunError {
     },
     #[error("cannot set up the NATS connection: {0}")]
     ConnectSetup(#[from] connect::ConnectSetupError),
+    #[error(transparent)]
+    JetStreamIntake(#[from] intake::JetStreamSetupError),
     #[error("cannot subscribe to the API subjects: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("a natsched task failed: {0}")]
@@ -123,6 +125,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics,
         retries,
         intake,
+        stream_intake,
         api,
         firing,
         micro,
@@ -167,6 +170,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut firing = tokio::spawn(firing.run(fire_rx, outputs, stop.clone()));
     let mut micro = tokio::spawn(micro.run(metrics.clone(), stop.clone()));
     let mut api = tokio::spawn(api.run(store_tx.clone(), resident.clone(), stop.clone()));
+    let mut stream_intake = match stream_intake {
+        Some(consumer) => tokio::spawn(consumer.run(store_tx.clone(), stop.clone())),
+        None => tokio::spawn(stop.clone().cancelled_owned()),
+    };
     let mut intake = tokio::spawn(intake.run(store_tx, stop.clone()));
 
     // Until asked to stop, watch for a part that stopped by itself (a store failure, a panic):
@@ -183,6 +190,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             })
         }
         result = &mut intake => Some(stopped("intake", result)),
+        result = &mut stream_intake => Some(stopped("JetStream intake", result)),
         result = &mut api => Some(stopped("api", result)),
         result = &mut micro => Some(stopped("service discovery", result)),
         _ = &mut scheduler => {
@@ -202,6 +210,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // then drain through `replies`. Every wait is bounded, so shutdown is too. (A finished
     // oneshot must not be polled again, hence the flags.)
     join_bounded("intake", &mut intake).await;
+    join_bounded("JetStream intake", &mut stream_intake).await;
     join_bounded("api", &mut api).await;
     join_bounded("service discovery", &mut micro).await;
     if !timer_finished {
@@ -237,6 +246,8 @@ struct Started {
     metrics: Arc<Metrics>,
     retries: Arc<Retries>,
     intake: Intake,
+    /// The JetStream intake, in `[intake] mode = "jetstream"`.
+    stream_intake: Option<JetStreamIntake>,
     api: Api,
     firing: Firing,
     micro: MicroService,
@@ -258,25 +269,82 @@ async fn start(config: &Config) -> Result<Started, RunError> {
     let metrics = Arc::new(Metrics::default());
     let retries = Arc::new(Retries::new(config.delivery.max_backoff));
     let prefix = &config.api.prefix;
-    let intake = Intake::subscribe(IntakeOptions {
+    let intake_options = IntakeOptions {
         client: client.clone(),
         prefix,
         max_payload: config.api.max_payload,
         policy: policy.clone(),
         metrics: metrics.clone(),
-    })
-    .await?;
-    let api = Api::subscribe(
-        client.clone(),
-        prefix,
-        store.clone(),
-        metrics.clone(),
-        retries.clone(),
-    )
-    .await?;
+        core_requests: config.intake.mode == IntakeMode::Core,
+    };
+    let stream_intake = match config.intake.mode {
+        IntakeMode::Core => None,
+        IntakeMode::Jetstream => Some(intake::Requests::new(&intake_options)),
+    };
+    let intake = Intake::subscribe(intake_options).await?;
     let firing = Firing::new(client.clone(), metrics.clone(), retries.clone()).await?;
     let micro = MicroService::subscribe(client.clone(), prefix).await?;
-    // The client keeps retrying an unreachable server by itself; say so while it does.
+    wait_for_nats(&client, config).await;
+    // JetStream intake needs the server to set up its stream and consumer.
+    let (stream_intake, barrier) = match stream_intake {
+        None => (None, None),
+        Some(requests) => {
+            let (intake, barrier) = set_up_stream_intake(requests, config).await?;
+            (Some(intake), Some(Arc::new(barrier)))
+        }
+    };
+    let api = Api::subscribe(ApiOptions {
+        client: client.clone(),
+        prefix,
+        store: store.clone(),
+        metrics: metrics.clone(),
+        retries: retries.clone(),
+        barrier,
+    })
+    .await?;
+    // The API's subscriptions are registered before natsched says it accepts schedules.
+    wait_for_nats(&client, config).await;
+    tracing::info!(
+        prefix = %config.api.prefix,
+        url = %config.nats.shown_url(),
+        intake = ?config.intake.mode,
+        "accepting schedules"
+    );
+    Ok(Started {
+        store,
+        policy,
+        client,
+        metrics,
+        retries,
+        intake,
+        stream_intake,
+        api,
+        firing,
+        micro,
+    })
+}
+
+/// Sets up the JetStream intake, retrying while the server cannot (JetStream still starting,
+/// the connection lost meanwhile); an existing stream unfit for it is an error at once.
+async fn set_up_stream_intake(
+    requests: intake::Requests,
+    config: &Config,
+) -> Result<(JetStreamIntake, intake::IntakeBarrier), RunError> {
+    loop {
+        match JetStreamIntake::start(requests.clone(), config).await {
+            Ok(set_up) => return Ok(set_up),
+            Err(err @ intake::JetStreamSetupError::Mismatch { .. }) => return Err(err.into()),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot set up the JetStream intake yet; retrying");
+                tokio::time::sleep(NATS_WAIT_REPORT).await;
+            }
+        }
+    }
+}
+
+/// Waits until the server has processed everything sent so far (our subscriptions); the
+/// client keeps retrying an unreachable server by itself, and this says so while it does.
+async fn wait_for_nats(client: &async_nats::Client, config: &Config) {
     loop {
         match tokio::time::timeout(NATS_WAIT_REPORT, client.flush()).await {
             Ok(Ok(())) => break,
@@ -289,22 +357,6 @@ async fn start(config: &Config) -> Result<Started, RunError> {
             ),
         }
     }
-    tracing::info!(
-        prefix = %config.api.prefix,
-        url = %config.nats.shown_url(),
-        "accepting schedules"
-    );
-    Ok(Started {
-        store,
-        policy,
-        client,
-        metrics,
-        retries,
-        intake,
-        api,
-        firing,
-        micro,
-    })
 }
 
 /// How often start-up reports that it still waits for NATS.

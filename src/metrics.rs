@@ -21,6 +21,8 @@ pub struct Metrics {
     /// Delivery attempts that failed (the schedule stays stored and is retried).
     pub delivery_errors_total: AtomicU64,
     /// Schedules refused because natsched may not publish to their target (403).
+    /// Intake stream messages terminated and published to `<prefix>.rejected`.
+    pub rejected_total: AtomicU64,
     pub denied_total: AtomicU64,
     /// Schedules in the store, as the committer last wrote it.
     pub pending: AtomicU64,
@@ -110,6 +112,7 @@ impl Default for Metrics {
             errors_total: AtomicU64::new(0),
             delivery_errors_total: AtomicU64::new(0),
             denied_total: AtomicU64::new(0),
+            rejected_total: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             quotas: Mutex::default(),
             store_error: Mutex::default(),

@@ -14,9 +14,32 @@ use crate::protocol::ApiError;
 /// Where to answer a request, and since when it waits.
 #[derive(Debug)]
 pub struct Reply {
+    /// The reply subject of a request, or the ack subject of an intake stream message.
     pub subject: Subject,
     pub received: Instant,
     pub endpoint: Endpoint,
+    pub via: Via,
+}
+
+/// How the request came.
+#[derive(Debug)]
+pub enum Via {
+    /// A core NATS request: the answer is published to its reply subject.
+    Request,
+    /// A message of the JetStream intake stream: it is settled instead (see
+    /// `intake/jetstream.rs`).
+    Stream(Box<StreamOrigin>),
+}
+
+/// Where an intake stream message came from, for its rejection.
+#[derive(Debug)]
+pub struct StreamOrigin {
+    /// The subject it was published to.
+    pub subject: Subject,
+    pub sched_id: Option<String>,
+    pub msg_id: Option<String>,
+    /// `<prefix>.rejected`.
+    pub rejected: Subject,
 }
 
 impl Reply {
@@ -26,6 +49,7 @@ impl Reply {
             subject: message.reply.clone()?,
             received: Instant::now(),
             endpoint,
+            via: Via::Request,
         })
     }
 }
@@ -45,6 +69,9 @@ pub async fn answer(
     result: Result<Bytes, ApiError>,
     metrics: &Metrics,
 ) {
+    if let Via::Stream(_) = reply.via {
+        return crate::intake::settle(client, reply, result, metrics).await;
+    }
     let published = match &result {
         Ok(body) => client.publish(reply.subject, body.clone()).await,
         Err(error) => {

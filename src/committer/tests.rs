@@ -471,6 +471,7 @@ fn reply() -> crate::replies::Reply {
         subject: "reply".into(),
         received: std::time::Instant::now(),
         endpoint: crate::metrics::Endpoint::Cancel,
+        via: crate::replies::Via::Request,
     }
 }
 

@@ -27,7 +27,8 @@ pub struct Intake {
     client: Client,
     requests: Requests,
     metrics: Arc<Metrics>,
-    adds: Subscriber,
+    /// `<prefix>.add.>`; `None` when the requests come through the JetStream intake stream.
+    adds: Option<Subscriber>,
     /// `<prefix>.add` with no target: only ever answered with an error.
     bare: Subscriber,
 }
@@ -41,31 +42,26 @@ pub struct IntakeOptions<'a> {
     pub max_payload: usize,
     pub policy: Arc<Policy>,
     pub metrics: Arc<Metrics>,
+    /// Whether to take requests on `<prefix>.add.>` here (core mode) or leave them to the
+    /// JetStream intake stream (then only `<prefix>.add`, never valid, is answered here).
+    pub core_requests: bool,
 }
 
 impl Intake {
     pub async fn subscribe(
         options: IntakeOptions<'_>,
     ) -> Result<Intake, async_nats::SubscribeError> {
-        let IntakeOptions {
-            client,
-            prefix,
-            max_payload,
-            policy,
-            metrics,
-        } = options;
-        let adds = client.subscribe(format!("{prefix}.add.>")).await?;
+        let client = options.client.clone();
+        let prefix = options.prefix;
+        let adds = match options.core_requests {
+            true => Some(client.subscribe(format!("{prefix}.add.>")).await?),
+            false => None,
+        };
         let bare = client.subscribe(format!("{prefix}.add")).await?;
         Ok(Intake {
-            requests: Requests {
-                client: client.clone(),
-                add_prefix: format!("{prefix}.add."),
-                max_payload,
-                policy,
-                metrics: metrics.clone(),
-            },
+            requests: Requests::new(&options),
+            metrics: options.metrics,
             client,
-            metrics,
             adds,
             bare,
         })
@@ -81,7 +77,7 @@ impl Intake {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(message) = self.adds.next() => self.handle(message, &store).await,
+                Some(message) = next_add(&mut self.adds) => self.handle(message, &store).await,
                 Some(message) = self.bare.next() => {
                     self.refuse(message, ApiError::bad_request("empty target subject")).await;
                 }
@@ -93,8 +89,10 @@ impl Intake {
         // was not acknowledged, so its sender knows to retry.
         let serve_rest = async {
             let _ = self.bare.unsubscribe().await;
-            if self.adds.drain().await.is_ok() {
-                while let Some(message) = self.adds.next().await {
+            if let Some(mut adds) = self.adds.take()
+                && adds.drain().await.is_ok()
+            {
+                while let Some(message) = adds.next().await {
                     self.handle(message, &store).await;
                 }
             }
@@ -130,5 +128,13 @@ impl Intake {
             Some(reply) => replies::answer(&self.client, reply, Err(error), &self.metrics).await,
             None => Metrics::count(&self.metrics.errors_total, 1),
         }
+    }
+}
+
+/// The next request on `<prefix>.add.>`; never, when those go to the intake stream.
+async fn next_add(adds: &mut Option<Subscriber>) -> Option<Message> {
+    match adds {
+        Some(adds) => adds.next().await,
+        None => std::future::pending().await,
     }
 }

@@ -7,6 +7,7 @@
 //! Both turn a message into a schedule the same way ([`Requests::schedule_of`]).
 
 mod core;
+mod jetstream;
 
 use std::sync::Arc;
 
@@ -19,8 +20,11 @@ use crate::record::Schedule;
 use crate::time;
 
 pub use self::core::{Intake, IntakeOptions};
+pub(crate) use self::jetstream::settle;
+pub use self::jetstream::{IntakeBarrier, JetStreamIntake, JetStreamSetupError};
 
 /// What turns an add request into a schedule, or refuses it.
+#[derive(Clone)]
 pub(crate) struct Requests {
     client: Client,
     /// `<prefix>.add.`: stripped from a request's subject to leave its target.
@@ -33,6 +37,16 @@ pub(crate) struct Requests {
 }
 
 impl Requests {
+    pub(crate) fn new(options: &IntakeOptions<'_>) -> Requests {
+        Requests {
+            client: options.client.clone(),
+            add_prefix: format!("{}.add.", options.prefix),
+            max_payload: options.max_payload,
+            policy: options.policy.clone(),
+            metrics: options.metrics.clone(),
+        }
+    }
+
     /// The schedule `message` asks for, or why it is refused (denied targets are counted).
     fn schedule_of(&self, message: &Message) -> Result<Schedule, ApiError> {
         if message.sanitized {
