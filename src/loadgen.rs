@@ -64,6 +64,17 @@ pub struct LoadOptions {
     /// The first due instant (Unix ms) of the run to receive (with `--stage receive`).
     #[arg(long)]
     pub first_due: Option<u64>,
+    /// Deliver through JetStream (each request carries `Sched-Deliver: jetstream`).
+    #[arg(long)]
+    pub jetstream_delivery: bool,
+    /// Create this file stream capturing `bench.>` if absent (for JetStream delivery), and
+    /// report how many messages it gained.
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// natsched takes requests from its JetStream intake stream: a request counts as
+    /// scheduled once natsched's `pending` has grown by it (not at the server's PubAck).
+    #[arg(long)]
+    pub jetstream_intake: bool,
     /// natsched's pid, to report its memory.
     #[arg(long)]
     pub pid: Option<u32>,
@@ -120,6 +131,8 @@ pub struct LoadReport {
     pub fire_per_sec: Option<f64>,
     pub rss_mib: Option<f64>,
     pub peak_rss_mib: Option<f64>,
+    /// Messages the `--stream` gained during the run.
+    pub stream_gained: Option<u64>,
 }
 
 /// Why a run could not be made.
@@ -136,6 +149,8 @@ pub enum LoadError {
     Options(&'static str),
     #[error(transparent)]
     ConnectSetup(crate::connect::ConnectSetupError),
+    #[error("{0}")]
+    Request(String),
 }
 
 fn now_micros() -> u64 {
@@ -178,6 +193,15 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         .unwrap_or_else(|| ulid::Ulid::generate().to_string().to_lowercase());
     let mut deliveries = receiver.subscribe(format!("bench.{run_id}.>")).await?;
     receiver.flush().await.ok();
+    let jetstream = async_nats::jetstream::new(sender.clone());
+    let stream_before = match &options.stream {
+        Some(name) => Some(bench_stream(&jetstream, name).await?),
+        None => None,
+    };
+    let pending_before = match options.jetstream_intake {
+        true => pending(&sender, &options.prefix).await?,
+        false => 0,
+    };
 
     let lead = options
         .lead
@@ -283,6 +307,9 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         if options.with_id {
             headers.insert(protocol::ID, format!("b{run_id}-{i}").as_str());
         }
+        if options.jetstream_delivery {
+            headers.insert(protocol::DELIVER, "jetstream");
+        }
         payload.clear();
         payload.extend_from_slice(format!("{i} ").as_bytes());
         payload.resize(options.payload.max(payload.len()), b'x');
@@ -306,6 +333,15 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         }
     }
     let (acked, refused, due_before_ack) = acked.await.expect("reply task");
+    if options.jetstream_intake {
+        // The PubAcks say the stream has them; natsched has them once they are pending.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while pending(&sender, &options.prefix).await? < pending_before + acked
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     let intake_secs = started.elapsed().as_secs_f64();
 
     let (fired, duplicates, early, histogram, first, last) = receive.await.expect("receiver task");
@@ -314,6 +350,12 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         .map(|first| fired as f64 / ((last - first) as f64 / 1e6));
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     let (rss_mib, peak_rss_mib) = options.pid.map(process_memory).unwrap_or((None, None));
+    let stream_gained = match (&options.stream, stream_before) {
+        (Some(name), Some(before)) => {
+            Some(bench_stream(&jetstream, name).await?.saturating_sub(before))
+        }
+        _ => None,
+    };
     Ok(LoadReport {
         label: options.label.clone(),
         run_id,
@@ -341,7 +383,42 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         fire_per_sec,
         rss_mib,
         peak_rss_mib,
+        stream_gained,
     })
+}
+
+/// Gets or creates the file stream `name` capturing `bench.>`; returns its message count.
+async fn bench_stream(
+    jetstream: &async_nats::jetstream::Context,
+    name: &str,
+) -> Result<u64, LoadError> {
+    use async_nats::jetstream::stream;
+    let mut stream = jetstream
+        .get_or_create_stream(stream::Config {
+            name: name.to_owned(),
+            subjects: vec!["bench.>".into()],
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| LoadError::Request(format!("bench stream: {e}")))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| LoadError::Request(e.to_string()))?;
+    Ok(info.state.messages)
+}
+
+/// natsched's `pending` from its stats.
+async fn pending(client: &async_nats::Client, prefix: &str) -> Result<u64, LoadError> {
+    let reply = client
+        .request(format!("{prefix}.stats"), Bytes::new())
+        .await
+        .map_err(|e| LoadError::Request(format!("stats request: {e}")))?;
+    let stats: serde_json::Value = serde_json::from_slice(&reply.payload)
+        .map_err(|e| LoadError::Request(format!("stats reply: {e}")))?;
+    Ok(stats["pending"].as_u64().unwrap_or(0))
 }
 
 /// Current and peak resident memory of a process, from `/proc/<pid>/status`, in MiB.

@@ -31,7 +31,8 @@ pub enum Via {
     Stream(Box<StreamOrigin>),
 }
 
-/// Where an intake stream message came from, for its rejection.
+/// Where an intake stream message came from: for its rejection, and for the store writer to
+/// know it again if it is delivered again.
 #[derive(Debug)]
 pub struct StreamOrigin {
     /// The subject it was published to.
@@ -40,6 +41,9 @@ pub struct StreamOrigin {
     pub msg_id: Option<String>,
     /// `<prefix>.rejected`.
     pub rejected: Subject,
+    /// The intake stream's creation time (Unix ms) and the message's sequence in it.
+    pub stream_created: u64,
+    pub sequence: u64,
 }
 
 impl Reply {

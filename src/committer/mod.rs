@@ -39,6 +39,7 @@
 //! the disk takes writes again, and if so reopens the store and carries on by itself.
 
 mod far;
+mod intake_mark;
 mod outage;
 mod round;
 
@@ -54,15 +55,18 @@ use crate::metrics::{Metrics, QuotaUsage};
 use crate::policy::{Capacity, Ledger};
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
-use crate::replies::{Ack, Reply};
+use crate::replies::{Ack, Reply, Via};
 use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
 use crate::store::{
     BUCKET_MS, SegmentKey, Store, StoreError, Tier, WriteBatch, bucket_of, far_bucket_of,
 };
 use crate::time::{self, UnixMs};
 
+use intake_mark::IntakeMark;
 use outage::Outage;
-use round::{Fired, MAX_FAR_SEGMENT_BYTES, MAX_SEGMENT_BYTES, Round, SPARSE_BYTES, split};
+use round::{
+    Fired, MAX_FAR_SEGMENT_BYTES, MAX_SEGMENT_BYTES, Round, SPARSE_BYTES, StreamOutcome, split,
+};
 
 /// How often an idle committer checks whether the horizon needs loading.
 const IDLE_TICK: Duration = Duration::from_millis(20);
@@ -143,6 +147,9 @@ pub struct Committer {
     recovered_at: Option<Instant>,
     check_every: Duration,
     metrics: Arc<Metrics>,
+    /// The JetStream intake's mark, with this round's changes, and as last committed.
+    intake: IntakeMark,
+    intake_durable: IntakeMark,
 }
 
 impl Committer {
@@ -159,7 +166,10 @@ impl Committer {
             metrics,
         } = links;
         let ledger = read_ledger(&store, &options.capacity)?;
+        let intake = IntakeMark::from_record(store.intake_mark()?);
         let committer = Committer {
+            intake_durable: intake.clone(),
+            intake,
             ledger,
             outage: None,
             far_held_until: None,
@@ -263,7 +273,11 @@ impl Committer {
                 StoreCommand::Fired(residents) => self.note_fired(residents),
                 StoreCommand::Add { schedule, reply } if failed.is_none() => {
                     let capacity = &self.options.capacity;
-                    if let Some(error) = self.unissued_id(&schedule) {
+                    if let Some((stream, sequence)) = stream_position(&reply)
+                        && self.intake.is_stored(stream, sequence)
+                    {
+                        round.already_stored(reply);
+                    } else if let Some(error) = self.unissued_id(&schedule) {
                         round.refuse_with(reply, error);
                     } else if let Err(err) = round.add(&self.store, capacity, schedule, reply) {
                         failed = Some(err);
@@ -306,6 +320,10 @@ impl Committer {
             Some(err) => Err(err),
             None => self.commit(&mut round),
         };
+        match &result {
+            Ok(()) => self.intake_durable = self.intake.clone(),
+            Err(_) => self.intake.revert_to(&self.intake_durable),
+        }
         if result.is_ok() && flush_fired {
             // Gone from the store now, so they can no longer be loaded again: the wheel may
             // forget them.
@@ -336,6 +354,26 @@ impl Committer {
 
     /// Sends the round's replies, given how it ended.
     fn send_acks(&mut self, round: &mut Round, failure: Option<&StoreError>) {
+        if failure.is_some() {
+            // Nothing of the round is stored: its intake stream messages come again.
+            let sequences: Vec<u64> = round
+                .stream_messages()
+                .filter(|(_, _, outcome)| !matches!(outcome, StreamOutcome::Settled))
+                .map(|(_, sequence, _)| sequence)
+                .collect();
+            for sequence in sequences {
+                self.intake.refused_for_now(sequence);
+            }
+        } else {
+            let again: Vec<u64> = round
+                .stream_messages()
+                .filter(|(_, _, outcome)| matches!(outcome, StreamOutcome::Again))
+                .map(|(_, sequence, _)| sequence)
+                .collect();
+            for sequence in again {
+                self.intake.refused_for_now(sequence);
+            }
+        }
         let acks = round.acks(failure);
         Metrics::count(&self.metrics.errors_total, round.unanswered_errors());
         if !acks.is_empty() {
@@ -526,7 +564,11 @@ impl Committer {
                 round.write_segment(key, &schedules);
             }
         }
-        let (batch, mut wheel_commands) = round.finish(self.next_seq, &self.options.capacity);
+        let (mut batch, mut wheel_commands) = round.finish(self.next_seq, &self.options.capacity);
+        if self.note_stream_messages(round) {
+            let (stream, sequence) = self.intake.record();
+            batch.set_intake_mark(stream, sequence);
+        }
         self.store.commit(batch)?;
         round.mark_applied();
         self.ledger = round.ledger().clone();
@@ -547,6 +589,21 @@ impl Committer {
         Metrics::count(&self.metrics.scheduled_total, added);
         Metrics::count(&self.metrics.cancelled_total, cancelled);
         Ok(())
+    }
+
+    /// Applies what becomes of the round's intake stream messages to the intake mark, before
+    /// the batch records it. Returns whether the round had any.
+    fn note_stream_messages(&mut self, round: &Round) -> bool {
+        let mut any = false;
+        for (_, sequence, outcome) in round.stream_messages() {
+            any = true;
+            match outcome {
+                StreamOutcome::Stored => self.intake.stored(sequence),
+                StreamOutcome::Again => self.intake.refused_for_now(sequence),
+                StreamOutcome::Settled => {}
+            }
+        }
+        any
     }
 
     /// Makes room in memory for `count` schedules by letting the wheel go of as many of its
@@ -652,6 +709,14 @@ impl Committer {
 /// whole store) and recorded when the record lacks a configured quota, or when damage found
 /// earlier may have put them off; the record per quota is dropped when no quota is
 /// configured, so a quota configured again later is counted afresh.
+/// Where an add from the JetStream intake stream sits in it: (stream creation ms, sequence).
+fn stream_position(reply: &Option<Reply>) -> Option<(u64, u64)> {
+    match &reply.as_ref()?.via {
+        Via::Stream(origin) => Some((origin.stream_created, origin.sequence)),
+        Via::Request => None,
+    }
+}
+
 fn read_ledger(store: &Store, capacity: &Capacity) -> Result<Ledger, StoreError> {
     let pending = store.pending()?;
     let recorded = store.quota_counts()?;

@@ -10,7 +10,7 @@ use foldhash::{HashMap, HashSet};
 use crate::policy::{Capacity, Ledger, QuotaMask};
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
-use crate::replies::{Ack, Reply};
+use crate::replies::{Ack, Reply, Via};
 use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
 use crate::store::{SegmentKey, Store, StoreError, Tier, WriteBatch, bucket_of, segment};
 use crate::time::UnixMs;
@@ -123,8 +123,20 @@ enum Outcome {
     Cancelled {
         id: String,
     },
+    /// An intake stream message delivered again whose schedule is stored already.
+    AlreadyStored,
     /// Refused whatever the commit does (e.g. cancelling an unknown id).
     Refused(ApiError),
+}
+
+/// What becomes of an intake stream message in this round (see `intake_mark.rs`).
+pub enum StreamOutcome {
+    /// Stored if the round commits.
+    Stored,
+    /// Refused for now (503): it will be delivered again.
+    Again,
+    /// Refused for good, or stored already: it will not be delivered again.
+    Settled,
 }
 
 impl Round {
@@ -223,6 +235,27 @@ impl Round {
             place,
             quotas: capacity.mask(&old.subject),
         }))
+    }
+
+    /// Acknowledges an intake stream message whose schedule is stored already.
+    pub fn already_stored(&mut self, reply: Option<Reply>) {
+        self.acks.push((reply, Outcome::AlreadyStored));
+    }
+
+    /// The intake stream messages of this round (stream creation ms, sequence) and what
+    /// becomes of them if the round commits.
+    pub fn stream_messages(&self) -> impl Iterator<Item = (u64, u64, StreamOutcome)> + '_ {
+        self.acks.iter().filter_map(|(reply, outcome)| {
+            let Via::Stream(origin) = &reply.as_ref()?.via else {
+                return None;
+            };
+            let outcome = match outcome {
+                Outcome::Added { .. } | Outcome::Named { .. } => StreamOutcome::Stored,
+                Outcome::Refused(error) if error.code == 503 => StreamOutcome::Again,
+                _ => StreamOutcome::Settled,
+            };
+            Some((origin.stream_created, origin.sequence, outcome))
+        })
     }
 
     /// Records a request that could not be staged (an earlier one failed): it gets a 503.
@@ -511,6 +544,7 @@ impl Round {
                     due,
                 )),
                 (Outcome::Cancelled { id }, None) => Ok(protocol::cancel_reply(&id)),
+                (Outcome::AlreadyStored, None) => Ok(bytes::Bytes::new()),
             };
             match (reply, result) {
                 (Some(reply), result) => acks.push(Ack { reply, result }),

@@ -16,11 +16,10 @@
 //! published to `<prefix>.rejected` at once. Terminated messages leave the work queue, so a
 //! bad request is never redelivered forever.
 //!
-//! **Idempotence.** Acks are sent after the commit, so a crash between the two delivers the
-//! message again. A request without `Sched-Id` therefore gets an id made from the stream's
-//! creation time and the message's stream sequence (`js-<created ms hex>-<seq hex>`): the
-//! same on every delivery, so the second one replaces the first instead of adding a copy. (A
-//! client's `Nats-Msg-Id` lets the stream itself drop the client's own re-sends.)
+//! **Exactly once.** Acks are sent after the commit, so a crash between the two delivers the
+//! message again. The store writer knows it by its stream sequence and acks it without
+//! storing a second copy (see `committer/intake_mark.rs`). A client's `Nats-Msg-Id` lets the
+//! stream itself drop the client's own re-sends.
 //!
 //! **Catching up.** On start natsched deletes and re-creates its consumer: every message still
 //! in the work queue (never delivered, or delivered to a natsched that died before acking it)
@@ -128,7 +127,7 @@ pub struct JetStreamIntake {
     requests: Requests,
     client: Client,
     consumer: PullConsumer,
-    /// The stream's creation time (ms), part of the ids of requests without `Sched-Id`.
+    /// The stream's creation time (ms): which incarnation of it the sequences belong to.
     created_ms: u64,
     /// `<prefix>.rejected`.
     rejected: Subject,
@@ -286,6 +285,8 @@ impl JetStreamIntake {
             sched_id: header(protocol::ID),
             msg_id: header(protocol::MSG_ID),
             rejected: self.rejected.clone(),
+            stream_created: self.created_ms,
+            sequence,
         });
         let reply = Reply {
             subject: ack,
@@ -294,11 +295,7 @@ impl JetStreamIntake {
             via: Via::Stream(origin),
         };
         match self.requests.schedule_of(&message) {
-            Ok(mut schedule) => {
-                if !schedule.caller_id {
-                    schedule.id = format!("js-{:x}-{:x}", self.created_ms, sequence);
-                    schedule.caller_id = true;
-                }
+            Ok(schedule) => {
                 let add = StoreCommand::Add {
                     schedule,
                     reply: Some(reply),

@@ -50,6 +50,10 @@ pub(crate) const PENDING_KEY: &[u8] = b"mpending";
 /// Where the pending counts per quota are kept (JSON: `[[pattern, count], …]`), when quotas
 /// are configured.
 pub(crate) const QUOTAS_KEY: &[u8] = b"mquotas";
+/// Where the JetStream intake's mark is kept: the intake stream's creation time and the
+/// stream sequence up to which every message is stored (two big-endian u64s; see
+/// `committer/intake_mark.rs`).
+pub(crate) const INTAKE_MARK_KEY: &[u8] = b"mintake";
 /// Present when the pending counts may be off (a damaged segment lost schedules whose number
 /// or quotas are unknown): the next start counts them again.
 pub(crate) const RECOUNT_KEY: &[u8] = b"mrecount";

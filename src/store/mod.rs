@@ -305,6 +305,16 @@ impl WriteBatch {
         self.len += 1;
     }
 
+    /// Records the JetStream intake's mark: every message of the stream created at `stream`
+    /// (Unix ms) up to sequence `sequence` is stored.
+    pub fn set_intake_mark(&mut self, stream: u64, sequence: u64) {
+        let mut value = [0; 16];
+        value[..8].copy_from_slice(&stream.to_be_bytes());
+        value[8..].copy_from_slice(&sequence.to_be_bytes());
+        self.batch.insert(keys::INTAKE_MARK_KEY, &value);
+        self.len += 1;
+    }
+
     /// Records how many schedules are pending per quota, by quota pattern.
     pub fn set_quota_counts<'a>(&mut self, counts: impl IntoIterator<Item = (&'a str, u64)>) {
         let counts: Vec<(&str, u64)> = counts.into_iter().collect();
@@ -506,6 +516,22 @@ impl Store {
     /// How many schedules are pending, as last recorded by [`WriteBatch::set_pending`].
     pub fn pending(&self) -> Result<u64, StoreError> {
         Ok(self.meta_u64(keys::PENDING_KEY)?.unwrap_or(0))
+    }
+
+    /// The JetStream intake's mark as last recorded (stream creation ms, sequence); `None`
+    /// if none was, or if the record is unreadable (then messages may be stored twice, never
+    /// dropped).
+    pub fn intake_mark(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        let Some(value) = self.db()?.get(keys::INTAKE_MARK_KEY)? else {
+            return Ok(None);
+        };
+        let Ok(bytes) = <[u8; 16]>::try_from(value.as_ref()) else {
+            tracing::warn!(len = value.len(), "the intake mark is damaged; ignored");
+            return Ok(None);
+        };
+        let (stream, sequence) = bytes.split_at(8);
+        let number = |half: &[u8]| u64::from_be_bytes(half.try_into().unwrap_or_default());
+        Ok(Some((number(stream), number(sequence))))
     }
 
     /// The pending counts per quota pattern as last recorded; `None` if there are none, or if
