@@ -5,6 +5,7 @@
 #   benches/run.sh quick      # targets 1-3 only, smaller counts
 #   benches/run.sh live       # targets 1-3 only, full counts (what intake and firing changes move)
 #   benches/run.sh store      # targets 4-5 only (store size, restart, churn)
+#   benches/run.sh jetstream  # targets 6-8 only (JetStream intake and delivery)
 #
 # It starts its own nats-server (from NATSCHED_NATS_SERVER, PATH or /usr/sbin) on a free
 # loopback port and natsched (release build) on a temporary store, and drives them with
@@ -31,15 +32,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$NATS" -a 127.0.0.1 -p "$PORT" >"$WORK/nats.log" 2>&1 &
+"$NATS" -a 127.0.0.1 -p "$PORT" -js -sd "$WORK/js" >"$WORK/nats.log" 2>&1 &
 NATS_PID=$!
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
 
 now_ms() { date +%s%3N; }
 json() { python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, d))" "$1" "$2"; }
 
-start_natsched() { # start_natsched STORE_DIR
-  printf '[nats]\nurl = "%s"\n[store]\npath = "%s"\n' "$URL" "$1" >"$WORK/natsched.toml"
+start_natsched() { # start_natsched STORE_DIR [MORE_TOML]
+  printf '[nats]\nurl = "%s"\n[store]\npath = "%s"\n%b' "$URL" "$1" "${2:-}" >"$WORK/natsched.toml"
   RUST_LOG=warn "$BIN" run --config "$WORK/natsched.toml" 2>>"$WORK/natsched.log" &
   NATSCHED_PID=$!
 }
@@ -65,7 +66,7 @@ rows=()
 row() { rows+=("| $1 | $2 | $3 | $4 |"); echo "$1: $2 (goal $3) $4" >&2; }
 verdict() { python3 -c "import sys; print('met' if $1 else 'not met')"; }
 
-if [ "$MODE" != store ]; then
+if [ "$MODE" != store ] && [ "$MODE" != jetstream ]; then
 # Targets 1 and 2: intake and lateness at 10 000 fires/s, then lateness at 100 000 fires/s.
 COUNT_10K=$([ "$MODE" = quick ] && echo 200000 || echo 600000)
 COUNT_100K=$([ "$MODE" = quick ] && echo 500000 || echo 2000000)
@@ -138,6 +139,46 @@ if [ "$MODE" = full ] || [ "$MODE" = store ]; then
     sizes+=($(( $(du -sb "$WORK/store5" | cut -f1) / 1048576 )))
   done
   row "5. store size after each of 10 cycles of 1 M in and out (MiB)" "${sizes[*]}" "near its floor" "$(verdict "${sizes[9]} <= 2 * ${sizes[0]} + 64")"
+  stop_natsched
+fi
+
+if [ "$MODE" = full ] || [ "$MODE" = jetstream ]; then
+  # Target 6: JetStream intake, end to end: the load generator publishes into the intake
+  # stream (the server's PubAck frees its slot) while natsched consumes; a request counts
+  # once natsched has it stored (its pending grew by it).
+  COUNT_JS=600000
+  start_natsched "$WORK/store6" '[intake]\nmode = "jetstream"\n'; ready
+  r=$(bench --count "$COUNT_JS" --rate 10000 --lead "$(( COUNT_JS / 30000 + 3 ))s" --jetstream-intake --grace 10s --pid "$NATSCHED_PID" --label js-intake)
+  echo "$r" >"$WORK/js-intake.json"
+  rate=$(json "$r" 'round(intake_per_sec)')
+  row "6. JetStream intake, stored in natsched (schedules/s)" "$rate (fired $(json "$r" 'fired'), missing $(json "$r" 'missing'), duplicates $(json "$r" 'duplicates'))" "≥ 100 000" "$(verdict "$rate >= 100000 and $(json "$r" 'missing') == 0")"
+  stop_natsched
+
+  # Target 7: a backlog of 1 M overdue schedules delivered through JetStream into a file
+  # stream (each PubAck awaited, Nats-Msg-Id set); the stream must hold each once.
+  BACKLOG_JS=1000000
+  rm -rf "$WORK/store7"
+  start_natsched "$WORK/store7"; ready
+  r=$(bench --stage schedule --count "$BACKLOG_JS" --rate 1000000 --lead "$(( BACKLOG_JS / 40000 + 5 ))s" --jetstream-delivery --stream BENCH_BACKLOG)
+  run=$(json "$r" 'run_id'); first=$(json "$r" 'first_due')
+  stop_natsched
+  while [ "$(now_ms)" -lt $(( first + 1500 )) ]; do sleep 0.2; done
+  bench --stage receive --run-id "$run" --first-due "$first" --count "$BACKLOG_JS" --rate 1000000 --grace 120s --stream BENCH_BACKLOG >"$WORK/js-backlog.json" &
+  RECV=$!
+  sleep 1
+  start_natsched "$WORK/store7"
+  wait $RECV
+  r=$(cat "$WORK/js-backlog.json")
+  rate=$(json "$r" 'round(fire_per_sec or 0)')
+  gained=$(json "$r" 'stream_gained')
+  row "7. JetStream delivery of $BACKLOG_JS overdue into a file stream (fires/s)" "$rate (stream gained $gained; missing $(json "$r" 'missing'))" "≥ 100 000, each once" "$(verdict "$rate >= 100000 and $gained == $BACKLOG_JS")"
+  stop_natsched
+
+  # Target 8: lateness at 10 000 fires/s delivered into a stream.
+  start_natsched "$WORK/store8"; ready
+  r=$(bench --count 300000 --rate 10000 --lead 9s --jetstream-delivery --stream BENCH_LIVE --pid "$NATSCHED_PID" --label js-10k)
+  p99=$(json "$r" 'lateness_ms["p99"]')
+  row "8. lateness at 10 000 fires/s into a stream, p50 / p99 / p99.9 (ms)" "$(json "$r" 'lateness_ms["p50"]') / $p99 / $(json "$r" 'lateness_ms["p999"]') (stream gained $(json "$r" 'stream_gained'), missing $(json "$r" 'missing'))" "p99 ≤ 10" "$(verdict "$p99 <= 10 and $(json "$r" 'stream_gained') == 300000")"
   stop_natsched
 fi
 

@@ -352,7 +352,22 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
     let (rss_mib, peak_rss_mib) = options.pid.map(process_memory).unwrap_or((None, None));
     let stream_gained = match (&options.stream, stream_before) {
         (Some(name), Some(before)) => {
-            Some(bench_stream(&jetstream, name).await?.saturating_sub(before))
+            // A message reaches subscribers before the stream has stored it: wait until the
+            // stream has them all, or stops growing for a second.
+            let mut gained = 0;
+            let mut still_since = Instant::now();
+            loop {
+                let now = bench_stream(&jetstream, name).await?.saturating_sub(before);
+                if now != gained {
+                    still_since = Instant::now();
+                }
+                gained = now;
+                if gained >= count || still_since.elapsed() >= Duration::from_secs(1) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Some(gained)
         }
         _ => None,
     };

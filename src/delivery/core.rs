@@ -151,11 +151,9 @@ impl Firing {
             metrics: metrics.clone(),
             lateness_us: Vec::new(),
             due_text: DueText::default(),
-            jetstream: Some(JetStreamDelivery::new(
-                client,
-                metrics.clone(),
-                retries.clone(),
-            )),
+            jetstream: Some(
+                JetStreamDelivery::new(client, metrics.clone(), retries.clone()).await?,
+            ),
             retries,
             fence_nonce: ulid::Ulid::generate().to_string(),
         })

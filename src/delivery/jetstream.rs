@@ -3,16 +3,18 @@
 //! is back; only then is it removed from the store.
 //!
 //! Publishes are pipelined: up to [`MAX_IN_FLIGHT`] wait for their PubAck at once, each on its
-//! own, so no schedule waits for a slower one's PubAck. The message id is the same on every
-//! attempt and after a restart, so when a PubAck is lost after the stream stored the message,
-//! the stream's duplicate window drops the second copy.
+//! own, so no schedule waits for a slower one's PubAck. Every publish asks for its PubAck on
+//! one wildcard inbox subscription, `<inbox>.<token>`, and the token finds it in the
+//! [`InFlight`] table: no future, timer or subscription per message. The message id is the same
+//! on every attempt and after a restart, so when a PubAck is lost after the stream stored the
+//! message, the stream's duplicate window drops the second copy.
 //!
 //! What goes wrong is one of two kinds:
 //!
-//! * **NATS is away** (the connection is down, or broke while PubAcks were outstanding).
-//!   Nothing is published meanwhile; the schedules wait here in memory (what the wheel hands
-//!   out, bounded by `wheel.max_resident`) and go out oldest first once the connection is back.
-//!   No attempt is counted: nothing is wrong with them.
+//! * **NATS is away** (the connection is down, or reconnected while PubAcks were
+//!   outstanding). Nothing is published meanwhile; the schedules wait here in memory (what the
+//!   wheel hands out, bounded by `wheel.max_resident`) and go out oldest first once the
+//!   connection is back. No attempt is counted: nothing is wrong with them.
 //! * **The target refuses** (no stream captures the subject, the stream is full or refuses
 //!   the message, or no PubAck within [`ACK_TIMEOUT`] on a live connection). The attempt is
 //!   counted ([`Retries`]: attempts, last error, logged once a minute per subject,
@@ -21,25 +23,26 @@
 //!   [`MAX_IN_FLIGHT_FAILING`] publishes in flight; the rest of its due schedules wait in the
 //!   wheel for a later attempt instead of filling the pipeline, so a failing target never holds
 //!   up deliveries to others.
+//!
+//! A PubAck is only as trustworthy as the inbox: anyone who may publish to natsched's
+//! `_INBOX.>` and sees a delivered message's reply subject (a subscriber of the target) could
+//! forge one. NATS permissions close that (see `examples/nats-server/teams.conf`).
 
 use std::collections::{HashMap, VecDeque};
-use std::future::IntoFuture;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use async_nats::Client;
 use async_nats::connection::State;
 use async_nats::header::{HeaderName, HeaderValue, IntoHeaderName};
-use async_nats::jetstream::context::{Context, ContextBuilder, PublishError, PublishErrorKind};
-use async_nats::jetstream::publish::PublishAck;
-use futures::stream::FuturesUnordered;
+use async_nats::{Client, Message, StatusCode, Subscriber};
 use futures::{FutureExt, StreamExt};
+use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::core::{DueText, FiringOutputs, delivery_headers};
+use super::in_flight::InFlight;
 use crate::committer::StoreCommand;
 use crate::metrics::Metrics;
 use crate::protocol;
@@ -53,8 +56,8 @@ pub(crate) const MAX_IN_FLIGHT: usize = 16_384;
 const MAX_IN_FLIGHT_FAILING: usize = 64;
 /// How long a PubAck may take on a live connection before the attempt counts as failed.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often to look at the connection while NATS is away.
-const RECONNECT_CHECK: Duration = Duration::from_millis(50);
+/// How often to look for timeouts and at the connection while anything waits.
+const TICK: Duration = Duration::from_millis(50);
 /// Delivered schedules are reported to the store writer in batches of at most this many.
 const REPORT_BATCH: usize = 4096;
 
@@ -62,7 +65,11 @@ const REPORT_BATCH: usize = 4096;
 static MSG_ID_NAME: std::sync::LazyLock<HeaderName> =
     std::sync::LazyLock::new(|| protocol::MSG_ID.into_header_name());
 
-type Outcome = (Resident, u64, Result<PublishAck, PublishError>);
+/// A publish waiting for its PubAck.
+struct Sent {
+    resident: Resident,
+    at: Instant,
+}
 
 /// A subject whose delivery failed within the last [`LOG_EVERY`].
 struct Failing {
@@ -74,32 +81,35 @@ struct Failing {
 /// The JetStream publisher, run as its own task beside core delivery.
 pub(crate) struct JetStreamDelivery {
     client: Client,
-    context: Context,
+    /// `<inbox>.`: each publish's reply subject is this plus its token.
+    inbox: String,
+    acks: Subscriber,
+    sent: InFlight<Sent>,
     metrics: Arc<Metrics>,
     retries: Arc<Retries>,
     due_text: DueText,
-    /// Subjects that failed recently: when, how many of their publishes are in flight, and
-    /// the last backoff one of them got.
+    /// Subjects that failed recently.
     failing: HashMap<String, Failing>,
 }
 
 impl JetStreamDelivery {
-    pub(crate) fn new(client: Client, metrics: Arc<Metrics>, retries: Arc<Retries>) -> Self {
-        let context = ContextBuilder::new()
-            .timeout(ACK_TIMEOUT)
-            // Our own bound applies (MAX_IN_FLIGHT); the context's must never make a publish
-            // wait for a PubAck that only this task's polling can complete.
-            .max_ack_inflight(MAX_IN_FLIGHT * 2)
-            .backpressure_on_inflight(false)
-            .build(client.clone());
-        JetStreamDelivery {
+    pub(crate) async fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        retries: Arc<Retries>,
+    ) -> Result<Self, async_nats::SubscribeError> {
+        let inbox = client.new_inbox();
+        let acks = client.subscribe(format!("{inbox}.*")).await?;
+        Ok(JetStreamDelivery {
+            inbox: format!("{inbox}."),
             client,
-            context,
+            acks,
+            sent: InFlight::default(),
             metrics,
             retries,
             due_text: DueText::default(),
             failing: HashMap::new(),
-        }
+        })
     }
 
     /// Publishes what arrives on `due` until it closes and everything handed over is done,
@@ -116,24 +126,35 @@ impl JetStreamDelivery {
             tokio::time::sleep(grace).await;
         };
         tokio::pin!(grace_over);
+        let statistics = self.client.statistics();
+        let mut connects = statistics.connects.load(Ordering::Relaxed);
         let mut waiting: VecDeque<Resident> = VecDeque::new();
         let mut unsorted = false;
-        let mut in_flight: FuturesUnordered<Pin<Box<dyn Future<Output = Outcome> + Send>>> =
-            FuturesUnordered::new();
         let mut delivered: Vec<Resident> = Vec::new();
         let mut open = true;
         let mut lateness = Vec::new();
         loop {
+            let now_connects = statistics.connects.load(Ordering::Relaxed);
+            if now_connects != connects {
+                // What went out on the old connection may have died with it: publish it
+                // again (the same message id, so a stream that has it drops the copy).
+                connects = now_connects;
+                let voided = self.sent.take_all();
+                unsorted |= !voided.is_empty();
+                for sent in voided {
+                    self.settled(&sent.resident.schedule.subject);
+                    waiting.push_back(sent.resident);
+                }
+            }
             if unsorted {
-                // Back from a broken connection: oldest first again.
+                // Oldest first again.
                 waiting.make_contiguous().sort_by_key(|r| r.schedule.due);
                 unsorted = false;
             }
             let connected = self.client.connection_state() == State::Connected;
             if connected {
-                let connects = self.client.statistics().connects.load(Ordering::Relaxed);
                 let mut deferred = Vec::new();
-                while in_flight.len() < MAX_IN_FLIGHT {
+                while self.sent.len() < MAX_IN_FLIGHT {
                     let Some(resident) = waiting.pop_front() else {
                         break;
                     };
@@ -144,52 +165,51 @@ impl JetStreamDelivery {
                     lateness.push(
                         time::now_us().saturating_sub(resident.schedule.due.saturating_mul(1000)),
                     );
-                    match self.publish(&resident).await {
-                        Ok(ack) => in_flight.push(Box::pin(
-                            ack.into_future().map(move |r| (resident, connects, r)),
-                        )),
-                        Err(error) if self.connection_lost(&error, connects) => {
+                    match self.publish(resident).await {
+                        Ok(()) => {}
+                        Err((resident, Some(error))) => self.failed(resident, &error, &out),
+                        Err((resident, None)) => {
+                            // The client cannot send now (connection lost).
                             waiting.push_front(resident);
                             break;
                         }
-                        Err(error) => self.failed(resident, &error.to_string(), &out),
                     }
                 }
                 self.metrics.record_lateness(lateness.drain(..));
                 self.defer(deferred, &out);
+                self.time_out(&out);
             }
-            if !open && waiting.is_empty() && in_flight.is_empty() {
+            if !open && waiting.is_empty() && self.sent.is_empty() {
                 break;
             }
+            let ticking = !self.sent.is_empty() || !waiting.is_empty();
             tokio::select! {
                 batch = due.recv(), if open => match batch {
                     Some(batch) => waiting.extend(batch),
                     None => open = false,
                 },
-                Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
-                    let mut next = Some(outcome);
-                    while let Some((resident, connects, result)) = next {
-                        match result {
-                            Ok(_ack) => delivered.push(resident),
-                            Err(error) if self.connection_lost(&error, connects) => {
-                                waiting.push_back(resident);
-                                unsorted = true;
-                            }
-                            Err(error) => self.failed(resident, &error.to_string(), &out),
-                        }
+                Some(ack) = self.acks.next() => {
+                    let mut next = Some(ack);
+                    let mut handled = 0;
+                    while let Some(ack) = next {
+                        self.settle(&ack, &mut delivered, &out);
+                        handled += 1;
                         if delivered.len() >= REPORT_BATCH {
                             self.report(&mut delivered, &out).await;
                         }
-                        next = in_flight.next().now_or_never().flatten();
+                        next = match handled < MAX_IN_FLIGHT {
+                            true => self.acks.next().now_or_never().flatten(),
+                            false => None,
+                        };
                     }
                     self.report(&mut delivered, &out).await;
                 }
-                () = tokio::time::sleep(RECONNECT_CHECK), if !connected && !waiting.is_empty() => {}
+                () = tokio::time::sleep(TICK), if ticking => {}
                 () = &mut grace_over => break,
             }
         }
         self.report(&mut delivered, &out).await;
-        let left = waiting.len() + in_flight.len();
+        let left = waiting.len() + self.sent.len();
         if left > 0 {
             out.resident.fetch_sub(left, Ordering::Relaxed);
             tracing::warn!(
@@ -200,34 +220,78 @@ impl JetStreamDelivery {
         }
     }
 
-    /// Publishes one schedule; the future completes with its PubAck.
-    async fn publish(
-        &mut self,
-        resident: &Resident,
-    ) -> Result<async_nats::jetstream::context::PublishAckFuture, PublishError> {
+    /// Publishes one schedule with its reply subject; it waits in the table for its PubAck.
+    /// On failure, the schedule and the error: `None` when the connection is the problem.
+    async fn publish(&mut self, resident: Resident) -> Result<(), (Resident, Option<String>)> {
         let schedule = &resident.schedule;
-        let mut headers = delivery_headers(schedule, self.due_text.of(schedule.due))
-            .map_err(|error| PublishError::with_source(PublishErrorKind::Other, error))?;
-        let msg_id: HeaderValue = protocol::msg_id(&schedule.id, schedule.due)
-            .parse()
-            .map_err(|_| PublishError::new(PublishErrorKind::Other))?;
+        let mut headers = match delivery_headers(schedule, self.due_text.of(schedule.due)) {
+            Ok(headers) => headers,
+            Err(error) => return Err((resident, Some(error))),
+        };
+        let Ok(msg_id) = protocol::msg_id(&schedule.id, schedule.due).parse::<HeaderValue>() else {
+            return Err((resident, Some("stored id is not valid in NATS".into())));
+        };
         headers.insert(MSG_ID_NAME.clone(), msg_id);
-        if let Some(failing) = self.failing.get_mut(schedule.subject.as_str()) {
+        let subject = schedule.subject.clone();
+        let payload = schedule.payload.clone();
+        if let Some(failing) = self.failing.get_mut(subject.as_str()) {
             failing.in_flight += 1;
         }
-        self.context
-            .publish_with_headers(schedule.subject.clone(), headers, schedule.payload.clone())
-            .await
+        let token = self.sent.push(Sent {
+            resident,
+            at: Instant::now(),
+        });
+        let reply = format!("{}{token}", self.inbox);
+        let published = self
+            .client
+            .publish_with_reply_and_headers(subject, reply, headers, payload)
+            .await;
+        let Err(error) = published else {
+            return Ok(());
+        };
+        let Some(sent) = self.sent.take(token) else {
+            return Ok(()); // cannot happen: nothing else takes entries meanwhile
+        };
+        self.settled(&sent.resident.schedule.subject);
+        use async_nats::client::PublishErrorKind;
+        match error.kind() {
+            PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::InvalidSubject => {
+                Err((sent.resident, Some(error.to_string())))
+            }
+            _ => Err((sent.resident, None)),
+        }
     }
 
-    /// Whether `error` means the connection went away (rather than the target refusing):
-    /// the connection is not up, or it reconnected since the publish.
-    fn connection_lost(&self, error: &PublishError, connects_at_publish: u64) -> bool {
-        matches!(
-            error.kind(),
-            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
-        ) && (self.client.connection_state() != State::Connected
-            || self.client.statistics().connects.load(Ordering::Relaxed) != connects_at_publish)
+    /// A PubAck (or no-responders status) came back: the schedule is delivered or failed.
+    fn settle(&mut self, ack: &Message, delivered: &mut Vec<Resident>, out: &FiringOutputs) {
+        let token = ack
+            .subject
+            .strip_prefix(self.inbox.as_str())
+            .and_then(|token| token.parse::<u64>().ok());
+        let Some(sent) = token.and_then(|token| self.sent.take(token)) else {
+            return; // settled already, voided by a reconnect, or not ours
+        };
+        self.settled(&sent.resident.schedule.subject);
+        match pub_ack_error(ack) {
+            None => delivered.push(sent.resident),
+            Some(error) => self.failed(sent.resident, &error, out),
+        }
+    }
+
+    /// Fails the publishes whose PubAck is overdue on a live connection.
+    fn time_out(&mut self, out: &FiringOutputs) {
+        while self
+            .sent
+            .oldest()
+            .is_some_and(|sent| sent.at.elapsed() >= ACK_TIMEOUT)
+        {
+            let Some(sent) = self.sent.take_oldest() else {
+                break;
+            };
+            self.settled(&sent.resident.schedule.subject);
+            let error = format!("no PubAck within {ACK_TIMEOUT:?} (is the stream available?)");
+            self.failed(sent.resident, &error, out);
+        }
     }
 
     /// `None` if another publish to `subject` may be in flight, else how long to hold the
@@ -248,7 +312,7 @@ impl JetStreamDelivery {
         }
     }
 
-    /// One publish to `subject` is done (delivered or failed).
+    /// One publish to `subject` is done (delivered, failed or voided).
     fn settled(&mut self, subject: &str) {
         if let Some(failing) = self.failing.get_mut(subject) {
             failing.in_flight = failing.in_flight.saturating_sub(1);
@@ -258,7 +322,6 @@ impl JetStreamDelivery {
     /// A failed attempt: counted, and the schedule waits in the wheel for its next one.
     fn failed(&mut self, resident: Resident, error: &str, out: &FiringOutputs) {
         let s = &resident.schedule;
-        self.settled(&s.subject);
         let wait = self.retries.failed(&s.id, s.due, &s.subject, error);
         let failing = self.failing.entry(s.subject.clone()).or_insert(Failing {
             since: Instant::now(),
@@ -291,9 +354,6 @@ impl JetStreamDelivery {
         if delivered.is_empty() {
             return;
         }
-        for resident in delivered.iter() {
-            self.settled(&resident.schedule.subject);
-        }
         let batch = std::mem::take(delivered);
         out.resident.fetch_sub(batch.len(), Ordering::Relaxed);
         Metrics::count(&self.metrics.fired_total, batch.len() as u64);
@@ -308,10 +368,91 @@ impl JetStreamDelivery {
     }
 }
 
+/// Why the stream did not take a message, from its reply; `None` for a PubAck.
+fn pub_ack_error(reply: &Message) -> Option<String> {
+    if reply.status == Some(StatusCode::NO_RESPONDERS) {
+        return Some("no stream found for the subject (no responders)".into());
+    }
+    #[derive(Deserialize)]
+    struct Reply {
+        stream: Option<String>,
+        error: Option<ReplyError>,
+    }
+    #[derive(Deserialize)]
+    struct ReplyError {
+        #[serde(default)]
+        code: u16,
+        #[serde(default)]
+        description: String,
+    }
+    match serde_json::from_slice::<Reply>(&reply.payload) {
+        Ok(Reply {
+            error: Some(error), ..
+        }) => Some(format!(
+            "JetStream refused the message: {} ({})",
+            error.description, error.code
+        )),
+        Ok(Reply {
+            stream: Some(_), ..
+        }) => None,
+        _ => Some(format!(
+            "unexpected reply to a JetStream publish: {:?}",
+            String::from_utf8_lossy(&reply.payload[..reply.payload.len().min(200)])
+        )),
+    }
+}
+
 /// Hands schedules back to the timer until `at` (they stop counting as resident meanwhile).
 fn back_to_wheel(again: Vec<(Resident, UnixMs)>, out: &FiringOutputs) {
     out.resident.fetch_sub(again.len(), Ordering::Relaxed);
     if out.wheel.send(WheelCommand::Retry(again)).is_err() {
         tracing::warn!("timer stopped; undelivered schedules are retried after restart");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(payload: &'static [u8], status: Option<StatusCode>) -> Message {
+        Message {
+            subject: "_INBOX.x.1".into(),
+            reply: None,
+            payload: bytes::Bytes::from_static(payload),
+            headers: None,
+            status,
+            description: None,
+            length: payload.len(),
+            sanitized: false,
+        }
+    }
+
+    #[test]
+    fn pub_acks_and_refusals_are_told_apart() {
+        assert_eq!(
+            pub_ack_error(&reply(br#"{"stream":"S","seq":1}"#, None)),
+            None
+        );
+        let dup = br#"{"stream":"S","seq":1,"duplicate":true}"#;
+        assert_eq!(pub_ack_error(&reply(dup, None)), None);
+        let full =
+            br#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#;
+        let error = pub_ack_error(&reply(full, None)).unwrap();
+        assert!(error.contains("maximum messages exceeded"), "{error}");
+        let none = pub_ack_error(&reply(b"", Some(StatusCode::NO_RESPONDERS))).unwrap();
+        assert!(none.contains("no stream"), "{none}");
+        for hostile in [
+            &b"\xff\xfe"[..],
+            b"{}",
+            b"[1,2]",
+            b"{\"stream\":7}",
+            b"null",
+        ] {
+            let message = Message {
+                payload: bytes::Bytes::copy_from_slice(hostile),
+                ..reply(b"", None)
+            };
+            assert!(pub_ack_error(&message).is_some(), "{hostile:?}");
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! will not take stays stored and is tried again after a backoff ([`crate::retries`]).
 
 mod core;
+mod in_flight;
 mod jetstream;
 
 pub use self::core::{Firing, FiringOutputs};

@@ -54,6 +54,8 @@ use crate::replies::{Reply, StreamOrigin, Via};
 pub const CONSUMER: &str = "natsched";
 /// Messages requested per pull.
 const PULL_BATCH: usize = 2048;
+/// Bytes requested per pull at most: with large requests, what waits in memory stays bounded.
+const PULL_BYTES: usize = 8 * 1024 * 1024;
 /// Messages delivered but not yet settled, at most (the store writer's queue holds 16 Ki).
 const MAX_ACK_PENDING: i64 = 65_536;
 /// How long the server waits for a settlement before delivering a message again.
@@ -240,7 +242,12 @@ impl JetStreamIntake {
         'pulling: loop {
             let messages = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                messages = self.consumer.stream().max_messages_per_batch(PULL_BATCH).messages() => messages,
+                messages = self
+                    .consumer
+                    .stream()
+                    .max_messages_per_batch(PULL_BATCH)
+                    .max_bytes_per_batch(PULL_BYTES)
+                    .messages() => messages,
             };
             let mut messages = match messages {
                 Ok(messages) => messages,
