@@ -159,11 +159,11 @@ if [ "$MODE" = full ] || [ "$MODE" = jetstream ]; then
   BACKLOG_JS=1000000
   rm -rf "$WORK/store7"
   start_natsched "$WORK/store7"; ready
-  r=$(bench --stage schedule --count "$BACKLOG_JS" --rate 1000000 --lead "$(( BACKLOG_JS / 40000 + 5 ))s" --jetstream-delivery --stream BENCH_BACKLOG)
+  r=$(bench --stage schedule --count "$BACKLOG_JS" --rate 1000000 --lead "$(( BACKLOG_JS / 40000 + 5 ))s" --jetstream-delivery --stream BENCH)
   run=$(json "$r" 'run_id'); first=$(json "$r" 'first_due')
   stop_natsched
   while [ "$(now_ms)" -lt $(( first + 1500 )) ]; do sleep 0.2; done
-  bench --stage receive --run-id "$run" --first-due "$first" --count "$BACKLOG_JS" --rate 1000000 --grace 120s --stream BENCH_BACKLOG >"$WORK/js-backlog.json" &
+  bench --stage receive --run-id "$run" --first-due "$first" --count "$BACKLOG_JS" --rate 1000000 --grace 120s --stream BENCH >"$WORK/js-backlog.json" &
   RECV=$!
   sleep 1
   start_natsched "$WORK/store7"
@@ -176,7 +176,7 @@ if [ "$MODE" = full ] || [ "$MODE" = jetstream ]; then
 
   # Target 8: lateness at 10 000 fires/s delivered into a stream.
   start_natsched "$WORK/store8"; ready
-  r=$(bench --count 300000 --rate 10000 --lead 9s --jetstream-delivery --stream BENCH_LIVE --pid "$NATSCHED_PID" --label js-10k)
+  r=$(bench --count 300000 --rate 10000 --lead 9s --jetstream-delivery --stream BENCH --pid "$NATSCHED_PID" --label js-10k)
   p99=$(json "$r" 'lateness_ms["p99"]')
   row "8. lateness at 10 000 fires/s into a stream, p50 / p99 / p99.9 (ms)" "$(json "$r" 'lateness_ms["p50"]') / $p99 / $(json "$r" 'lateness_ms["p999"]') (stream gained $(json "$r" 'stream_gained'), missing $(json "$r" 'missing'))" "p99 ≤ 10" "$(verdict "$p99 <= 10 and $(json "$r" 'stream_gained') == 300000")"
   stop_natsched

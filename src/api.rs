@@ -29,6 +29,9 @@ use crate::retries::Retries;
 use crate::store::{Store, StoreError};
 use crate::time;
 
+/// Most cancels waiting for the JetStream intake at once.
+const MAX_BARRIER_WAITS: usize = 256;
+
 /// The subscriptions of the operations API.
 pub struct Api {
     client: Client,
@@ -37,6 +40,8 @@ pub struct Api {
     retries: Arc<Retries>,
     /// With the JetStream intake: what a cancel waits for before it goes to the store writer.
     barrier: Option<Arc<IntakeBarrier>>,
+    /// Cancels waiting at the barrier at once, at most [`MAX_BARRIER_WAITS`].
+    barrier_waits: Arc<tokio::sync::Semaphore>,
     cancels: Subscriber,
     gets: Subscriber,
     lists: Subscriber,
@@ -74,6 +79,7 @@ impl Api {
             metrics,
             retries,
             barrier,
+            barrier_waits: Arc::new(tokio::sync::Semaphore::new(MAX_BARRIER_WAITS)),
         })
     }
 
@@ -165,7 +171,12 @@ impl Api {
                 let commands = commands.clone();
                 let client = self.client.clone();
                 let metrics = self.metrics.clone();
+                // Bounded: a flood of cancels waits here instead of piling up tasks.
+                let Ok(permit) = self.barrier_waits.clone().acquire_owned().await else {
+                    return;
+                };
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match barrier.wait().await {
                         Ok(()) => send_cancel(id, reply, &commands).await,
                         Err(error) => {

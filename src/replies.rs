@@ -44,6 +44,10 @@ pub struct StreamOrigin {
     /// The intake stream's creation time (Unix ms) and the message's sequence in it.
     pub stream_created: u64,
     pub sequence: u64,
+    /// The stream's first sequence as intake last saw it: nothing below can come again.
+    pub floor: u64,
+    /// Where a 503 (redelivered later) is noted, for cancels to wait for it.
+    pub awaiting: crate::intake::Awaiting,
 }
 
 impl Reply {

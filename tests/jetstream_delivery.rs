@@ -175,8 +175,11 @@ async fn a_missing_stream_holds_back_only_its_own_schedules() {
     }
     assert!(worst < 250, "core deliveries were {worst} ms late");
 
-    let stats = stats_when(&client, |s| s["delivery_errors_total"].as_u64() >= Some(50)).await;
-    assert_eq!(stats["pending"], STREAMED as u64, "{stats}");
+    // The core ones leave the store within 100 ms of firing; the streamed ones stay.
+    stats_when(&client, |s| {
+        s["delivery_errors_total"].as_u64() >= Some(50) && s["pending"] == STREAMED as u64
+    })
+    .await;
     let got = call(&client, "sched.get", "late-0").await;
     let got: serde_json::Value = serde_json::from_slice(&got.payload).unwrap();
     assert!(got["attempts"].as_u64() >= Some(1), "{got}");

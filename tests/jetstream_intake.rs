@@ -82,12 +82,26 @@ async fn requests_published_while_natsched_is_down_all_fire() {
     });
     ids.extend(futures::future::join_all(acks).await);
     assert_eq!(intake_messages(&js).await, COUNT as u64);
-
+    let published_by = jiff::Timestamp::now();
+    // natsched stays down a little longer: the scenario, not a wait for a condition.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let daemon = Daemon::start(jetstream_config(&server, store.path())).await;
     let mut delivered = BTreeSet::new();
     while delivered.len() < COUNT {
         let message = next(&mut fired).await;
         assert!(delivered.insert(sched_id(&message)), "fired twice");
+        // Sched-Delay counts from the publish, not from when natsched consumed it.
+        let due = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Sched-Due"))
+            .unwrap();
+        let due: jiff::Timestamp = due.as_str().parse().unwrap();
+        let latest = published_by + jiff::SignedDuration::from_millis(500);
+        assert!(
+            due <= latest,
+            "due {due} counted from consumption, not the publish"
+        );
     }
     assert_eq!(delivered, ids);
     stats_when(&client, |s| s["pending"] == 0).await;

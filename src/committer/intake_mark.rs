@@ -1,82 +1,147 @@
-//! Exactly-once intake from the JetStream intake stream, without an index.
+//! Exactly-once intake from the JetStream intake stream, without a per-schedule index.
 //!
-//! The intake consumer acks a message only after its schedule is durable, so a crash between
-//! the commit and the ack delivers the message again (to the next start: the consumer is
-//! re-created then). Storing it again would add a second copy under a new id. Instead the
-//! store writer keeps a *mark*: the stream sequence up to which every message is stored,
-//! written in the same atomic batch as the schedules, and acks a message at or below it
-//! without storing it again.
+//! The intake consumer acks a message only after its schedule is durable, so a crash (or a
+//! lost connection) between the commit and the ack delivers the message again: at the next
+//! start, where the consumer is re-created, or after the ack wait. Storing it again would add
+//! a second copy under a new id. Instead the store writer keeps the *mark*: the stream
+//! sequences it has stored, as ranges, written in the same atomic batch as the schedules. A
+//! message whose sequence is in the mark is acked without being stored again.
 //!
-//! Why one number is enough: one consumer delivers the stream in sequence order, and intake
-//! hands messages to this thread in the order it got them, so when a message is committed,
-//! every earlier one was committed or refused before it. The exception is a message refused
-//! with 503 (store unavailable or full): it is delivered again later, out of order, and must
-//! then be stored. Those wait in `retry`, and the mark written stays below the lowest of them
-//! (a crash then may store a few messages twice, never drop one). A refusal other than 503
-//! terminates the message: it never comes back.
+//! No order is assumed: a message lost on the way (a connection dropped after the server sent
+//! it) is simply not in the mark when it comes again, and a message refused for now (503) is
+//! not in it either. The mark only forgets what can never come again: sequences below the
+//! stream's first sequence (a work queue removes a message once acked, so everything below
+//! its first message is gone). Sequences are stored mostly in runs, so the ranges are few; if
+//! they ever exceed [`MAX_RANGES`], the oldest are dropped (such a message, if it came again,
+//! would be stored twice: never lost).
 //!
 //! The mark belongs to one incarnation of the stream (its creation time): a stream deleted
 //! and made again starts its sequences over, and the mark with it.
 //!
 //! Pure bookkeeping: no I/O (the committer reads and writes the mark with its batches).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
+
+use crate::record::{Reader, put_varint};
+
+/// Most ranges kept (a few KiB in each commit batch at worst).
+pub(crate) const MAX_RANGES: usize = 4096;
 
 /// The JetStream intake's mark (see the module docs).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct IntakeMark {
     /// The stream incarnation (creation time, Unix ms) the sequences belong to.
     stream: u64,
-    /// The highest sequence committed (in memory: ahead of the durable mark until the batch
-    /// that carries it is written).
-    committed: u64,
-    /// Sequences refused with 503 that will be delivered again.
-    retry: BTreeSet<u64>,
+    /// Stored sequences: disjoint, non-adjacent ranges, first → last (inclusive).
+    stored: BTreeMap<u64, u64>,
 }
 
 impl IntakeMark {
-    /// The mark as recorded in the store (`None`: nothing recorded yet).
-    pub(crate) fn from_record(record: Option<(u64, u64)>) -> IntakeMark {
-        let (stream, committed) = record.unwrap_or_default();
-        IntakeMark {
-            stream,
-            committed,
-            retry: BTreeSet::new(),
+    /// The mark as recorded; an unreadable record gives an empty mark (then a message may
+    /// be stored twice, never dropped).
+    pub(crate) fn decode(record: Option<&[u8]>) -> IntakeMark {
+        let Some(record) = record else {
+            return IntakeMark::default();
+        };
+        let decoded = (|| {
+            let mut r = Reader(record);
+            let stream = u64::from_be_bytes(r.array().ok()?);
+            let count = r.varint().ok()?;
+            let mut stored = BTreeMap::new();
+            let mut last = 0u64;
+            for _ in 0..count.min(MAX_RANGES as u64) {
+                let first = last.checked_add(r.varint().ok()?)?;
+                let end = first.checked_add(r.varint().ok()?)?;
+                stored.insert(first, end);
+                last = end.saturating_add(2); // ranges are disjoint and not adjacent
+            }
+            (r.0.is_empty()).then_some(IntakeMark { stream, stored })
+        })();
+        decoded.unwrap_or_else(|| {
+            tracing::warn!(
+                len = record.len(),
+                "the JetStream intake mark is damaged; ignored (redelivered requests may be \
+                 stored twice)"
+            );
+            IntakeMark::default()
+        })
+    }
+
+    /// The record: stream, range count, then each range as (gap from the previous end + 2,
+    /// length − 1), varints.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + 4 * self.stored.len());
+        out.extend_from_slice(&self.stream.to_be_bytes());
+        put_varint(&mut out, self.stored.len() as u64);
+        let mut last = 0u64;
+        for (&first, &end) in &self.stored {
+            put_varint(&mut out, first.saturating_sub(last));
+            put_varint(&mut out, end - first);
+            last = end.saturating_add(2);
         }
+        out
     }
 
     /// Whether message `sequence` of the stream created at `stream` is stored already (a
-    /// redelivery whose ack was lost). A new stream incarnation starts the mark over.
+    /// redelivery). A new stream incarnation starts the mark over.
     pub(crate) fn is_stored(&mut self, stream: u64, sequence: u64) -> bool {
         if stream != self.stream {
             *self = IntakeMark {
                 stream,
-                ..IntakeMark::default()
+                stored: BTreeMap::new(),
             };
         }
-        sequence <= self.committed && !self.retry.contains(&sequence)
+        self.stored
+            .range(..=sequence)
+            .next_back()
+            .is_some_and(|(_, &end)| sequence <= end)
     }
 
-    /// Message `sequence` is staged in the round about to be committed.
+    /// Message `sequence` is stored (with the batch about to be committed).
     pub(crate) fn stored(&mut self, sequence: u64) {
-        self.committed = self.committed.max(sequence);
-        self.retry.remove(&sequence);
+        let before = self
+            .stored
+            .range(..=sequence)
+            .next_back()
+            .map(|(&f, &e)| (f, e));
+        if let Some((_, end)) = before
+            && sequence <= end
+        {
+            return;
+        }
+        let mut first = sequence;
+        let mut end = sequence;
+        if let Some((f, e)) = before
+            && e.checked_add(1) == Some(sequence)
+        {
+            first = f;
+        }
+        if let Some(next_end) = sequence
+            .checked_add(1)
+            .and_then(|next| self.stored.remove(&next))
+        {
+            end = next_end;
+        }
+        self.stored.insert(first, end);
+        while self.stored.len() > MAX_RANGES {
+            self.stored.pop_first();
+        }
     }
 
-    /// Message `sequence` was refused with 503 and will be delivered again.
-    pub(crate) fn refused_for_now(&mut self, sequence: u64) {
-        self.retry.insert(sequence);
-    }
-
-    /// The round did not commit: back to what is durable.
-    pub(crate) fn revert_to(&mut self, durable: &IntakeMark) {
-        self.committed = durable.committed.min(self.committed);
-    }
-
-    /// What to record: (stream, sequence up to which everything is stored).
-    pub(crate) fn record(&self) -> (u64, u64) {
-        let below_retry = self.retry.first().map_or(u64::MAX, |r| r.saturating_sub(1));
-        (self.stream, self.committed.min(below_retry))
+    /// Forgets sequences below `floor`: the stream holds none of them any more.
+    pub(crate) fn forget_below(&mut self, floor: u64) {
+        while let Some(entry) = self.stored.first_entry() {
+            let (first, end) = (*entry.key(), *entry.get());
+            if end < floor {
+                entry.remove();
+            } else {
+                if first < floor {
+                    entry.remove();
+                    self.stored.insert(floor, end);
+                }
+                break;
+            }
+        }
     }
 }
 
@@ -86,76 +151,68 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn redeliveries_at_or_below_the_mark_are_stored_already() {
-        let mut mark = IntakeMark::from_record(Some((7, 10)));
-        assert!(mark.is_stored(7, 10));
-        assert!(mark.is_stored(7, 1));
-        assert!(!mark.is_stored(7, 11));
-        mark.stored(11);
-        assert!(mark.is_stored(7, 11));
-        assert_eq!(mark.record(), (7, 11));
+    fn stored_sequences_are_known_again_and_others_are_not() {
+        let mut mark = IntakeMark::default();
+        assert!(!mark.is_stored(7, 5));
+        for sequence in [6, 7, 9, 5] {
+            mark.stored(sequence);
+        }
+        assert!(mark.is_stored(7, 5));
+        assert!(mark.is_stored(7, 7));
+        assert!(!mark.is_stored(7, 8), "lost on the way: not stored");
+        assert!(mark.is_stored(7, 9));
+        assert_eq!(mark.stored.len(), 2, "5-7 and 9");
+        mark.stored(8);
+        assert_eq!(mark.stored.len(), 1, "merged into 5-9");
+        let back = IntakeMark::decode(Some(&mark.encode()));
+        assert_eq!(back, mark);
     }
 
     #[test]
-    fn a_503_keeps_the_recorded_mark_below_it_until_stored() {
-        let mut mark = IntakeMark::from_record(None);
-        assert!(!mark.is_stored(1, 5));
-        mark.refused_for_now(5);
-        mark.stored(6);
-        mark.stored(7);
-        assert!(!mark.is_stored(1, 5), "refused, so not stored");
-        assert!(mark.is_stored(1, 6));
-        assert_eq!(mark.record(), (1, 4));
-        mark.stored(5);
-        assert_eq!(mark.record(), (1, 7));
-    }
-
-    #[test]
-    fn a_new_stream_starts_over() {
-        let mut mark = IntakeMark::from_record(Some((1, 1000)));
-        assert!(!mark.is_stored(2, 3), "another incarnation of the stream");
-        assert_eq!(mark.record(), (2, 0));
-    }
-
-    #[test]
-    fn a_failed_round_goes_back_to_the_durable_mark() {
-        let durable = IntakeMark::from_record(Some((1, 10)));
-        let mut mark = durable.clone();
+    fn a_new_stream_starts_over_and_the_floor_forgets() {
+        let mut mark = IntakeMark::default();
+        mark.is_stored(1, 1);
+        mark.stored(10);
         mark.stored(20);
-        mark.revert_to(&durable);
-        assert!(!mark.is_stored(1, 15));
-        assert!(mark.is_stored(1, 10));
+        mark.forget_below(15);
+        assert!(!mark.is_stored(1, 10));
+        assert!(mark.is_stored(1, 20));
+        assert!(!mark.is_stored(2, 20), "another incarnation of the stream");
+        assert_eq!(mark.encode().len(), 9);
+    }
+
+    #[test]
+    fn damage_gives_an_empty_mark() {
+        let mut mark = IntakeMark::default();
+        mark.is_stored(3, 1);
+        mark.stored(4);
+        let record = mark.encode();
+        for cut in 0..record.len() {
+            let decoded = IntakeMark::decode(Some(&record[..cut]));
+            assert!(decoded.stored.is_empty(), "cut at {cut}");
+        }
+        assert_eq!(IntakeMark::decode(Some(&[0xff; 40])), IntakeMark::default());
     }
 
     proptest! {
-        /// Against a model: a message delivered in order, stored or refused (with 503 or
-        /// for good), then delivered again, is reported stored exactly when the model stored
-        /// it; and the recorded mark never claims a message that is not stored.
+        /// Against a model (a set of sequences): stores, floors and lookups agree, and the
+        /// record round-trips.
         #[test]
-        fn matches_a_model(outcomes in proptest::collection::vec(0u8..3, 1..200), again in proptest::collection::vec(any::<proptest::sample::Index>(), 0..50)) {
-            let mut mark = IntakeMark::from_record(None);
-            let mut model = std::collections::HashMap::new();
-            for (i, outcome) in outcomes.iter().enumerate() {
-                let seq = i as u64 + 1;
-                prop_assert!(!mark.is_stored(9, seq));
-                match outcome {
-                    0 => { mark.stored(seq); model.insert(seq, true); }
-                    1 => { mark.refused_for_now(seq); model.insert(seq, false); }
-                    _ => { model.insert(seq, false); } // terminated: never delivered again
-                }
-                let (_, recorded) = mark.record();
-                for s in 1..=recorded {
-                    prop_assert!(model[&s] || outcomes[s as usize - 1] == 2, "mark {recorded} claims {s}");
+        fn matches_a_model(ops in proptest::collection::vec((0u8..3, 0u64..300), 1..400)) {
+            let mut mark = IntakeMark::default();
+            mark.is_stored(1, 0);
+            let mut model = std::collections::BTreeSet::new();
+            for (op, sequence) in ops {
+                match op {
+                    0 => { mark.stored(sequence); model.insert(sequence); }
+                    1 => { mark.forget_below(sequence / 4); model.retain(|s| *s >= sequence / 4); }
+                    _ => prop_assert_eq!(mark.is_stored(1, sequence), model.contains(&sequence)),
                 }
             }
-            // Redeliveries of 503-refused messages: stored the second time.
-            for index in again {
-                let seq = index.index(outcomes.len()) as u64 + 1;
-                if outcomes[seq as usize - 1] != 1 { continue; }
-                let stored = model[&seq];
-                prop_assert_eq!(mark.is_stored(9, seq), stored);
-                if !stored { mark.stored(seq); model.insert(seq, true); }
+            for sequence in 0..300 {
+                prop_assert_eq!(mark.is_stored(1, sequence), model.contains(&sequence));
             }
+            prop_assert_eq!(IntakeMark::decode(Some(&mark.encode())), mark);
         }
     }
 }

@@ -64,9 +64,7 @@ use crate::time::{self, UnixMs};
 
 use intake_mark::IntakeMark;
 use outage::Outage;
-use round::{
-    Fired, MAX_FAR_SEGMENT_BYTES, MAX_SEGMENT_BYTES, Round, SPARSE_BYTES, StreamOutcome, split,
-};
+use round::{Fired, MAX_FAR_SEGMENT_BYTES, MAX_SEGMENT_BYTES, Round, SPARSE_BYTES, split};
 
 /// How often an idle committer checks whether the horizon needs loading.
 const IDLE_TICK: Duration = Duration::from_millis(20);
@@ -150,6 +148,8 @@ pub struct Committer {
     /// The JetStream intake's mark, with this round's changes, and as last committed.
     intake: IntakeMark,
     intake_durable: IntakeMark,
+    /// Whether this round changed the mark (then its batch records it).
+    intake_changed: bool,
 }
 
 impl Committer {
@@ -166,10 +166,11 @@ impl Committer {
             metrics,
         } = links;
         let ledger = read_ledger(&store, &options.capacity)?;
-        let intake = IntakeMark::from_record(store.intake_mark()?);
+        let intake = IntakeMark::decode(store.intake_mark()?.as_deref());
         let committer = Committer {
             intake_durable: intake.clone(),
             intake,
+            intake_changed: false,
             ledger,
             outage: None,
             far_held_until: None,
@@ -273,14 +274,24 @@ impl Committer {
                 StoreCommand::Fired(residents) => self.note_fired(residents),
                 StoreCommand::Add { schedule, reply } if failed.is_none() => {
                     let capacity = &self.options.capacity;
-                    if let Some((stream, sequence)) = stream_position(&reply)
-                        && self.intake.is_stored(stream, sequence)
-                    {
-                        round.already_stored(reply);
-                    } else if let Some(error) = self.unissued_id(&schedule) {
+                    let position = stream_position(&reply);
+                    if let Some((stream, sequence, floor)) = position {
+                        if self.intake.is_stored(stream, sequence) {
+                            round.already_stored(reply);
+                            continue;
+                        }
+                        self.intake.forget_below(floor);
+                        self.intake_changed = true;
+                    }
+                    if let Some(error) = self.unissued_id(&schedule) {
                         round.refuse_with(reply, error);
                     } else if let Err(err) = round.add(&self.store, capacity, schedule, reply) {
                         failed = Some(err);
+                    } else if let Some((_, sequence, _)) = position
+                        && round.last_was_added()
+                    {
+                        // Known at once, so a redelivery later in this round is known too.
+                        self.intake.stored(sequence);
                     }
                 }
                 StoreCommand::Cancel { id, reply } if failed.is_none() => {
@@ -320,9 +331,11 @@ impl Committer {
             Some(err) => Err(err),
             None => self.commit(&mut round),
         };
-        match &result {
-            Ok(()) => self.intake_durable = self.intake.clone(),
-            Err(_) => self.intake.revert_to(&self.intake_durable),
+        if std::mem::take(&mut self.intake_changed) {
+            match &result {
+                Ok(()) => self.intake_durable = self.intake.clone(),
+                Err(_) => self.intake = self.intake_durable.clone(),
+            }
         }
         if result.is_ok() && flush_fired {
             // Gone from the store now, so they can no longer be loaded again: the wheel may
@@ -354,26 +367,6 @@ impl Committer {
 
     /// Sends the round's replies, given how it ended.
     fn send_acks(&mut self, round: &mut Round, failure: Option<&StoreError>) {
-        if failure.is_some() {
-            // Nothing of the round is stored: its intake stream messages come again.
-            let sequences: Vec<u64> = round
-                .stream_messages()
-                .filter(|(_, _, outcome)| !matches!(outcome, StreamOutcome::Settled))
-                .map(|(_, sequence, _)| sequence)
-                .collect();
-            for sequence in sequences {
-                self.intake.refused_for_now(sequence);
-            }
-        } else {
-            let again: Vec<u64> = round
-                .stream_messages()
-                .filter(|(_, _, outcome)| matches!(outcome, StreamOutcome::Again))
-                .map(|(_, sequence, _)| sequence)
-                .collect();
-            for sequence in again {
-                self.intake.refused_for_now(sequence);
-            }
-        }
         let acks = round.acks(failure);
         Metrics::count(&self.metrics.errors_total, round.unanswered_errors());
         if !acks.is_empty() {
@@ -565,9 +558,8 @@ impl Committer {
             }
         }
         let (mut batch, mut wheel_commands) = round.finish(self.next_seq, &self.options.capacity);
-        if self.note_stream_messages(round) {
-            let (stream, sequence) = self.intake.record();
-            batch.set_intake_mark(stream, sequence);
+        if self.intake_changed {
+            batch.set_intake_mark(&self.intake.encode());
         }
         self.store.commit(batch)?;
         round.mark_applied();
@@ -589,21 +581,6 @@ impl Committer {
         Metrics::count(&self.metrics.scheduled_total, added);
         Metrics::count(&self.metrics.cancelled_total, cancelled);
         Ok(())
-    }
-
-    /// Applies what becomes of the round's intake stream messages to the intake mark, before
-    /// the batch records it. Returns whether the round had any.
-    fn note_stream_messages(&mut self, round: &Round) -> bool {
-        let mut any = false;
-        for (_, sequence, outcome) in round.stream_messages() {
-            any = true;
-            match outcome {
-                StreamOutcome::Stored => self.intake.stored(sequence),
-                StreamOutcome::Again => self.intake.refused_for_now(sequence),
-                StreamOutcome::Settled => {}
-            }
-        }
-        any
     }
 
     /// Makes room in memory for `count` schedules by letting the wheel go of as many of its
@@ -709,10 +686,11 @@ impl Committer {
 /// whole store) and recorded when the record lacks a configured quota, or when damage found
 /// earlier may have put them off; the record per quota is dropped when no quota is
 /// configured, so a quota configured again later is counted afresh.
-/// Where an add from the JetStream intake stream sits in it: (stream creation ms, sequence).
-fn stream_position(reply: &Option<Reply>) -> Option<(u64, u64)> {
+/// Where an add from the JetStream intake stream sits in it: (stream creation ms, sequence,
+/// the stream's first sequence as intake last saw it).
+fn stream_position(reply: &Option<Reply>) -> Option<(u64, u64, u64)> {
     match &reply.as_ref()?.via {
-        Via::Stream(origin) => Some((origin.stream_created, origin.sequence)),
+        Via::Stream(origin) => Some((origin.stream_created, origin.sequence, origin.floor)),
         Via::Request => None,
     }
 }

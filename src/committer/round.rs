@@ -10,7 +10,7 @@ use foldhash::{HashMap, HashSet};
 use crate::policy::{Capacity, Ledger, QuotaMask};
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
-use crate::replies::{Ack, Reply, Via};
+use crate::replies::{Ack, Reply};
 use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
 use crate::store::{SegmentKey, Store, StoreError, Tier, WriteBatch, bucket_of, segment};
 use crate::time::UnixMs;
@@ -129,16 +129,6 @@ enum Outcome {
     Refused(ApiError),
 }
 
-/// What becomes of an intake stream message in this round (see `intake_mark.rs`).
-pub enum StreamOutcome {
-    /// Stored if the round commits.
-    Stored,
-    /// Refused for now (503): it will be delivered again.
-    Again,
-    /// Refused for good, or stored already: it will not be delivered again.
-    Settled,
-}
-
 impl Round {
     /// A round starting from what is pending (`ledger`).
     pub fn new(ledger: Ledger) -> Round {
@@ -242,20 +232,12 @@ impl Round {
         self.acks.push((reply, Outcome::AlreadyStored));
     }
 
-    /// The intake stream messages of this round (stream creation ms, sequence) and what
-    /// becomes of them if the round commits.
-    pub fn stream_messages(&self) -> impl Iterator<Item = (u64, u64, StreamOutcome)> + '_ {
-        self.acks.iter().filter_map(|(reply, outcome)| {
-            let Via::Stream(origin) = &reply.as_ref()?.via else {
-                return None;
-            };
-            let outcome = match outcome {
-                Outcome::Added { .. } | Outcome::Named { .. } => StreamOutcome::Stored,
-                Outcome::Refused(error) if error.code == 503 => StreamOutcome::Again,
-                _ => StreamOutcome::Settled,
-            };
-            Some((origin.stream_created, origin.sequence, outcome))
-        })
+    /// Whether the last request staged was an add that will be stored if the round commits.
+    pub fn last_was_added(&self) -> bool {
+        matches!(
+            self.acks.last(),
+            Some((_, Outcome::Added { .. } | Outcome::Named { .. }))
+        )
     }
 
     /// Records a request that could not be staged (an earlier one failed): it gets a 503.

@@ -175,8 +175,14 @@ impl Firing {
         };
         tokio::pin!(grace_over);
         let (to_jetstream, jetstream_due) = mpsc::unbounded_channel();
+        // Aborted with this task (if a shutdown gives up on it), never left running alone.
         let jetstream = self.jetstream.take().map(|jetstream| {
-            tokio::spawn(jetstream.run(jetstream_due, out.clone(), stop.clone(), SHUTDOWN_GRACE))
+            AbortOnDrop(tokio::spawn(jetstream.run(
+                jetstream_due,
+                out.clone(),
+                stop.clone(),
+                SHUTDOWN_GRACE,
+            )))
         });
         let mut abandoned = 0;
         let mut batch: Vec<Resident> = Vec::with_capacity(MAX_BATCH);
@@ -246,8 +252,8 @@ impl Firing {
             );
         }
         drop(to_jetstream);
-        if let Some(jetstream) = jetstream
-            && let Err(err) = jetstream.await
+        if let Some(mut jetstream) = jetstream
+            && let Err(err) = (&mut jetstream.0).await
         {
             tracing::error!("JetStream delivery failed: {err}");
         }
@@ -389,8 +395,19 @@ fn hand_back_early(batch: &mut Vec<Resident>, now: UnixMs, out: &FiringOutputs) 
     !batch.is_empty()
 }
 
+/// A task that is aborted when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Hands the schedules of `batch` delivered through JetStream to that publisher, which runs
-/// beside this one (neither waits for the other). Returns whether anything is left here.
+/// beside this one: a JetStream delivery never waits for a core one (though a batch handed
+/// over behind a core batch waiting for its fence waits for that). Returns whether anything
+/// is left here.
 fn split_off_jetstream(
     batch: &mut Vec<Resident>,
     to_jetstream: &mpsc::UnboundedSender<Vec<Resident>>,

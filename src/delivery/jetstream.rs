@@ -133,7 +133,7 @@ impl JetStreamDelivery {
         let mut delivered: Vec<Resident> = Vec::new();
         let mut open = true;
         let mut lateness = Vec::new();
-        loop {
+        'running: loop {
             let now_connects = statistics.connects.load(Ordering::Relaxed);
             if now_connects != connects {
                 // What went out on the old connection may have died with it: publish it
@@ -165,7 +165,13 @@ impl JetStreamDelivery {
                     lateness.push(
                         time::now_us().saturating_sub(resident.schedule.due.saturating_mul(1000)),
                     );
-                    match self.publish(resident).await {
+                    // Raced with the grace period: a publish can wait for the client's queue
+                    // while the connection breaks. (Cut off, it stays in `sent`.)
+                    let published = tokio::select! {
+                        published = self.publish(resident) => published,
+                        () = &mut grace_over => break 'running,
+                    };
+                    match published {
                         Ok(()) => {}
                         Err((resident, Some(error))) => self.failed(resident, &error, &out),
                         Err((resident, None)) => {

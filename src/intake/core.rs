@@ -106,7 +106,7 @@ impl Intake {
     }
 
     async fn handle(&self, message: Message, store: &tokio::sync::mpsc::Sender<StoreCommand>) {
-        match self.requests.schedule_of(&message) {
+        match self.requests.schedule_of(&message, crate::time::now_ms()) {
             Ok(schedule) => {
                 let add = StoreCommand::Add {
                     schedule,

@@ -49,6 +49,7 @@ use crate::config::Config;
 use crate::metrics::{Endpoint, Metrics};
 use crate::protocol::{self, ApiError};
 use crate::replies::{Reply, StreamOrigin, Via};
+use crate::time;
 
 /// The durable consumer natsched reads the intake stream with.
 pub const CONSUMER: &str = "natsched";
@@ -64,6 +65,8 @@ const ACK_WAIT: Duration = Duration::from_secs(30);
 const NAK_DELAY: Duration = Duration::from_secs(1);
 /// How long a cancel waits for intake to reach the adds published before it.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the stream's first sequence is read (for the intake mark).
+const FLOOR_REFRESH: Duration = Duration::from_secs(5);
 /// Pause before pulling again after the pull failed (NATS away).
 const PULL_RETRY: Duration = Duration::from_millis(500);
 
@@ -87,6 +90,8 @@ pub struct IntakeBarrier {
     stream: String,
     /// The highest stream sequence handed to the store writer (or refused) so far.
     handed: watch::Receiver<u64>,
+    /// Sequences refused for now (503), to be delivered again.
+    awaiting: Awaiting,
 }
 
 impl IntakeBarrier {
@@ -115,8 +120,17 @@ impl IntakeBarrier {
             handed
                 .wait_for(|seq| *seq >= last)
                 .await
-                .map(|_| ())
-                .map_err(|_| unavailable("intake stopped".into()))
+                .map_err(|_| unavailable("intake stopped".into()))?;
+            // An add refused for now comes again later: the cancel must not overtake it.
+            let waiting_again = self
+                .awaiting
+                .lock()
+                .map(|awaiting| awaiting.first().is_some_and(|first| *first <= last))
+                .unwrap_or(false);
+            match waiting_again {
+                true => Err(unavailable("an earlier add waits to be stored".into())),
+                false => Ok(()),
+            }
         };
         tokio::time::timeout(BARRIER_TIMEOUT, wait)
             .await
@@ -128,13 +142,40 @@ impl IntakeBarrier {
 pub struct JetStreamIntake {
     requests: Requests,
     client: Client,
+    context: Context,
+    /// The intake stream as natsched wants it (to make it again if it disappears).
+    wanted: stream::Config,
     consumer: PullConsumer,
     /// The stream's creation time (ms): which incarnation of it the sequences belong to.
     created_ms: u64,
+    /// The stream's first sequence as last read: nothing below it can come again.
+    floor: u64,
     /// `<prefix>.rejected`.
     rejected: Subject,
     handed: watch::Sender<u64>,
+    /// Sequences refused for now (503) and not yet delivered again.
+    awaiting: Awaiting,
     metrics: Arc<Metrics>,
+}
+
+/// Intake stream sequences refused for now (503) that the server will deliver again.
+pub(crate) type Awaiting = Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>;
+
+/// The durable consumer's settings.
+fn consumer_config() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(CONSUMER.into()),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_ack_pending: MAX_ACK_PENDING,
+        ..Default::default()
+    }
+}
+
+/// The creation time of a stream, in Unix ms.
+fn created_ms(info: &stream::Info) -> u64 {
+    u64::try_from(info.created.unix_timestamp_nanos() / 1_000_000).unwrap_or_default()
 }
 
 impl JetStreamIntake {
@@ -162,7 +203,7 @@ impl JetStreamIntake {
             reason,
         };
         let stream = context
-            .get_or_create_stream(wanted)
+            .get_or_create_stream(wanted.clone())
             .await
             .map_err(|e| stream_error(e.to_string()))?;
         let info = stream.cached_info();
@@ -190,8 +231,8 @@ impl JetStreamIntake {
                 "the intake stream exists with another replica count; keeping it"
             );
         }
-        let created_ms =
-            u64::try_from(info.created.unix_timestamp_nanos() / 1_000_000).unwrap_or_default();
+        let created_ms = created_ms(info);
+        let floor = info.state.first_sequence;
         // Re-created, so that what an earlier natsched took but never settled comes at once.
         let _ = stream.delete_consumer(CONSUMER).await;
         let consumer_error = |reason: String| JetStreamSetupError::Consumer {
@@ -199,14 +240,7 @@ impl JetStreamIntake {
             reason,
         };
         let consumer: PullConsumer = stream
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some(CONSUMER.into()),
-                deliver_policy: DeliverPolicy::All,
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
-                max_ack_pending: MAX_ACK_PENDING,
-                ..Default::default()
-            })
+            .create_consumer(consumer_config())
             .await
             .map_err(|e| consumer_error(e.to_string()))?;
         tracing::info!(
@@ -216,10 +250,12 @@ impl JetStreamIntake {
             "consuming schedule requests from JetStream"
         );
         let (handed, handed_rx) = watch::channel(0);
+        let awaiting = Awaiting::default();
         let barrier = IntakeBarrier {
-            context,
+            context: context.clone(),
             stream: name,
             handed: handed_rx,
+            awaiting: awaiting.clone(),
         };
         let metrics = requests.metrics.clone();
         Ok((
@@ -227,9 +263,13 @@ impl JetStreamIntake {
                 rejected: Subject::from(format!("{}.rejected", config.api.prefix)),
                 requests,
                 client,
+                context,
+                wanted,
                 consumer,
                 created_ms,
+                floor,
                 handed,
+                awaiting,
                 metrics,
             },
             barrier,
@@ -237,8 +277,10 @@ impl JetStreamIntake {
     }
 
     /// Consumes requests until `shutdown`. Messages taken but not handed over are left to
-    /// the server, which delivers them again (to the next start at the latest).
-    pub async fn run(self, store: mpsc::Sender<StoreCommand>, shutdown: CancellationToken) {
+    /// the server, which delivers them again (to the next start at the latest). If the
+    /// consumer or the stream disappears, it is made again.
+    pub async fn run(mut self, store: mpsc::Sender<StoreCommand>, shutdown: CancellationToken) {
+        let mut refresh = tokio::time::interval(FLOOR_REFRESH);
         'pulling: loop {
             let messages = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -255,17 +297,28 @@ impl JetStreamIntake {
                     tracing::warn!(error = %err, "cannot pull from the intake stream; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(PULL_RETRY) => continue,
+                        () = tokio::time::sleep(PULL_RETRY) => {}
                     }
+                    self.set_up_again().await;
+                    continue;
                 }
             };
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'pulling,
+                    _ = refresh.tick() => self.refresh().await,
                     next = messages.next() => match next {
                         Some(Ok(message)) => self.handle(message, &store).await,
-                        // Missed heartbeats and the like: the pull stream carries on by itself.
-                        Some(Err(err)) => tracing::debug!(error = %err, "intake pull"),
+                        Some(Err(err)) => {
+                            use async_nats::jetstream::consumer::pull::MessagesErrorKind;
+                            if matches!(err.kind(), MessagesErrorKind::ConsumerDeleted) {
+                                tracing::warn!("the intake consumer was deleted; making it again");
+                                self.set_up_again().await;
+                                continue 'pulling;
+                            }
+                            // Missed heartbeats and the like: the pull stream carries on.
+                            tracing::debug!(error = %err, "intake pull");
+                        }
                         None => continue 'pulling,
                     },
                 }
@@ -273,16 +326,60 @@ impl JetStreamIntake {
         }
     }
 
-    async fn handle(&self, message: jetstream::Message, store: &mpsc::Sender<StoreCommand>) {
-        let sequence = message.info().map(|info| info.stream_sequence);
-        let jetstream::Message { message, .. } = message;
-        let Some(ack) = message.reply.clone() else {
-            return; // not from a consumer (cannot happen on a pull subscription)
+    /// Reads the stream's first sequence (the intake mark forgets what is below it); notices
+    /// a stream made anew.
+    async fn refresh(&mut self) {
+        if let Ok(stream) = self.context.get_stream(&self.wanted.name).await {
+            let info = stream.cached_info();
+            self.floor = info.state.first_sequence;
+            if created_ms(info) != self.created_ms {
+                tracing::warn!(stream = %self.wanted.name, "the intake stream was made anew");
+                self.set_up_again().await;
+            }
+        }
+    }
+
+    /// Gets or makes the stream and the consumer again (after either disappeared).
+    async fn set_up_again(&mut self) {
+        let stream = match self.context.get_or_create_stream(self.wanted.clone()).await {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot get the intake stream; retrying");
+                return;
+            }
         };
-        let Ok(sequence) = sequence else {
-            tracing::warn!(ack = ?ack, "intake message without a readable ack subject; skipped");
+        match stream
+            .get_or_create_consumer(CONSUMER, consumer_config())
+            .await
+        {
+            Ok(consumer) => {
+                let info = stream.cached_info();
+                self.created_ms = created_ms(info);
+                self.floor = info.state.first_sequence;
+                self.consumer = consumer;
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot make the intake consumer; retrying"),
+        }
+    }
+
+    async fn handle(&self, message: jetstream::Message, store: &mpsc::Sender<StoreCommand>) {
+        // Only what the server delivers for this consumer: the ack subject names both.
+        let delivered = message.info().ok().and_then(|info| {
+            let ours = info.stream == self.wanted.name && info.consumer == CONSUMER;
+            let published = u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000);
+            ours.then_some((info.stream_sequence, published.unwrap_or_default()))
+        });
+        let jetstream::Message { message, .. } = message;
+        let (Some(ack), Some((sequence, published))) = (message.reply.clone(), delivered) else {
+            tracing::warn!(
+                subject = ?message.subject,
+                "a message on the intake inbox that this consumer did not deliver; ignored"
+            );
             return;
         };
+        if let Ok(mut awaiting) = self.awaiting.lock() {
+            awaiting.remove(&sequence);
+        }
         let header = |name: &str| {
             let value = message.headers.as_ref()?.get(name)?;
             Some(value.as_str().to_owned())
@@ -294,6 +391,8 @@ impl JetStreamIntake {
             rejected: self.rejected.clone(),
             stream_created: self.created_ms,
             sequence,
+            floor: self.floor,
+            awaiting: self.awaiting.clone(),
         });
         let reply = Reply {
             subject: ack,
@@ -301,7 +400,10 @@ impl JetStreamIntake {
             endpoint: Endpoint::Add,
             via: Via::Stream(origin),
         };
-        match self.requests.schedule_of(&message) {
+        // `Sched-Delay` counts from when the client published, not from when natsched
+        // (perhaps down meanwhile) consumed it.
+        let now = time::now_ms();
+        match self.requests.schedule_of(&message, published.min(now)) {
             Ok(schedule) => {
                 let add = StoreCommand::Add {
                     schedule,
@@ -338,6 +440,9 @@ pub(crate) async fn settle(
     let settlement = match &result {
         Ok(_) => Bytes::from_static(b"+ACK"),
         Err(error) if error.code == 503 => {
+            if let Ok(mut awaiting) = origin.awaiting.lock() {
+                awaiting.insert(origin.sequence);
+            }
             Bytes::from(format!("-NAK {{\"delay\":{}}}", NAK_DELAY.as_nanos()))
         }
         Err(error) => {

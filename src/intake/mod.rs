@@ -17,10 +17,10 @@ use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyError};
 use crate::protocol::{self, AddLimits, ApiError};
 use crate::record::Schedule;
-use crate::time;
+use crate::time::UnixMs;
 
 pub use self::core::{Intake, IntakeOptions};
-pub(crate) use self::jetstream::settle;
+pub(crate) use self::jetstream::{Awaiting, settle};
 pub use self::jetstream::{IntakeBarrier, JetStreamIntake, JetStreamSetupError};
 
 /// What turns an add request into a schedule, or refuses it.
@@ -47,8 +47,9 @@ impl Requests {
         }
     }
 
-    /// The schedule `message` asks for, or why it is refused (denied targets are counted).
-    fn schedule_of(&self, message: &Message) -> Result<Schedule, ApiError> {
+    /// The schedule `message`, received at `now`, asks for, or why it is refused (denied
+    /// targets are counted).
+    fn schedule_of(&self, message: &Message, now: UnixMs) -> Result<Schedule, ApiError> {
         if message.sanitized {
             // What the client library had to repair cannot be stored or delivered verbatim.
             return Err(ApiError::bad_request(
@@ -60,7 +61,6 @@ impl Requests {
             .subject
             .strip_prefix(self.add_prefix.as_str())
             .unwrap_or_default();
-        let now = time::now_ms();
         let schedule = protocol::parse_add(
             target,
             message.headers.as_ref(),

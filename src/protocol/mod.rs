@@ -263,6 +263,12 @@ pub fn parse_add(
         if name.len() > MAX_NAME_LEN {
             return Err(ApiError::bad_request("header name is too long"));
         }
+        if is_stream_control(name) {
+            return Err(ApiError::bad_request(format!(
+                "header {name:?} is not allowed: it would have a stream that captures the target \
+                 act on natsched's authority (purge it, or refuse the message for good)"
+            )));
+        }
         if !is_reserved(name) {
             kept.extend(
                 values
@@ -425,6 +431,17 @@ pub fn canonical_ulid(id: &str) -> Option<ulid::Ulid> {
     let ulid = ulid::Ulid::from_string(id).ok()?;
     let mut text = [0; ulid::ULID_LEN];
     (ulid.array_to_str(&mut text).as_bytes() == id.as_bytes()).then_some(ulid)
+}
+
+/// JetStream headers that act on the stream rather than describe the message: a rollup
+/// purges it, an expectation makes a message undeliverable for good.
+fn is_stream_control(name: &str) -> bool {
+    let starts = |prefix: &str| {
+        name.as_bytes()
+            .get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
+    };
+    name.eq_ignore_ascii_case("Nats-Rollup") || starts("Nats-Expected-")
 }
 
 fn is_reserved(name: &str) -> bool {

@@ -256,3 +256,37 @@ fn code_and_text(result: Result<Schedule, ApiError>) -> (u16, String) {
     let err = result.expect_err("must be refused");
     (err.code, err.description)
 }
+
+#[test]
+fn stream_control_headers_are_refused() {
+    for name in [
+        "Nats-Rollup",
+        "nats-rollup",
+        "Nats-Expected-Last-Sequence",
+        "NATS-EXPECTED-STREAM",
+    ] {
+        let error = parse_add(
+            "t",
+            Some(&headers(&[("Sched-Delay", "1s"), (name, "x")])),
+            Bytes::new(),
+            NOW,
+            LIMITS,
+        )
+        .unwrap_err();
+        assert_eq!(error.code, 400, "{name}");
+        assert!(error.description.contains(name), "{}", error.description);
+    }
+    let kept = parse_add(
+        "t",
+        Some(&headers(&[
+            ("Sched-Delay", "1s"),
+            ("Nats-TTL", "1h"),
+            ("Nats-Msg-Id", "m"),
+        ])),
+        Bytes::new(),
+        NOW,
+        LIMITS,
+    )
+    .unwrap();
+    assert_eq!(kept.headers.len(), 2);
+}

@@ -51,8 +51,7 @@ pub(crate) const PENDING_KEY: &[u8] = b"mpending";
 /// are configured.
 pub(crate) const QUOTAS_KEY: &[u8] = b"mquotas";
 /// Where the JetStream intake's mark is kept: the intake stream's creation time and the
-/// stream sequence up to which every message is stored (two big-endian u64s; see
-/// `committer/intake_mark.rs`).
+/// stream sequences stored, as ranges (see `committer/intake_mark.rs`).
 pub(crate) const INTAKE_MARK_KEY: &[u8] = b"mintake";
 /// Present when the pending counts may be off (a damaged segment lost schedules whose number
 /// or quotas are unknown): the next start counts them again.

@@ -305,13 +305,9 @@ impl WriteBatch {
         self.len += 1;
     }
 
-    /// Records the JetStream intake's mark: every message of the stream created at `stream`
-    /// (Unix ms) up to sequence `sequence` is stored.
-    pub fn set_intake_mark(&mut self, stream: u64, sequence: u64) {
-        let mut value = [0; 16];
-        value[..8].copy_from_slice(&stream.to_be_bytes());
-        value[8..].copy_from_slice(&sequence.to_be_bytes());
-        self.batch.insert(keys::INTAKE_MARK_KEY, &value);
+    /// Records the JetStream intake's mark (see `committer/intake_mark.rs`).
+    pub fn set_intake_mark(&mut self, record: &[u8]) {
+        self.batch.insert(keys::INTAKE_MARK_KEY, record);
         self.len += 1;
     }
 
@@ -518,20 +514,9 @@ impl Store {
         Ok(self.meta_u64(keys::PENDING_KEY)?.unwrap_or(0))
     }
 
-    /// The JetStream intake's mark as last recorded (stream creation ms, sequence); `None`
-    /// if none was, or if the record is unreadable (then messages may be stored twice, never
-    /// dropped).
-    pub fn intake_mark(&self) -> Result<Option<(u64, u64)>, StoreError> {
-        let Some(value) = self.db()?.get(keys::INTAKE_MARK_KEY)? else {
-            return Ok(None);
-        };
-        let Ok(bytes) = <[u8; 16]>::try_from(value.as_ref()) else {
-            tracing::warn!(len = value.len(), "the intake mark is damaged; ignored");
-            return Ok(None);
-        };
-        let (stream, sequence) = bytes.split_at(8);
-        let number = |half: &[u8]| u64::from_be_bytes(half.try_into().unwrap_or_default());
-        Ok(Some((number(stream), number(sequence))))
+    /// The JetStream intake's mark as last recorded, if any.
+    pub fn intake_mark(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db()?.get(keys::INTAKE_MARK_KEY)?.map(|v| v.to_vec()))
     }
 
     /// The pending counts per quota pattern as last recorded; `None` if there are none, or if
