@@ -50,19 +50,30 @@ async fn intake_messages(js: &jetstream::Context) -> u64 {
     stream.info().await.unwrap().state.messages
 }
 
-/// Issue test 3: requests published while natsched is stopped are acknowledged by the
-/// server and all fire once natsched starts.
-#[tokio::test]
-async fn requests_published_while_natsched_is_down_all_fire() {
+/// A JetStream server whose intake stream natsched has made (started once, then stopped),
+/// a store, and a client.
+async fn intake_stream_without_natsched() -> (
+    NatsServer,
+    tempfile::TempDir,
+    async_nats::Client,
+    jetstream::Context,
+) {
     let server = NatsServer::start_jetstream();
     let store = tempfile::tempdir().unwrap();
-    // The first start creates the stream; natsched then stops.
     Daemon::start(jetstream_config(&server, store.path()))
         .await
         .stop()
         .await;
     let client = connect(&server).await;
     let js = jetstream::new(client.clone());
+    (server, store, client, js)
+}
+
+/// Issue test 3: requests published while natsched is stopped are acknowledged by the
+/// server and all fire once natsched starts.
+#[tokio::test]
+async fn requests_published_while_natsched_is_down_all_fire() {
+    let (server, store, client, js) = intake_stream_without_natsched().await;
     let mut fired = subscribe(&client, "orders.expired").await;
     const COUNT: usize = 1_000;
     let mut ids = BTreeSet::new();
@@ -228,14 +239,7 @@ async fn resends_with_one_message_id_schedule_once() {
 /// requests to consume first.
 #[tokio::test]
 async fn a_cancel_after_the_pub_ack_cancels_an_add_not_yet_consumed() {
-    let server = NatsServer::start_jetstream();
-    let store = tempfile::tempdir().unwrap();
-    Daemon::start(jetstream_config(&server, store.path()))
-        .await
-        .stop()
-        .await;
-    let client = connect(&server).await;
-    let js = jetstream::new(client.clone());
+    let (server, store, client, js) = intake_stream_without_natsched().await;
     const BACKLOG: usize = 20_000;
     for chunk in (0..BACKLOG).collect::<Vec<_>>().chunks(2_000) {
         let acks = chunk.iter().map(|i| {
