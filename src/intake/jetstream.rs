@@ -55,6 +55,11 @@ use crate::time;
 pub const CONSUMER: &str = "natsched";
 /// Messages requested per pull.
 const PULL_BATCH: usize = 2048;
+/// How long one pull waits on the server: a pull lost in a server restart is replaced
+/// within this, so intake resumes within seconds.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Heartbeats of a waiting pull; missing ones mean the server lost it.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Bytes requested per pull at most: with large requests, what waits in memory stays bounded.
 const PULL_BYTES: usize = 8 * 1024 * 1024;
 /// Messages delivered but not yet settled, at most (the store writer's queue holds 16 Ki).
@@ -289,6 +294,8 @@ impl JetStreamIntake {
                     .stream()
                     .max_messages_per_batch(PULL_BATCH)
                     .max_bytes_per_batch(PULL_BYTES)
+                    .expires(PULL_EXPIRES)
+                    .heartbeat(PULL_HEARTBEAT)
                     .messages() => messages,
             };
             let mut messages = match messages {
@@ -311,10 +318,15 @@ impl JetStreamIntake {
                         Some(Ok(message)) => self.handle(message, &store).await,
                         Some(Err(err)) => {
                             use async_nats::jetstream::consumer::pull::MessagesErrorKind;
-                            if matches!(err.kind(), MessagesErrorKind::ConsumerDeleted) {
-                                tracing::warn!("the intake consumer was deleted; making it again");
-                                self.set_up_again().await;
-                                continue 'pulling;
+                            match err.kind() {
+                                MessagesErrorKind::ConsumerDeleted => {
+                                    tracing::warn!("the intake consumer was deleted; making it again");
+                                    self.set_up_again().await;
+                                    continue 'pulling;
+                                }
+                                // A pull the server lost (it restarted): pull anew.
+                                MessagesErrorKind::MissingHeartbeat => continue 'pulling,
+                                _ => {}
                             }
                             // Missed heartbeats and the like: the pull stream carries on.
                             tracing::debug!(error = %err, "intake pull");
