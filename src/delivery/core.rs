@@ -135,6 +135,69 @@ pub struct FiringOutputs {
     pub resident: Arc<AtomicUsize>,
 }
 
+impl FiringOutputs {
+    /// Hands schedules back to the timer, each until its instant. Waiting there they do not
+    /// count as resident (see the scheduler). If the timer has stopped (shutdown), they stay
+    /// stored and are tried after restart.
+    pub(crate) fn back_to_wheel(&self, again: Vec<(Resident, UnixMs)>) {
+        if again.is_empty() {
+            return;
+        }
+        self.resident.fetch_sub(again.len(), Ordering::Relaxed);
+        if self.wheel.send(WheelCommand::Retry(again)).is_err() {
+            tracing::warn!("timer stopped; undelivered schedules are retried after restart");
+        }
+    }
+
+    /// Reports schedules NATS confirmed: counted, their failures forgotten, and sent to the
+    /// store writer for deletion.
+    pub(crate) async fn delivered(
+        &self,
+        delivered: Vec<Resident>,
+        metrics: &Metrics,
+        retries: &Retries,
+    ) {
+        if delivered.is_empty() {
+            return;
+        }
+        self.resident.fetch_sub(delivered.len(), Ordering::Relaxed);
+        Metrics::count(&metrics.fired_total, delivered.len() as u64);
+        if retries.waiting() > 0 {
+            for resident in &delivered {
+                retries.forget(&resident.schedule.id);
+            }
+        }
+        if self
+            .store
+            .send(StoreCommand::Fired(delivered))
+            .await
+            .is_err()
+        {
+            tracing::error!("store writer is gone; fired schedules will fire again after restart");
+        }
+    }
+}
+
+/// Counts a failed delivery attempt of `resident`; returns when to try it again and the wait
+/// until then.
+pub(crate) fn failed_attempt(
+    resident: &Resident,
+    error: &str,
+    metrics: &Metrics,
+    retries: &Retries,
+) -> (UnixMs, std::time::Duration) {
+    let s = &resident.schedule;
+    let wait = retries.failed(&s.id, s.due, &s.subject, error);
+    Metrics::count(&metrics.delivery_errors_total, 1);
+    (time::now_ms().saturating_add(wait.as_millis() as u64), wait)
+}
+
+/// Completes `grace` after `stop` is cancelled: how long a shutdown waits for NATS.
+pub(crate) async fn grace_after(stop: &CancellationToken, grace: Duration) {
+    stop.cancelled().await;
+    tokio::time::sleep(grace).await;
+}
+
 impl Firing {
     pub async fn new(
         client: Client,
@@ -169,10 +232,7 @@ impl Firing {
         out: FiringOutputs,
         stop: CancellationToken,
     ) {
-        let grace_over = async {
-            stop.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        };
+        let grace_over = grace_after(&stop, SHUTDOWN_GRACE);
         tokio::pin!(grace_over);
         let (to_jetstream, jetstream_due) = mpsc::unbounded_channel();
         // Aborted with this task (if a shutdown gives up on it), never left running alone.
@@ -224,26 +284,7 @@ impl Firing {
                 }
             }
             self.retry(retry, &out);
-            if delivered.is_empty() {
-                continue;
-            }
-            out.resident.fetch_sub(delivered.len(), Ordering::Relaxed);
-            Metrics::count(&self.metrics.fired_total, delivered.len() as u64);
-            if self.retries.waiting() > 0 {
-                for resident in &delivered {
-                    self.retries.forget(&resident.schedule.id);
-                }
-            }
-            if out
-                .store
-                .send(StoreCommand::Fired(delivered))
-                .await
-                .is_err()
-            {
-                tracing::error!(
-                    "store writer is gone; fired schedules will fire again after restart"
-                );
-            }
+            out.delivered(delivered, &self.metrics, &self.retries).await;
         }
         if abandoned > 0 {
             tracing::warn!(
@@ -264,23 +305,14 @@ impl Firing {
         if failed.is_empty() {
             return;
         }
-        let now = time::now_ms();
         let again: Vec<(Resident, u64)> = failed
             .into_iter()
             .map(|(resident, error)| {
-                let s = &resident.schedule;
-                let wait = self.retries.failed(&s.id, s.due, &s.subject, &error);
-                Metrics::count(&self.metrics.delivery_errors_total, 1);
-                let at = now.saturating_add(wait.as_millis() as u64);
+                let (at, _) = failed_attempt(&resident, &error, &self.metrics, &self.retries);
                 (resident, at)
             })
             .collect();
-        // Waiting for their next attempt, they do not count as resident (see the scheduler).
-        out.resident.fetch_sub(again.len(), Ordering::Relaxed);
-        if out.wheel.send(WheelCommand::Retry(again)).is_err() {
-            // The timer has stopped (shutdown): they stay stored and are tried after restart.
-            tracing::warn!("timer stopped; undelivered schedules are retried after restart");
-        }
+        out.back_to_wheel(again);
     }
 
     /// Publishes `batch` until one attempt is confirmed by its fence on an unbroken
@@ -387,10 +419,7 @@ fn hand_back_early(batch: &mut Vec<Resident>, now: UnixMs, out: &FiringOutputs) 
             count = again.len(),
             "handed out before their due (the wall clock stepped back); they wait again"
         );
-        out.resident.fetch_sub(again.len(), Ordering::Relaxed);
-        if out.wheel.send(WheelCommand::Retry(again)).is_err() {
-            tracing::warn!("timer stopped; they fire after restart");
-        }
+        out.back_to_wheel(again);
     }
     !batch.is_empty()
 }

@@ -41,14 +41,13 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::core::{DueText, FiringOutputs, delivery_headers};
+use super::core::{DueText, FiringOutputs, delivery_headers, failed_attempt, grace_after};
 use super::in_flight::InFlight;
-use crate::committer::StoreCommand;
 use crate::metrics::Metrics;
 use crate::protocol;
 use crate::retries::{LOG_EVERY, Retries};
-use crate::scheduler::{Resident, WheelCommand};
-use crate::time::{self, UnixMs};
+use crate::scheduler::Resident;
+use crate::time;
 
 /// Most publishes waiting for their PubAck at once.
 pub(crate) const MAX_IN_FLIGHT: usize = 16_384;
@@ -121,10 +120,7 @@ impl JetStreamDelivery {
         stop: CancellationToken,
         grace: Duration,
     ) {
-        let grace_over = async {
-            stop.cancelled().await;
-            tokio::time::sleep(grace).await;
-        };
+        let grace_over = grace_after(&stop, grace);
         tokio::pin!(grace_over);
         let statistics = self.client.statistics();
         let mut connects = statistics.connects.load(Ordering::Relaxed);
@@ -327,50 +323,36 @@ impl JetStreamDelivery {
 
     /// A failed attempt: counted, and the schedule waits in the wheel for its next one.
     fn failed(&mut self, resident: Resident, error: &str, out: &FiringOutputs) {
-        let s = &resident.schedule;
-        let wait = self.retries.failed(&s.id, s.due, &s.subject, error);
-        let failing = self.failing.entry(s.subject.clone()).or_insert(Failing {
-            since: Instant::now(),
-            in_flight: 0,
-            backoff: wait,
-        });
-        failing.since = Instant::now();
+        let (at, wait) = failed_attempt(&resident, error, &self.metrics, &self.retries);
+        let now = Instant::now();
+        let failing = self
+            .failing
+            .entry(resident.schedule.subject.clone())
+            .or_insert(Failing {
+                since: now,
+                in_flight: 0,
+                backoff: wait,
+            });
+        failing.since = now;
         failing.backoff = wait;
-        Metrics::count(&self.metrics.delivery_errors_total, 1);
-        let at = time::now_ms().saturating_add(wait.as_millis() as u64);
-        back_to_wheel(vec![(resident, at)], out);
+        out.back_to_wheel(vec![(resident, at)]);
     }
 
     /// Schedules of a failing subject beyond its in-flight share: tried again after the
     /// subject's last backoff, without counting an attempt.
     fn defer(&mut self, deferred: Vec<(Resident, Duration)>, out: &FiringOutputs) {
-        if deferred.is_empty() {
-            return;
-        }
         let now = time::now_ms();
         let again = deferred
             .into_iter()
             .map(|(r, wait)| (r, now.saturating_add(wait.as_millis() as u64)))
             .collect();
-        back_to_wheel(again, out);
+        out.back_to_wheel(again);
     }
 
     /// Tells the store writer to delete what JetStream has confirmed.
     async fn report(&mut self, delivered: &mut Vec<Resident>, out: &FiringOutputs) {
-        if delivered.is_empty() {
-            return;
-        }
         let batch = std::mem::take(delivered);
-        out.resident.fetch_sub(batch.len(), Ordering::Relaxed);
-        Metrics::count(&self.metrics.fired_total, batch.len() as u64);
-        if self.retries.waiting() > 0 {
-            for resident in &batch {
-                self.retries.forget(&resident.schedule.id);
-            }
-        }
-        if out.store.send(StoreCommand::Fired(batch)).await.is_err() {
-            tracing::error!("store writer is gone; fired schedules will fire again after restart");
-        }
+        out.delivered(batch, &self.metrics, &self.retries).await;
     }
 }
 
@@ -392,11 +374,13 @@ fn pub_ack_error(reply: &Message) -> Option<String> {
         description: String,
     }
     match serde_json::from_slice::<Reply>(&reply.payload) {
+        // Bounded: the reply comes from the network and is kept per failing schedule.
         Ok(Reply {
             error: Some(error), ..
         }) => Some(format!(
-            "JetStream refused the message: {} ({})",
-            error.description, error.code
+            "JetStream refused the message: {:?} ({})",
+            error.description.chars().take(200).collect::<String>(),
+            error.code
         )),
         Ok(Reply {
             stream: Some(_), ..
@@ -405,14 +389,6 @@ fn pub_ack_error(reply: &Message) -> Option<String> {
             "unexpected reply to a JetStream publish: {:?}",
             String::from_utf8_lossy(&reply.payload[..reply.payload.len().min(200)])
         )),
-    }
-}
-
-/// Hands schedules back to the timer until `at` (they stop counting as resident meanwhile).
-fn back_to_wheel(again: Vec<(Resident, UnixMs)>, out: &FiringOutputs) {
-    out.resident.fetch_sub(again.len(), Ordering::Relaxed);
-    if out.wheel.send(WheelCommand::Retry(again)).is_err() {
-        tracing::warn!("timer stopped; undelivered schedules are retried after restart");
     }
 }
 
