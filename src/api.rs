@@ -128,6 +128,8 @@ impl Api {
             store_error: Option<String>,
             quotas: Vec<QuotaUsage>,
             lateness_ms: LatenessMs,
+            #[serde(flatten)]
+            cluster: crate::cluster::ClusterStatus,
         }
         let store = self.store.clone();
         let store_bytes = tokio::task::spawn_blocking(move || store.size_on_disk())
@@ -152,6 +154,7 @@ impl Api {
             store_error: m.store_error(),
             quotas: m.quotas(),
             lateness_ms: m.lateness(),
+            cluster: m.cluster(),
         };
         serde_json::to_vec(&stats)
             .expect("plain struct serializes")

@@ -47,6 +47,9 @@ pub const DEFAULT_INTAKE_REPLICAS: usize = 1;
 /// How long that stream remembers a `Nats-Msg-Id` to drop a client's re-sent request.
 pub const DEFAULT_INTAKE_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
+/// How long the lease of the instance serving a prefix lasts (see `crate::cluster`).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -84,6 +87,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     #[serde(default)]
     pub intake: IntakeConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
 }
 
 /// `[nats]`: the server natsched connects to.
@@ -276,6 +281,37 @@ pub enum IntakeMode {
     Jetstream,
 }
 
+/// `[cluster]`: how instances serving one prefix share it (see `crate::cluster`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `standalone` (one instance serves, with its own store; others wait). `replicated` is
+    /// refused until it is built.
+    pub mode: ClusterMode,
+    /// How long the serving instance's lease lasts, e.g. `"5s"`; it is renewed every third
+    /// of that, and an instance that died is replaced after at most this long.
+    #[serde(deserialize_with = "duration")]
+    pub lease: Duration,
+    /// The JetStream KV bucket holding the lease; empty: `natsched_<prefix>` (every character
+    /// of the prefix that a bucket name cannot hold becomes `_`).
+    pub bucket: String,
+    /// Replicas of the lease bucket; absent: 3 on a NATS cluster, 1 on a single
+    /// server.
+    pub replicas: Option<usize>,
+}
+
+/// How instances serving one prefix share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterMode {
+    /// One instance serves at a time, from its own store; others wait for its lease.
+    #[default]
+    Standalone,
+    /// The lease holder leads and logs every change to a JetStream stream; the others follow
+    /// it into their own stores and take over when it goes.
+    Replicated,
+}
+
 /// One `[[limits.quotas]]` entry: schedules whose target matches `subjects` may be at most
 /// `max_pending` at once. A schedule counts against every quota it matches.
 #[derive(Debug, Clone, Deserialize)]
@@ -338,6 +374,39 @@ impl Default for IntakeConfig {
             duplicate_window: DEFAULT_INTAKE_DUPLICATE_WINDOW,
         }
     }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            mode: ClusterMode::Standalone,
+            lease: DEFAULT_LEASE,
+            bucket: String::new(),
+            replicas: None,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The lease bucket's name for `prefix`.
+    pub fn bucket(&self, prefix: &str) -> String {
+        match self.bucket.is_empty() {
+            true => format!("natsched_{}", name_part(prefix)),
+            false => self.bucket.clone(),
+        }
+    }
+}
+
+/// `text` with every character a JetStream bucket or stream name cannot hold as `_`.
+fn name_part(text: &str) -> String {
+    text.chars()
+        .map(
+            |c| match c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                true => c,
+                false => '_',
+            },
+        )
+        .collect()
 }
 
 impl Default for ApiConfig {
@@ -515,6 +584,27 @@ impl Config {
         }
         if !(1..=5).contains(&intake.replicas) {
             return invalid("intake.replicas", "must be 1 to 5".to_owned());
+        }
+        let cluster = &self.cluster;
+        if cluster.lease < Duration::from_secs(1) {
+            return invalid("cluster.lease", "must be at least 1s".to_owned());
+        }
+        let kv_ok = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if cluster.bucket.len() > 255 || !cluster.bucket.chars().all(kv_ok) {
+            return invalid(
+                "cluster.bucket",
+                "must be a KV bucket name: letters, digits, - and _".to_owned(),
+            );
+        }
+        if cluster.mode == ClusterMode::Replicated {
+            return invalid(
+                "cluster.mode",
+                "\"replicated\" is not available in this build yet (see issue 12); use \"standalone\""
+                    .to_owned(),
+            );
+        }
+        if cluster.replicas.is_some_and(|r| !(1..=5).contains(&r)) {
+            return invalid("cluster.replicas", "must be 1 to 5".to_owned());
         }
         if intake.duplicate_window < Duration::from_secs(1) {
             return invalid("intake.duplicate_window", "must be at least 1s".to_owned());

@@ -39,6 +39,7 @@
 
 pub mod api;
 pub mod client;
+pub mod cluster;
 pub mod committer;
 pub mod config;
 pub mod connect;
@@ -99,6 +100,8 @@ pub enum RunError {
     ConnectSetup(#[from] connect::ConnectSetupError),
     #[error(transparent)]
     JetStreamIntake(#[from] intake::JetStreamSetupError),
+    #[error(transparent)]
+    Lease(#[from] cluster::LeaseError),
     #[error("cannot subscribe to the API subjects: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("a natsched task failed: {0}")]
@@ -112,12 +115,39 @@ pub enum RunError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     config.validate()?;
     tokio::pin!(shutdown);
-    // Until it serves, a stop request ends start-up at whatever stage it is (waiting for the
-    // store's lock, or for an unreachable NATS): nothing has been accepted yet.
-    let Some(started) = until_stopped(&mut shutdown, start(&config)).await else {
-        tracing::info!("stopped before serving");
-        return Ok(());
-    };
+    loop {
+        // Until it serves, a stop request ends start-up at whatever stage it is (waiting for
+        // the store's lock, for an unreachable NATS, or for another instance's lease):
+        // nothing has been accepted yet.
+        let Some(started) = until_stopped(&mut shutdown, start(&config)).await else {
+            tracing::info!("stopped before serving");
+            return Ok(());
+        };
+        match serve(started?, &config, &mut shutdown).await? {
+            Ended::Stopped => return Ok(()),
+            Ended::LeaseLost => {
+                tracing::warn!("stopped serving: the lease is lost; waiting to take it again")
+            }
+        }
+    }
+}
+
+/// Why serving ended without an error.
+enum Ended {
+    /// Asked to stop.
+    Stopped,
+    /// Another instance may serve now: start over and wait for the lease.
+    LeaseLost,
+}
+
+/// Serves until asked to stop, a part fails, or the lease is lost; then stops intake,
+/// finishes in-flight acks and publishes, makes the store durable, and (last) gives the lease
+/// back.
+async fn serve(
+    started: Started,
+    config: &Config,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Ended, RunError> {
     let Started {
         store,
         policy,
@@ -129,7 +159,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         api,
         firing,
         micro,
-    } = started?;
+        lease,
+    } = started;
+    // Renewed until everything below has stopped, so no successor serves meanwhile.
+    let lease_lost = CancellationToken::new();
+    let release = CancellationToken::new();
+    let mut lease_keeper = match lease {
+        Some(lease) => tokio::spawn(lease.keep(lease_lost.clone(), release.clone())),
+        None => tokio::spawn(async {}),
+    };
     let (store_tx, store_rx) = mpsc::channel(INTAKE_QUEUE);
     let (wheel_tx, wheel_rx) = std::sync::mpsc::channel::<WheelCommand>();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -180,8 +218,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // the daemon then shuts down and reports it rather than running on half-dead.
     let mut store_finished = false;
     let mut timer_finished = false;
+    let mut lost = false;
     let failure = tokio::select! {
-        () = &mut shutdown => None,
+        () = shutdown.as_mut() => None,
+        () = lease_lost.cancelled() => {
+            lost = true;
+            None
+        }
         result = &mut store_done => {
             store_finished = true;
             Some(match result {
@@ -201,6 +244,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         result = &mut replies => Some(stopped("replies", result)),
     };
     match &failure {
+        None if lost => tracing::info!("stopping to serve: intake stops, in-flight work finishes"),
         None => tracing::info!("shutting down: intake stops, in-flight work finishes"),
         Some(err) => tracing::error!("{err}; shutting down"),
     }
@@ -230,12 +274,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
     join_bounded("replies", &mut replies).await;
+    release.cancel();
+    join_bounded("lease", &mut lease_keeper).await;
     if let Some(err) = failure {
         return Err(err);
     }
     store_result?;
+    if lost {
+        return Ok(Ended::LeaseLost);
+    }
     tracing::info!("stopped cleanly");
-    Ok(())
+    Ok(Ended::Stopped)
 }
 
 /// What start-up makes before the daemon serves.
@@ -251,6 +300,8 @@ struct Started {
     api: Api,
     firing: Firing,
     micro: MicroService,
+    /// The prefix's lease; `None` on a server without JetStream.
+    lease: Option<cluster::Lease>,
 }
 
 /// Opens the store, connects, subscribes, and waits until NATS has the subscriptions.
@@ -267,6 +318,22 @@ async fn start(config: &Config) -> Result<Started, RunError> {
     let policy = Arc::new(Policy::new(config)?);
     let client = connect(config).await?;
     let metrics = Arc::new(Metrics::default());
+    // Nothing is subscribed before this instance holds the prefix.
+    let id_store = store.clone();
+    let store_id = tokio::task::spawn_blocking(move || id_store.instance_id())
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))??;
+    let lease = match cluster::claim(cluster::ClaimOptions {
+        client: &client,
+        config,
+        store_id,
+        metrics: &metrics,
+    })
+    .await?
+    {
+        cluster::Claimed::Lease(lease) => Some(*lease),
+        cluster::Claimed::Unguarded => None,
+    };
     let retries = Arc::new(Retries::new(config.delivery.max_backoff));
     let prefix = &config.api.prefix;
     let intake_options = IntakeOptions {
@@ -321,6 +388,7 @@ async fn start(config: &Config) -> Result<Started, RunError> {
         api,
         firing,
         micro,
+        lease,
     })
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::cluster::ClusterStatus;
 use crate::protocol::ApiError;
 
 /// What the daemon counts since it started (and `pending`, which the store keeps).
@@ -30,6 +31,8 @@ pub struct Metrics {
     pub quotas: Mutex<Vec<QuotaUsage>>,
     /// Why the store cannot be written, while it cannot (new schedules get 503 meanwhile).
     pub store_error: Mutex<Option<String>>,
+    /// This instance's role for its prefix (see `crate::cluster`).
+    cluster: Mutex<ClusterStatus>,
     /// Publish time minus due time, in microseconds.
     lateness: Mutex<Histogram<u64>>,
     /// Per API endpoint, in [`Endpoint::ALL`] order.
@@ -116,6 +119,7 @@ impl Default for Metrics {
             pending: AtomicU64::new(0),
             quotas: Mutex::default(),
             store_error: Mutex::default(),
+            cluster: Mutex::default(),
             // 1 µs to 1 day at 3 significant digits; anything later is recorded as a day.
             lateness: Mutex::new(Histogram::new_with_bounds(1, 86_400_000_000, 3).expect("bounds")),
             endpoints: Default::default(),
@@ -149,6 +153,17 @@ impl Metrics {
 
     pub fn store_error(&self) -> Option<String> {
         self.store_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_cluster(&self, status: ClusterStatus) {
+        *self.cluster.lock().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+
+    pub fn cluster(&self) -> ClusterStatus {
+        self.cluster
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

@@ -95,11 +95,20 @@ impl MicroService {
             version: &'a str,
             metadata: serde_json::Map<String, serde_json::Value>,
         }
+        // Which instance of the prefix this is: its role, and whom it takes as the leader.
+        let cluster = metrics.cluster();
+        let mut metadata = serde_json::Map::new();
+        if let serde_json::Value::String(role) = json!(cluster.role) {
+            metadata.insert("role".into(), role.into());
+        }
+        if let Some(leader) = cluster.leader {
+            metadata.insert("leader".into(), leader.into());
+        }
         let common = Common {
             name: NAME,
             id: &self.id,
             version: env!("CARGO_PKG_VERSION"),
-            metadata: Default::default(),
+            metadata,
         };
         let mut body = serde_json::to_value(&common).expect("plain struct serializes");
         let extra = match verb {

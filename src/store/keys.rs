@@ -62,6 +62,9 @@ pub(crate) const LEGACY_IDS_KEY: &[u8] = b"mlegacyids";
 /// Where the first segment seq written by store format 3 is kept: only segments below it can
 /// hold ids of store format 2.
 pub(crate) const LEGACY_SEQS_KEY: &[u8] = b"mlegacyseqs";
+/// Where this store's own id is kept: made once, never copied to another store (the lease of
+/// `crate::cluster` knows its holder by it).
+pub(crate) const INSTANCE_KEY: &[u8] = b"minstance";
 /// The first byte of every id-index key.
 pub(crate) const ID_KEYS: &[u8] = &[ID_PREFIX];
 

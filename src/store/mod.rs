@@ -232,14 +232,49 @@ impl Damage {
     }
 }
 
-/// Changes to apply atomically with [`Store::commit`].
+/// Changes to apply atomically with [`Store::commit`]: a list of key changes, in order (a
+/// later change of a key wins). Kept as a list, not as a `sled::Batch`, so that replicated
+/// mode can log exactly what a round changed (see `crate::cluster`).
 #[derive(Default)]
 pub struct WriteBatch {
-    batch: sled::Batch,
-    len: usize,
+    changes: Vec<Change>,
 }
 
+/// One key change: its new value, or `None` to remove it.
+pub(crate) type Change = (Vec<u8>, Option<Vec<u8>>);
+
 impl WriteBatch {
+    fn insert(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.changes.push((key.into(), Some(value.into())));
+    }
+
+    fn remove(&mut self, key: impl Into<Vec<u8>>) {
+        self.changes.push((key.into(), None));
+    }
+
+    /// The changes, in order.
+    #[allow(dead_code)] // replicated mode, being built (issue 12)
+    pub(crate) fn changes(&self) -> &[Change] {
+        &self.changes
+    }
+
+    /// A batch of `changes` read from elsewhere (a replicated log).
+    #[allow(dead_code)] // replicated mode, being built (issue 12)
+    pub(crate) fn from_changes(changes: Vec<Change>) -> WriteBatch {
+        WriteBatch { changes }
+    }
+
+    fn into_sled(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (key, value) in self.changes {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        batch
+    }
+
     /// Writes the segment `key` holding `schedules`, or removes it when there are none.
     pub fn put_segment<'a>(
         &mut self,
@@ -248,12 +283,10 @@ impl WriteBatch {
     ) {
         let mut schedules = schedules.into_iter().peekable();
         if schedules.peek().is_none() {
-            self.batch.remove(&key.to_bytes());
+            self.remove(key.to_bytes());
         } else {
-            self.batch
-                .insert(&key.to_bytes(), segment::encode(schedules));
+            self.insert(key.to_bytes(), segment::encode(schedules));
         }
-        self.len += 1;
     }
 
     /// Writes the new segment `key` holding `schedules` and indexes their caller-chosen ids.
@@ -268,79 +301,68 @@ impl WriteBatch {
     /// when `value` is `None`.
     pub fn put_raw_segment(&mut self, key: SegmentKey, value: Option<Vec<u8>>) {
         match value {
-            Some(value) => self.batch.insert(&key.to_bytes(), value),
-            None => self.batch.remove(&key.to_bytes()),
+            Some(value) => self.insert(key.to_bytes(), value),
+            None => self.remove(key.to_bytes()),
         }
-        self.len += 1;
     }
 
     /// Keeps the original bytes of the damaged segment `key` aside (see
     /// [`keys::quarantine_key`]); the caller rewrites the segment with what is readable.
     pub fn quarantine(&mut self, key: SegmentKey, raw: &[u8]) {
-        self.batch.insert(&keys::quarantine_key(key), raw);
-        self.len += 1;
+        self.insert(keys::quarantine_key(key), raw);
     }
 
     /// Points the caller-chosen `id` at the segment holding it.
     pub fn index(&mut self, id: &str, key: SegmentKey) {
-        self.batch.insert(keys::id_key(id), &key.to_bytes());
-        self.len += 1;
+        self.insert(keys::id_key(id), key.to_bytes());
     }
 
     /// Removes the index entry of `id`.
     pub fn unindex(&mut self, id: &str) {
-        self.batch.remove(keys::id_key(id));
-        self.len += 1;
+        self.remove(keys::id_key(id));
     }
 
     /// Records the next free segment sequence number.
     pub fn set_next_seq(&mut self, seq: u64) {
-        self.batch.insert(keys::NEXT_SEQ_KEY, &seq.to_be_bytes());
-        self.len += 1;
+        self.insert(keys::NEXT_SEQ_KEY, seq.to_be_bytes());
     }
 
     /// Records how many schedules are pending, so that counting them never needs a scan.
     pub fn set_pending(&mut self, pending: u64) {
-        self.batch.insert(keys::PENDING_KEY, &pending.to_be_bytes());
-        self.len += 1;
+        self.insert(keys::PENDING_KEY, pending.to_be_bytes());
     }
 
     /// Records the JetStream intake's mark (see `committer/intake_mark.rs`).
     pub fn set_intake_mark(&mut self, record: &[u8]) {
-        self.batch.insert(keys::INTAKE_MARK_KEY, record);
-        self.len += 1;
+        self.insert(keys::INTAKE_MARK_KEY, record);
     }
 
     /// Records how many schedules are pending per quota, by quota pattern.
     pub fn set_quota_counts<'a>(&mut self, counts: impl IntoIterator<Item = (&'a str, u64)>) {
         let counts: Vec<(&str, u64)> = counts.into_iter().collect();
         let json = serde_json::to_vec(&counts).unwrap_or_default();
-        self.batch.insert(keys::QUOTAS_KEY, json);
-        self.len += 1;
+        self.insert(keys::QUOTAS_KEY, json);
     }
 
     /// Asks the next start to count the pending schedules again: damage lost some whose
     /// number (an unreadable segment header) or quotas are unknown.
     pub fn request_recount(&mut self) {
-        self.batch.insert(keys::RECOUNT_KEY, &[1]);
-        self.len += 1;
+        self.insert(keys::RECOUNT_KEY, [1]);
     }
 
     /// The counts are exact again.
     pub fn clear_recount(&mut self) {
-        self.batch.remove(keys::RECOUNT_KEY);
-        self.len += 1;
+        self.remove(keys::RECOUNT_KEY);
     }
 
     /// Forgets the counts per quota (no quotas are configured: once some are again, they are
     /// counted afresh rather than trusted from before).
     pub fn clear_quota_counts(&mut self) {
-        self.batch.remove(keys::QUOTAS_KEY);
-        self.len += 1;
+        self.remove(keys::QUOTAS_KEY);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.changes.is_empty()
     }
 }
 
@@ -509,6 +531,19 @@ impl Store {
         Ok(self.meta_u64(keys::NEXT_SEQ_KEY)?.unwrap_or(1))
     }
 
+    /// This store's id, made (and made durable) at the first call: a random ULID. The lease
+    /// of `crate::cluster` uses it to recognise its own earlier holder after a crash.
+    pub fn instance_id(&self) -> Result<String, StoreError> {
+        let db = self.db()?;
+        if let Some(id) = db.get(keys::INSTANCE_KEY)? {
+            return Ok(String::from_utf8_lossy(&id).into_owned());
+        }
+        let id = ulid::Ulid::generate().to_string();
+        db.insert(keys::INSTANCE_KEY, id.as_bytes())?;
+        db.flush()?;
+        Ok(id)
+    }
+
     /// How many schedules are pending, as last recorded by [`WriteBatch::set_pending`].
     pub fn pending(&self) -> Result<u64, StoreError> {
         Ok(self.meta_u64(keys::PENDING_KEY)?.unwrap_or(0))
@@ -589,7 +624,7 @@ impl Store {
     pub fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
         self.injected_failure()?;
         if !batch.is_empty() {
-            self.db()?.apply_batch(batch.batch)?;
+            self.db()?.apply_batch(batch.into_sled())?;
         }
         Ok(())
     }

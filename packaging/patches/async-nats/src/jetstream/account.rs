@@ -75,9 +75,13 @@ pub struct Tier {
     pub storage: u64,
     // Number of bytes reserved for memory usage by
     // this account on the server
+    // natsched patch: nats-server before 2.10 does not send it.
+    #[serde(default)]
     pub reserved_memory: u64,
     // Number of bytes reserved for disk usage by this
     // account on the server
+    // natsched patch: nats-server before 2.10 does not send it.
+    #[serde(default)]
     pub reserved_storage: u64,
     /// Number of active Streams
     pub streams: usize,
@@ -95,9 +99,13 @@ pub struct Account {
     pub storage: u64,
     // Number of bytes reserved for memory usage by
     // this account on the server
+    // natsched patch: nats-server before 2.10 does not send it.
+    #[serde(default)]
     pub reserved_memory: u64,
     // Number of bytes reserved for disk usage by this
     // account on the server
+    // natsched patch: nats-server before 2.10 does not send it.
+    #[serde(default)]
     pub reserved_storage: u64,
     /// Number of active Streams
     pub streams: usize,

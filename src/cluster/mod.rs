@@ -1,0 +1,187 @@
+//! Instances serving one prefix: who serves, and (in replicated mode) how the others keep a
+//! copy of its store.
+//!
+//! # One writer per prefix
+//!
+//! Every instance of a prefix, in every mode, first takes the prefix's *lease*: a key in a
+//! JetStream KV bucket (see `lease.rs`). Only the holder subscribes to the request subjects
+//! and fires schedules; a second instance logs an error naming the holder and waits without
+//! subscribing, taking over when the holder stops (at once) or dies (when its lease ages
+//! out). The holder renews the lease every third of `[cluster] lease`, and stops serving when
+//! another instance took it or it could not renew it in time. On a server without JetStream
+//! the lease cannot exist: natsched serves anyway and warns that a second instance would not
+//! be noticed.
+//!
+//! A holder that died is recognised by its successor on the same store (same store id,
+//! directory and host): a restarted natsched takes its own lease over at once instead of
+//! waiting for it to age out.
+
+#[allow(dead_code)] // used by replicated mode, being built (issue 12)
+mod entry;
+mod holder;
+mod lease;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+pub(crate) use lease::Lease;
+pub use lease::LeaseError;
+
+use holder::Holder;
+
+/// What an instance is doing for its prefix, as `stats` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Starting up: it does not serve yet.
+    #[default]
+    Starting,
+    /// Serving without a lease: the server has no JetStream.
+    Unguarded,
+    /// Holding the lease and serving.
+    Leader,
+    /// Waiting for the lease another instance holds.
+    Standby,
+}
+
+/// The role and the lease holder, shared with `stats` and `$SRV` discovery.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClusterStatus {
+    pub role: Role,
+    /// The instance holding the lease, as known to this one.
+    pub leader: Option<String>,
+}
+
+/// What [`claim`] needs.
+pub(crate) struct ClaimOptions<'a> {
+    pub client: &'a async_nats::Client,
+    pub config: &'a Config,
+    /// The store's id (`Store::instance_id`).
+    pub store_id: String,
+    pub metrics: &'a Arc<Metrics>,
+}
+
+/// How this instance may serve.
+pub(crate) enum Claimed {
+    /// It holds the lease; keep it with [`Lease::keep`].
+    Lease(Box<Lease>),
+    /// The server has no JetStream: no lease can guard the prefix.
+    Unguarded,
+}
+
+/// Takes the prefix's lease, waiting while another instance holds it.
+pub(crate) async fn claim(options: ClaimOptions<'_>) -> Result<Claimed, LeaseError> {
+    let ClaimOptions {
+        client,
+        config,
+        store_id,
+        metrics,
+    } = options;
+    let js = jetstream::new(client.clone());
+    if !has_jetstream(client).await {
+        tracing::warn!(
+            "the NATS server has no JetStream: no lease guards the prefix, so a second natsched \
+             serving it would store and fire every schedule again undetected"
+        );
+        metrics.set_cluster(ClusterStatus {
+            role: Role::Unguarded,
+            leader: None,
+        });
+        return Ok(Claimed::Unguarded);
+    }
+    let cluster = &config.cluster;
+    let prefix = &config.api.prefix;
+    let replicas = cluster
+        .replicas
+        .unwrap_or(match client.server_info().cluster {
+            Some(_) => 3,
+            None => 1,
+        });
+    let name = cluster.bucket(prefix);
+    let (bucket, lease) = lease::open_bucket(&js, &name, cluster.lease, replicas).await?;
+    let me = Holder::this_process(store_id, &config.store.path, crate::time::now_ms());
+    let shown = me.describe();
+    let mut waiting = Standby {
+        metrics,
+        last: None,
+        prefix,
+    };
+    let lease = lease::acquire(bucket, me, lease, &mut waiting).await;
+    tracing::info!(bucket = %name, "holding the lease of the prefix");
+    metrics.set_cluster(ClusterStatus {
+        role: Role::Leader,
+        leader: Some(shown),
+    });
+    Ok(Claimed::Lease(Box::new(lease)))
+}
+
+/// Whether the account has JetStream; waits while the server cannot tell. (Asked directly:
+/// async-nats's account info does not parse the answer of nats-server 2.9.)
+async fn has_jetstream(client: &async_nats::Client) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        error: Option<AnswerError>,
+    }
+    #[derive(serde::Deserialize)]
+    struct AnswerError {
+        err_code: Option<u64>,
+    }
+    /// "JetStream not enabled", "JetStream not enabled for account".
+    const NOT_ENABLED: [u64; 2] = [10076, 10039];
+    loop {
+        let request = client.request("$JS.API.INFO", bytes::Bytes::new());
+        let failure = match tokio::time::timeout(Duration::from_secs(5), request).await {
+            Ok(Ok(reply)) => match serde_json::from_slice::<Answer>(&reply.payload) {
+                Ok(Answer { error: None }) => return true,
+                Ok(Answer {
+                    error:
+                        Some(AnswerError {
+                            err_code: Some(code),
+                        }),
+                }) if NOT_ENABLED.contains(&code) => return false,
+                _ => format!(
+                    "unexpected answer {:?}",
+                    String::from_utf8_lossy(&reply.payload[..reply.payload.len().min(200)])
+                ),
+            },
+            Ok(Err(err)) if err.kind() == async_nats::RequestErrorKind::NoResponders => {
+                return false;
+            }
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        tracing::warn!(error = %failure, "cannot ask the server about JetStream; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Reports the holder while waiting: an error each time it changes.
+struct Standby<'a> {
+    metrics: &'a Metrics,
+    last: Option<String>,
+    prefix: &'a str,
+}
+
+impl lease::Waiting for Standby<'_> {
+    fn held_by(&mut self, shown: &str) {
+        if self.last.as_deref() == Some(shown) {
+            return;
+        }
+        tracing::error!(
+            prefix = %self.prefix,
+            holder = %shown,
+            "another natsched serves this prefix; waiting for its lease without serving"
+        );
+        self.last = Some(shown.to_owned());
+        self.metrics.set_cluster(ClusterStatus {
+            role: Role::Standby,
+            leader: Some(shown.to_owned()),
+        });
+    }
+}
