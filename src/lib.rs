@@ -318,7 +318,8 @@ async fn start(config: &Config) -> Result<Started, RunError> {
     let policy = Arc::new(Policy::new(config)?);
     let client = connect(config).await?;
     let metrics = Arc::new(Metrics::default());
-    // Nothing is subscribed before this instance holds the prefix.
+    // Nothing is subscribed before this instance holds the prefix, which needs the server.
+    wait_for_nats(&client, config).await;
     let id_store = store.clone();
     let store_id = tokio::task::spawn_blocking(move || id_store.instance_id())
         .await

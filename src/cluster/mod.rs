@@ -16,10 +16,15 @@
 //! directory and host): a restarted natsched takes its own lease over at once instead of
 //! waiting for it to age out.
 
-#[allow(dead_code)] // used by replicated mode, being built (issue 12)
+// Replicated mode, being built (issue 12): the log's entries, applying them, appending them.
+#[allow(dead_code)]
 mod entry;
+#[allow(dead_code)]
+mod follower;
 mod holder;
 mod lease;
+#[allow(dead_code)]
+mod log;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -65,6 +65,16 @@ pub(crate) const LEGACY_SEQS_KEY: &[u8] = b"mlegacyseqs";
 /// Where this store's own id is kept: made once, never copied to another store (the lease of
 /// `crate::cluster` knows its holder by it).
 pub(crate) const INSTANCE_KEY: &[u8] = b"minstance";
+/// Where a replicated store keeps the sequence of the last log entry it applied (see
+/// `crate::cluster`): written in the same batch as the entry's changes.
+pub(crate) const LOG_APPLIED_KEY: &[u8] = b"mlogapplied";
+
+/// Whether `key` belongs to this store alone and is never replicated: its id, its place in
+/// the log, and quarantined bytes of its own damaged segments.
+pub(crate) fn is_local(key: &[u8]) -> bool {
+    key == INSTANCE_KEY || key == LOG_APPLIED_KEY || key.first() == Some(&QUARANTINE_PREFIX)
+}
+
 /// The first byte of every id-index key.
 pub(crate) const ID_KEYS: &[u8] = &[ID_PREFIX];
 

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub(crate) use keys::is_local as is_local_key;
 pub use keys::{BUCKET_MS, FAR_BUCKET_MS, SegmentKey, Tier, bucket_of, far_bucket_of};
 pub use windows::Window;
 
@@ -332,6 +333,12 @@ impl WriteBatch {
         self.insert(keys::PENDING_KEY, pending.to_be_bytes());
     }
 
+    /// Records the sequence of the last replicated log entry this batch applies.
+    #[allow(dead_code)] // replicated mode, being built (issue 12)
+    pub(crate) fn set_log_applied(&mut self, seq: u64) {
+        self.insert(keys::LOG_APPLIED_KEY, seq.to_be_bytes());
+    }
+
     /// Records the JetStream intake's mark (see `committer/intake_mark.rs`).
     pub fn set_intake_mark(&mut self, record: &[u8]) {
         self.insert(keys::INTAKE_MARK_KEY, record);
@@ -542,6 +549,24 @@ impl Store {
         db.insert(keys::INSTANCE_KEY, id.as_bytes())?;
         db.flush()?;
         Ok(id)
+    }
+
+    /// Every key and value, in key order.
+    #[cfg(test)]
+    pub(crate) fn entries(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let db = self.db().unwrap();
+        db.iter()
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (k.to_vec(), v.to_vec())
+            })
+            .collect()
+    }
+
+    /// The sequence of the last replicated log entry applied to this store (0: none).
+    #[allow(dead_code)] // replicated mode, being built (issue 12)
+    pub(crate) fn log_applied(&self) -> Result<u64, StoreError> {
+        Ok(self.meta_u64(keys::LOG_APPLIED_KEY)?.unwrap_or(0))
     }
 
     /// How many schedules are pending, as last recorded by [`WriteBatch::set_pending`].

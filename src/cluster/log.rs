@@ -1,0 +1,140 @@
+//! The log stream, and appending to it with fencing.
+//!
+//! The log is one JetStream stream with one subject. Only one writer can extend it: every
+//! append carries `Nats-Expected-Last-Sequence`, the sequence the writer believes is last. A
+//! leader pipelines the parts of a round with consecutive expectations (it knows its own
+//! sequence numbers), then waits for all the PubAcks. Once a new leader has appended its
+//! `lead` entry, the old leader's next append is refused by the server: it learns it was
+//! deposed, refuses the round (503) and steps down. Nothing it acknowledged is missing from
+//! the log, because it acknowledges a round only after the round's PubAcks.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::Context;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::stream::{self, StorageType};
+use bytes::Bytes;
+
+/// How long a round's PubAcks may take before the leader gives up on the round and steps
+/// down (it cannot tell whether the round is in the log: reading it back as a follower tells).
+const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the log stream cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("cannot open the log stream {stream:?}: {reason}")]
+    Stream { stream: String, reason: String },
+}
+
+/// Why an append failed. Either way the round is not acknowledged and the leader steps down.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    #[error("another leader appended to the log (it expected sequence {expected} to be last)")]
+    Deposed { expected: u64 },
+    #[error("cannot append to the log: {0}")]
+    Failed(String),
+}
+
+/// What the log stream is called and where it is.
+#[derive(Debug, Clone)]
+pub(crate) struct LogOptions {
+    pub stream: String,
+    pub subject: String,
+    pub replicas: usize,
+}
+
+/// Gets the log stream, creating it if absent: file storage, limits retention, nothing
+/// expires (compaction purges it, see `snapshot.rs`).
+pub(crate) async fn open(js: &Context, options: &LogOptions) -> Result<stream::Stream, LogError> {
+    let config = stream::Config {
+        name: options.stream.clone(),
+        description: Some("natsched: the replicated log of a prefix".to_owned()),
+        subjects: vec![options.subject.clone()],
+        storage: StorageType::File,
+        num_replicas: options.replicas,
+        ..Default::default()
+    };
+    let failed = |reason: String| LogError::Stream {
+        stream: options.stream.clone(),
+        reason,
+    };
+    let stream = js
+        .get_or_create_stream(config)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let subjects = &stream.cached_info().config.subjects;
+    if subjects != std::slice::from_ref(&options.subject) {
+        return Err(failed(format!(
+            "its subjects are {subjects:?}, not just {:?}",
+            options.subject
+        )));
+    }
+    Ok(stream)
+}
+
+/// Appends to the log as its only writer.
+pub(crate) struct Appender {
+    js: Context,
+    subject: String,
+    /// The log's last sequence, as this writer believes.
+    last: u64,
+}
+
+impl Appender {
+    /// A writer that believes `last` is the log's last sequence (what it read to the end).
+    pub fn new(js: Context, subject: String, last: u64) -> Appender {
+        Appender { js, subject, last }
+    }
+
+    /// The log's last sequence, as this writer believes.
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    /// Appends `bodies` in order; returns the sequence of the last one once the log has all.
+    pub async fn append(&mut self, bodies: Vec<Bytes>) -> Result<u64, AppendError> {
+        let count = bodies.len() as u64;
+        let mut acks = Vec::with_capacity(bodies.len());
+        for (i, body) in bodies.into_iter().enumerate() {
+            let expected = self.last + i as u64;
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
+                expected.to_string().as_str(),
+            );
+            let ack = self
+                .js
+                .publish_with_headers(self.subject.clone(), headers, body)
+                .await
+                .map_err(|e| AppendError::Failed(e.to_string()))?;
+            acks.push((expected, ack));
+        }
+        let confirmed = async {
+            for (expected, ack) in acks {
+                match ack.await {
+                    Ok(ack) if ack.sequence == expected + 1 => {}
+                    Ok(ack) => {
+                        return Err(AppendError::Failed(format!(
+                            "the log took an entry at sequence {}, expected {}",
+                            ack.sequence,
+                            expected + 1
+                        )));
+                    }
+                    Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
+                        return Err(AppendError::Deposed { expected });
+                    }
+                    Err(err) => return Err(AppendError::Failed(err.to_string())),
+                }
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(APPEND_TIMEOUT, confirmed).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => return Err(err),
+            Err(_) => return Err(AppendError::Failed("no PubAck in time".to_owned())),
+        }
+        self.last += count;
+        Ok(self.last)
+    }
+}
