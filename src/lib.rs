@@ -161,13 +161,18 @@ async fn serve(
         micro,
         lease,
     } = started;
-    // Renewed until everything below has stopped, so no successor serves meanwhile.
-    let lease_lost = CancellationToken::new();
-    let release = CancellationToken::new();
-    let mut lease_keeper = match lease {
-        Some(lease) => tokio::spawn(lease.keep(lease_lost.clone(), release.clone())),
-        None => tokio::spawn(async {}),
-    };
+    let KeptLease {
+        lost: lease_lost,
+        release,
+        keeper: mut lease_keeper,
+    } = lease;
+    if lease_lost.is_cancelled() {
+        // Lost while start-up still waited (for NATS, for the intake stream): nothing was
+        // handed to any task yet; what the subscriptions buffered is dropped unanswered.
+        release.cancel();
+        join_bounded("lease", &mut lease_keeper).await;
+        return Ok(Ended::LeaseLost);
+    }
     let (store_tx, store_rx) = mpsc::channel(INTAKE_QUEUE);
     let (wheel_tx, wheel_rx) = std::sync::mpsc::channel::<WheelCommand>();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -249,6 +254,11 @@ async fn serve(
         Some(err) => tracing::error!("{err}; shutting down"),
     }
     stop.cancel();
+    if lost {
+        // Another instance may already serve: publish nothing more, not even what firing
+        // was handed (it stays in the store and fires again from there).
+        firing.abort();
+    }
     // Order matters: intake and the timer stop first; firing then drains what it was handed
     // and drops the last handle to the committer, which commits, fsyncs and exits; its acks
     // then drain through `replies`. Every wait is bounded, so shutdown is too. (A finished
@@ -300,8 +310,35 @@ struct Started {
     api: Api,
     firing: Firing,
     micro: MicroService,
-    /// The prefix's lease; `None` on a server without JetStream.
-    lease: Option<cluster::Lease>,
+    /// The prefix's lease, kept since it was taken.
+    lease: KeptLease,
+}
+
+/// A lease being renewed (or, on a server without JetStream, none).
+struct KeptLease {
+    /// Cancelled when the lease is lost.
+    lost: CancellationToken,
+    /// Cancel to give the lease back.
+    release: CancellationToken,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl KeptLease {
+    fn keep(claimed: cluster::Claimed) -> KeptLease {
+        let lost = CancellationToken::new();
+        let release = CancellationToken::new();
+        let keeper = match claimed {
+            cluster::Claimed::Lease(lease) => {
+                tokio::spawn(lease.keep(lost.clone(), release.clone()))
+            }
+            cluster::Claimed::Unguarded => tokio::spawn(async {}),
+        };
+        KeptLease {
+            lost,
+            release,
+            keeper,
+        }
+    }
 }
 
 /// Opens the store, connects, subscribes, and waits until NATS has the subscriptions.
@@ -324,17 +361,15 @@ async fn start(config: &Config) -> Result<Started, RunError> {
     let store_id = tokio::task::spawn_blocking(move || id_store.instance_id())
         .await
         .map_err(|e| RunError::Task(e.to_string()))??;
-    let lease = match cluster::claim(cluster::ClaimOptions {
+    let claimed = cluster::claim(cluster::ClaimOptions {
         client: &client,
         config,
         store_id,
         metrics: &metrics,
     })
-    .await?
-    {
-        cluster::Claimed::Lease(lease) => Some(*lease),
-        cluster::Claimed::Unguarded => None,
-    };
+    .await?;
+    // Renewed from now on, while start-up goes on, until everything has stopped serving.
+    let lease = KeptLease::keep(claimed);
     let retries = Arc::new(Retries::new(config.delivery.max_backoff));
     let prefix = &config.api.prefix;
     let intake_options = IntakeOptions {
@@ -476,6 +511,7 @@ async fn join_bounded(name: &str, task: &mut tokio::task::JoinHandle<()>) {
     }
     match tokio::time::timeout(SHUTDOWN_STEP, &mut *task).await {
         Ok(Ok(())) => tracing::debug!("{name} stopped"),
+        Ok(Err(err)) if err.is_cancelled() => tracing::debug!("{name} aborted"),
         Ok(Err(err)) => tracing::error!("{name} failed: {err}"),
         Err(_) => {
             tracing::warn!("{name} did not stop in time; aborting it");

@@ -14,8 +14,9 @@
 //! [`margin`] (a fifth of the lease, 1 s for 5 s) before its own count ends, when renewals
 //! failed meanwhile. Two instances can serve at once only if the holder's clock runs slower
 //! than the server's by more than that margin over one lease (20 %), or a process pause
-//! (SIGSTOP, a VM stall) outlasts the lease; the second is what the replicated log's fencing
-//! is for.
+//! (SIGSTOP, a VM stall) outlasts the lease, or the server's wall clock (on a replicated
+//! bucket, that of whichever server leads it, which may change) steps forward by more than
+//! the margin; the pause is what the replicated log's fencing is for.
 
 use std::time::Duration;
 
@@ -35,8 +36,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Why the lease bucket cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
+    /// Retried: JetStream may be starting, or another instance creating the bucket.
     #[error("cannot open the lease bucket {bucket:?}: {reason}")]
     Bucket { bucket: String, reason: String },
+    /// The bucket exists and cannot hold a lease.
+    #[error("the lease bucket {bucket:?} cannot be used: {reason}")]
+    Unfit { bucket: String, reason: String },
 }
 
 /// How long before its own count of the lease ends a holder stops serving.
@@ -80,9 +85,10 @@ pub(crate) async fn open_bucket(
         .map_err(|e| failed(e.to_string()))?
         .max_age();
     if actual.is_zero() {
-        return Err(failed(
-            "it exists without a max_age, so a dead holder's lease would never end".into(),
-        ));
+        return Err(LeaseError::Unfit {
+            bucket: name.to_owned(),
+            reason: "it has no max_age, so a dead holder's lease would never end".into(),
+        });
     }
     if actual != lease {
         tracing::warn!(
@@ -149,7 +155,10 @@ pub(crate) async fn acquire(
             None => {
                 last_error = None;
                 let entry = tokio::time::timeout(REQUEST_TIMEOUT, bucket.entry(KEY)).await;
-                if let Ok(Ok(Some(entry))) = entry {
+                // (A delete marker: the holder just gave it back; `create` takes it next.)
+                if let Ok(Ok(Some(entry))) = entry
+                    && entry.operation == kv::Operation::Put
+                {
                     match Holder::decode(&entry.value) {
                         Ok(holder) if me.same_store(&holder) => {
                             // This store's previous process died holding it: take it over.
@@ -213,6 +222,13 @@ impl Lease {
                     retry_at = None;
                 }
                 Ok(Err(err)) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    // An earlier renewal whose answer was lost may have been stored: then the
+                    // key holds our own value at a newer revision, and the lease is ours.
+                    if let Some(revision) = self.own_revision(&value).await {
+                        self.revision = revision;
+                        retry_at = Some(Instant::now());
+                        continue;
+                    }
                     tracing::error!(
                         "another instance took the lease (ours had ended); stopping to serve"
                     );
@@ -224,6 +240,19 @@ impl Lease {
                 }
                 Err(_) => retry_at = Some(Instant::now()),
             }
+        }
+    }
+
+    /// The key's revision if it holds exactly `value` (ours).
+    async fn own_revision(&self, value: &[u8]) -> Option<u64> {
+        let entry = tokio::time::timeout(REQUEST_TIMEOUT, self.bucket.entry(KEY)).await;
+        match entry {
+            Ok(Ok(Some(entry)))
+                if entry.operation == kv::Operation::Put && entry.value.as_ref() == value =>
+            {
+                Some(entry.revision)
+            }
+            _ => None,
         }
     }
 

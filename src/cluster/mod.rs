@@ -109,7 +109,16 @@ pub(crate) async fn claim(options: ClaimOptions<'_>) -> Result<Claimed, LeaseErr
             None => 1,
         });
     let name = cluster.bucket(prefix);
-    let (bucket, lease) = lease::open_bucket(&js, &name, cluster.lease, replicas).await?;
+    let (bucket, lease) = loop {
+        match lease::open_bucket(&js, &name, cluster.lease, replicas).await {
+            Ok(opened) => break opened,
+            Err(err @ LeaseError::Unfit { .. }) => return Err(err),
+            Err(err) => {
+                tracing::warn!(error = %err, "retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
     let me = Holder::this_process(store_id, &config.store.path, crate::time::now_ms());
     let shown = me.describe();
     let mut waiting = Standby {
