@@ -129,64 +129,76 @@ pub(crate) async fn acquire(
     let value = me.encode();
     let mut last_error = None::<String>;
     loop {
-        let sent = Instant::now();
-        let attempt = tokio::time::timeout(REQUEST_TIMEOUT, bucket.create(KEY, value.clone()));
-        let refused = match attempt.await {
-            Ok(Ok(revision)) => {
-                return Lease {
-                    bucket,
-                    me,
-                    revision,
-                    renewed_at: sent,
-                    lease,
-                };
-            }
-            Ok(Err(err)) if err.kind() == kv::CreateErrorKind::AlreadyExists => None,
-            Ok(Err(err)) => Some(err.to_string()),
-            Err(_) => Some("timed out".to_owned()),
-        };
-        match refused {
-            Some(error) => {
-                if last_error.as_ref() != Some(&error) {
-                    tracing::warn!(%error, "cannot take the lease yet; retrying");
-                }
-                last_error = Some(error);
-            }
-            None => {
-                last_error = None;
-                let entry = tokio::time::timeout(REQUEST_TIMEOUT, bucket.entry(KEY)).await;
-                // (A delete marker: the holder just gave it back; `create` takes it next.)
-                if let Ok(Ok(Some(entry))) = entry
-                    && entry.operation == kv::Operation::Put
-                {
-                    match Holder::decode(&entry.value) {
-                        Ok(holder) if me.same_store(&holder) => {
-                            // This store's previous process died holding it: take it over.
-                            let sent = Instant::now();
-                            let update = bucket.update(KEY, value.clone(), entry.revision);
-                            if let Ok(Ok(revision)) =
-                                tokio::time::timeout(REQUEST_TIMEOUT, update).await
-                            {
-                                tracing::info!(
-                                    previous_pid = holder.pid,
-                                    "took over the lease this store's previous process held"
-                                );
-                                return Lease {
-                                    bucket,
-                                    me,
-                                    revision,
-                                    renewed_at: sent,
-                                    lease,
-                                };
-                            }
-                        }
-                        Ok(holder) => waiting.held_by(&holder.describe()),
-                        Err(shown) => waiting.held_by(&shown),
-                    }
-                }
-            }
+        if let Some((revision, sent)) =
+            try_take(&bucket, &me, &value, &mut last_error, waiting).await
+        {
+            return Lease {
+                bucket,
+                me,
+                revision,
+                renewed_at: sent,
+                lease,
+            };
         }
         tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// One attempt to take the lease: the revision written and when it was sent, if taken.
+async fn try_take(
+    bucket: &kv::Store,
+    me: &Holder,
+    value: &bytes::Bytes,
+    last_error: &mut Option<String>,
+    waiting: &mut impl Waiting,
+) -> Option<(u64, Instant)> {
+    let sent = Instant::now();
+    let attempt = tokio::time::timeout(REQUEST_TIMEOUT, bucket.create(KEY, value.clone()));
+    match attempt.await {
+        Ok(Ok(revision)) => return Some((revision, sent)),
+        Ok(Err(err)) if err.kind() == kv::CreateErrorKind::AlreadyExists => *last_error = None,
+        failed => {
+            let error = match failed {
+                Ok(Err(err)) => err.to_string(),
+                _ => "timed out".to_owned(),
+            };
+            if last_error.as_ref() != Some(&error) {
+                tracing::warn!(%error, "cannot take the lease yet; retrying");
+            }
+            *last_error = Some(error);
+            return None;
+        }
+    }
+    let entry = tokio::time::timeout(REQUEST_TIMEOUT, bucket.entry(KEY)).await;
+    // (A delete marker: the holder just gave it back; `create` takes it next.)
+    let Ok(Ok(Some(entry))) = entry else {
+        return None;
+    };
+    if entry.operation != kv::Operation::Put {
+        return None;
+    }
+    match Holder::decode(&entry.value) {
+        Ok(holder) if me.same_store(&holder) => {
+            // This store's previous process died holding it: take it over.
+            let sent = Instant::now();
+            let update = bucket.update(KEY, value.clone(), entry.revision);
+            let Ok(Ok(revision)) = tokio::time::timeout(REQUEST_TIMEOUT, update).await else {
+                return None;
+            };
+            tracing::info!(
+                previous_pid = holder.pid,
+                "took over the lease this store's previous process held"
+            );
+            Some((revision, sent))
+        }
+        Ok(holder) => {
+            waiting.held_by(&holder.describe());
+            None
+        }
+        Err(shown) => {
+            waiting.held_by(&shown);
+            None
+        }
     }
 }
 
