@@ -285,8 +285,8 @@ pub enum IntakeMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// `standalone` (one instance serves, with its own store; others wait). `replicated` is
-    /// refused until it is built.
+    /// `standalone` (one instance serves, with its own store; others wait) or `replicated`
+    /// (the leader's store is replicated to followers through a JetStream stream).
     pub mode: ClusterMode,
     /// How long the serving instance's lease lasts, e.g. `"5s"`; it is renewed every third
     /// of that, and an instance that died is replaced after at most this long.
@@ -295,7 +295,9 @@ pub struct ClusterConfig {
     /// The JetStream KV bucket holding the lease; empty: `natsched_<prefix>` (every character
     /// of the prefix that a bucket name cannot hold becomes `_`).
     pub bucket: String,
-    /// Replicas of the lease bucket; absent: 3 on a NATS cluster, 1 on a single
+    /// The JetStream stream holding the replicated log; empty: `natsched_log_<prefix>`.
+    pub log_stream: String,
+    /// Replicas of the lease bucket and the log; absent: 3 on a NATS cluster, 1 on a single
     /// server.
     pub replicas: Option<usize>,
 }
@@ -382,6 +384,7 @@ impl Default for ClusterConfig {
             mode: ClusterMode::Standalone,
             lease: DEFAULT_LEASE,
             bucket: String::new(),
+            log_stream: String::new(),
             replicas: None,
         }
     }
@@ -394,6 +397,22 @@ impl ClusterConfig {
             true => format!("natsched_{}", name_part(prefix)),
             false => self.bucket.clone(),
         }
+    }
+}
+
+impl ClusterConfig {
+    /// The log stream's name for `prefix`.
+    pub fn log_stream(&self, prefix: &str) -> String {
+        match self.log_stream.is_empty() {
+            true => format!("natsched_log_{}", name_part(prefix)),
+            false => self.log_stream.clone(),
+        }
+    }
+
+    /// The log's subject for `prefix`: outside `<prefix>.>`, so that a client allowed to use
+    /// the API cannot write into the log.
+    pub fn log_subject(&self, prefix: &str) -> String {
+        format!("$NATSCHED.{prefix}.log")
     }
 }
 
@@ -596,10 +615,10 @@ impl Config {
                 "must be a KV bucket name: letters, digits, - and _".to_owned(),
             );
         }
-        if cluster.mode == ClusterMode::Replicated {
+        if cluster.log_stream.len() > 255 || !cluster.log_stream.chars().all(name_ok) {
             return invalid(
-                "cluster.mode",
-                "\"replicated\" is not available in this build yet (see issue 12); use \"standalone\""
+                "cluster.log_stream",
+                "must be a JetStream stream name: at most 255 characters, none of . * > / \\ or spaces"
                     .to_owned(),
             );
         }

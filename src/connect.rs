@@ -31,6 +31,8 @@ pub enum ConnectSetupError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("invalid server URL {url:?}: {source}")]
+    Url { url: String, source: std::io::Error },
 }
 
 /// Credentials taken from a server URL.
@@ -126,8 +128,18 @@ fn with_url_auth(options: ConnectOptions, auth: Option<UrlAuth>) -> ConnectOptio
 pub async fn for_daemon(
     nats: &NatsConfig,
     options: ConnectOptions,
-) -> Result<(ConnectOptions, String), ConnectSetupError> {
+) -> Result<(ConnectOptions, Vec<async_nats::ServerAddr>), ConnectSetupError> {
     let ServerUrls { urls, auth } = split_credentials(&nats.url)?;
+    // async-nats reads one URL from a string; a list is given as addresses.
+    let addrs = urls
+        .split(',')
+        .map(|url| {
+            url.trim().parse().map_err(|source| ConnectSetupError::Url {
+                url: mask_credentials(url.trim()),
+                source,
+            })
+        })
+        .collect::<Result<Vec<async_nats::ServerAddr>, _>>()?;
     let configured = nats.auth_kind();
     let mut options = match (auth, configured) {
         (Some(_), Some(kind)) => return Err(ConnectSetupError::TwiceGiven(kind)),
@@ -163,7 +175,7 @@ pub async fn for_daemon(
         }
         options = options.require_tls(tls.required);
     }
-    Ok((options, urls))
+    Ok((options, addrs))
 }
 
 #[cfg(test)]

@@ -71,7 +71,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{Api, ApiOptions};
 use crate::committer::{Committer, CommitterLinks, CommitterOptions};
-use crate::config::{Config, IntakeMode};
+use crate::config::{ClusterMode, Config, IntakeMode};
 use crate::delivery::{Firing, FiringOutputs};
 use crate::intake::{Intake, IntakeOptions, JetStreamIntake};
 use crate::metrics::Metrics;
@@ -102,6 +102,8 @@ pub enum RunError {
     JetStreamIntake(#[from] intake::JetStreamSetupError),
     #[error(transparent)]
     Lease(#[from] cluster::LeaseError),
+    #[error("replicated mode: {0}")]
+    Follow(#[from] cluster::FollowError),
     #[error("cannot subscribe to the API subjects: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("a natsched task failed: {0}")]
@@ -160,6 +162,7 @@ async fn serve(
         firing,
         micro,
         lease,
+        replication,
     } = started;
     let KeptLease {
         lost: lease_lost,
@@ -194,6 +197,7 @@ async fn serve(
             acks: ack_tx,
             resident: resident.clone(),
             metrics: metrics.clone(),
+            log: replication,
         },
     )?;
     let runtime = tokio::runtime::Handle::current();
@@ -312,6 +316,49 @@ struct Started {
     micro: MicroService,
     /// The prefix's lease, kept since it was taken.
     lease: KeptLease,
+    /// Replicated mode: the log the store writer appends to.
+    replication: Option<cluster::Replication>,
+}
+
+/// Replicated mode: follows the log into `store` while waiting for the lease (`claim`), then
+/// catches up to the log's end and appends a `lead` entry, after which no other instance can
+/// extend the log. Returns the kept lease and the log for the store writer.
+async fn follow_until_leading(
+    client: &async_nats::Client,
+    config: &Config,
+    store: &Store,
+    claim: impl Future<Output = Result<cluster::Claimed, cluster::LeaseError>>,
+) -> Result<(KeptLease, cluster::Replication), RunError> {
+    let js = async_nats::jetstream::new(client.clone());
+    let log = cluster::log_options(client, config);
+    let mut follower = loop {
+        match cluster::Follower::start(store.clone(), js.clone(), log.clone()).await {
+            Ok(follower) => break follower,
+            Err(cluster::FollowError::Log(err)) => {
+                tracing::warn!(error = %err, "cannot open the replicated log yet; retrying");
+                tokio::time::sleep(NATS_WAIT_REPORT).await;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
+    let claimed = tokio::select! {
+        claimed = claim => claimed?,
+        err = follower.failed() => return Err(err.into()),
+    };
+    let holder = match &claimed {
+        cluster::Claimed::Lease(lease) => lease.holder(),
+        cluster::Claimed::Unguarded => return Err(cluster::LeaseError::NoJetStream.into()),
+    };
+    let lease = KeptLease::keep(claimed);
+    let appender = tokio::select! {
+        appender = follower.lead(holder) => appender?,
+        () = lease.lost.cancelled() => {
+            return Err(RunError::Task("the lease was lost while catching up".into()));
+        }
+    };
+    let max_payload = client.server_info().max_payload;
+    let replication = cluster::Replication::new(appender, lease.lost.clone(), max_payload);
+    Ok((lease, replication))
 }
 
 /// A lease being renewed (or, on a server without JetStream, none).
@@ -361,15 +408,20 @@ async fn start(config: &Config) -> Result<Started, RunError> {
     let store_id = tokio::task::spawn_blocking(move || id_store.instance_id())
         .await
         .map_err(|e| RunError::Task(e.to_string()))??;
-    let claimed = cluster::claim(cluster::ClaimOptions {
+    let claim = cluster::claim(cluster::ClaimOptions {
         client: &client,
         config,
         store_id,
         metrics: &metrics,
-    })
-    .await?;
-    // Renewed from now on, while start-up goes on, until everything has stopped serving.
-    let lease = KeptLease::keep(claimed);
+    });
+    let (lease, replication) = match config.cluster.mode {
+        // Renewed from now on, while start-up goes on, until everything has stopped serving.
+        ClusterMode::Standalone => (KeptLease::keep(claim.await?), None),
+        ClusterMode::Replicated => {
+            let (lease, log) = follow_until_leading(&client, config, &store, claim).await?;
+            (lease, Some(log))
+        }
+    };
     let retries = Arc::new(Retries::new(config.delivery.max_backoff));
     let prefix = &config.api.prefix;
     let intake_options = IntakeOptions {
@@ -425,6 +477,7 @@ async fn start(config: &Config) -> Result<Started, RunError> {
         firing,
         micro,
         lease,
+        replication,
     })
 }
 
@@ -539,7 +592,7 @@ async fn connect(config: &Config) -> Result<async_nats::Client, RunError> {
                 other => tracing::info!(event = %other, "NATS event"),
             }
         })
-        .connect(urls.as_str())
+        .connect(urls)
         .await
         .map_err(|source| RunError::Connect {
             url: config.nats.shown_url(),

@@ -202,6 +202,7 @@ impl Rounds {
     }
 
     /// Whether a round was begun and not finished.
+    #[cfg(test)]
     pub fn is_open(&self) -> bool {
         self.open
     }

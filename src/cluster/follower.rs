@@ -45,8 +45,14 @@ impl Applier {
     }
 
     /// The last sequence whose effect is in the store.
+    #[cfg(test)]
     pub fn applied(&self) -> u64 {
         self.applied
+    }
+
+    /// The last sequence read.
+    pub fn read(&self) -> u64 {
+        self.read
     }
 
     /// Where reading must go on from.

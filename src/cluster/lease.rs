@@ -39,6 +39,9 @@ pub enum LeaseError {
     /// Retried: JetStream may be starting, or another instance creating the bucket.
     #[error("cannot open the lease bucket {bucket:?}: {reason}")]
     Bucket { bucket: String, reason: String },
+    /// Replicated mode needs JetStream.
+    #[error("replicated mode needs JetStream, and the NATS server has none")]
+    NoJetStream,
     /// The bucket exists and cannot hold a lease.
     #[error("the lease bucket {bucket:?} cannot be used: {reason}")]
     Unfit { bucket: String, reason: String },
@@ -203,6 +206,11 @@ async fn try_take(
 }
 
 impl Lease {
+    /// The holder's value: this process.
+    pub fn holder(&self) -> bytes::Bytes {
+        self.me.encode()
+    }
+
     /// Renews the lease until `stop` (then gives it back) or until it is lost: another
     /// instance took it, or renewals failed until [`margin`] before it would end. Then
     /// `lost` is cancelled and this returns.

@@ -87,11 +87,6 @@ impl Appender {
         Appender { js, subject, last }
     }
 
-    /// The log's last sequence, as this writer believes.
-    pub fn last(&self) -> u64 {
-        self.last
-    }
-
     /// Appends `bodies` in order; returns the sequence of the last one once the log has all.
     pub async fn append(&mut self, bodies: Vec<Bytes>) -> Result<u64, AppendError> {
         let count = bodies.len() as u64;
@@ -136,5 +131,48 @@ impl Appender {
         }
         self.last += count;
         Ok(self.last)
+    }
+}
+
+/// The store writer's side of the log: appends each batch before the store applies it.
+pub struct Replication {
+    appender: Appender,
+    runtime: tokio::runtime::Handle,
+    /// Cancelled when an append failed: this instance must stop leading.
+    deposed: tokio_util::sync::CancellationToken,
+    /// Largest message body (the server's `max_payload` less room for headers).
+    max_message: usize,
+}
+
+impl Replication {
+    pub(crate) fn new(
+        appender: Appender,
+        deposed: tokio_util::sync::CancellationToken,
+        max_payload: usize,
+    ) -> Replication {
+        Replication {
+            appender,
+            runtime: tokio::runtime::Handle::current(),
+            deposed,
+            max_message: max_payload.saturating_sub(1024).max(1024),
+        }
+    }
+
+    /// Appends `batch`'s replicated changes as one round; returns the sequence of its last
+    /// part. Blocks the calling (non-runtime) thread until the log has all of it. On error
+    /// this instance is done leading: `deposed` is cancelled.
+    pub(crate) fn append(&mut self, batch: &crate::store::WriteBatch) -> Result<u64, AppendError> {
+        let changes: Vec<_> = batch
+            .changes()
+            .iter()
+            .filter(|(key, _)| !crate::store::is_local_key(key))
+            .cloned()
+            .collect();
+        let bodies = super::entry::encode_round(&changes, self.max_message);
+        let result = self.runtime.block_on(self.appender.append(bodies));
+        if result.is_err() {
+            self.deposed.cancel();
+        }
+        result
     }
 }

@@ -16,15 +16,12 @@
 //! directory and host): a restarted natsched takes its own lease over at once instead of
 //! waiting for it to age out.
 
-// Replicated mode, being built (issue 12): the log's entries, applying them, appending them.
-#[allow(dead_code)]
 mod entry;
-#[allow(dead_code)]
 mod follower;
 mod holder;
 mod lease;
-#[allow(dead_code)]
 mod log;
+mod replica;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,11 +29,15 @@ use std::time::Duration;
 use async_nats::jetstream;
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{ClusterMode, Config};
 use crate::metrics::Metrics;
 
 pub(crate) use lease::Lease;
 pub use lease::LeaseError;
+pub(crate) use log::LogOptions;
+pub use log::{AppendError, LogError, Replication};
+pub use replica::FollowError;
+pub(crate) use replica::Follower;
 
 use holder::Holder;
 
@@ -53,6 +54,8 @@ pub enum Role {
     Leader,
     /// Waiting for the lease another instance holds.
     Standby,
+    /// Replicated mode: applying the leader's log to its own store, ready to take over.
+    Follower,
 }
 
 /// The role and the lease holder, shared with `stats` and `$SRV` discovery.
@@ -89,7 +92,11 @@ pub(crate) async fn claim(options: ClaimOptions<'_>) -> Result<Claimed, LeaseErr
         metrics,
     } = options;
     let js = jetstream::new(client.clone());
+    let replicated = config.cluster.mode == ClusterMode::Replicated;
     if !has_jetstream(client).await {
+        if replicated {
+            return Err(LeaseError::NoJetStream);
+        }
         tracing::warn!(
             "the NATS server has no JetStream: no lease guards the prefix, so a second natsched \
              serving it would store and fire every schedule again undetected"
@@ -102,12 +109,7 @@ pub(crate) async fn claim(options: ClaimOptions<'_>) -> Result<Claimed, LeaseErr
     }
     let cluster = &config.cluster;
     let prefix = &config.api.prefix;
-    let replicas = cluster
-        .replicas
-        .unwrap_or(match client.server_info().cluster {
-            Some(_) => 3,
-            None => 1,
-        });
+    let replicas = replicas(client, config);
     let name = cluster.bucket(prefix);
     let (bucket, lease) = loop {
         match lease::open_bucket(&js, &name, cluster.lease, replicas).await {
@@ -125,6 +127,10 @@ pub(crate) async fn claim(options: ClaimOptions<'_>) -> Result<Claimed, LeaseErr
         metrics,
         last: None,
         prefix,
+        role: match replicated {
+            true => Role::Follower,
+            false => Role::Standby,
+        },
     };
     let lease = lease::acquire(bucket, me, lease, &mut waiting).await;
     tracing::info!(bucket = %name, "holding the lease of the prefix");
@@ -133,6 +139,28 @@ pub(crate) async fn claim(options: ClaimOptions<'_>) -> Result<Claimed, LeaseErr
         leader: Some(shown),
     });
     Ok(Claimed::Lease(Box::new(lease)))
+}
+
+/// Replicas of the lease bucket and the log: as configured, else 3 on a NATS cluster and 1
+/// on a single server.
+pub(crate) fn replicas(client: &async_nats::Client, config: &Config) -> usize {
+    config
+        .cluster
+        .replicas
+        .unwrap_or(match client.server_info().cluster {
+            Some(_) => 3,
+            None => 1,
+        })
+}
+
+/// The log of `config`'s prefix.
+pub(crate) fn log_options(client: &async_nats::Client, config: &Config) -> LogOptions {
+    let prefix = &config.api.prefix;
+    LogOptions {
+        stream: config.cluster.log_stream(prefix),
+        subject: config.cluster.log_subject(prefix),
+        replicas: replicas(client, config),
+    }
 }
 
 /// Whether the account has JetStream; waits while the server cannot tell. (Asked directly:
@@ -180,6 +208,7 @@ struct Standby<'a> {
     metrics: &'a Metrics,
     last: Option<String>,
     prefix: &'a str,
+    role: Role,
 }
 
 impl lease::Waiting for Standby<'_> {
@@ -187,14 +216,21 @@ impl lease::Waiting for Standby<'_> {
         if self.last.as_deref() == Some(shown) {
             return;
         }
-        tracing::error!(
-            prefix = %self.prefix,
-            holder = %shown,
-            "another natsched serves this prefix; waiting for its lease without serving"
-        );
+        match self.role {
+            Role::Follower => tracing::info!(
+                prefix = %self.prefix,
+                leader = %shown,
+                "following the leader of this prefix"
+            ),
+            _ => tracing::error!(
+                prefix = %self.prefix,
+                holder = %shown,
+                "another natsched serves this prefix; waiting for its lease without serving"
+            ),
+        }
         self.last = Some(shown.to_owned());
         self.metrics.set_cluster(ClusterStatus {
-            role: Role::Standby,
+            role: self.role,
             leader: Some(shown.to_owned()),
         });
     }

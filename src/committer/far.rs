@@ -64,7 +64,7 @@ impl Committer {
             // should it have, pulling its cursor back makes it load them.
             self.cursor = self.cursor.min(key);
         }
-        self.store.commit(batch)?;
+        self.write(batch)?;
         // A bucket cut short by the chunk is resumed from its start: what was moved is gone
         // from it.
         self.far_cursor = match last_bucket {

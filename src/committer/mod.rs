@@ -51,6 +51,7 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
+use crate::cluster::Replication;
 use crate::metrics::{Metrics, QuotaUsage};
 use crate::policy::{Capacity, Ledger};
 use crate::protocol::{self, ApiError};
@@ -111,6 +112,8 @@ pub struct CommitterLinks {
     /// Schedules in memory, shared with the timer thread and firing.
     pub resident: Arc<AtomicUsize>,
     pub metrics: Arc<Metrics>,
+    /// Replicated mode: the log every change is appended to before the store applies it.
+    pub log: Option<Replication>,
 }
 
 /// The store-writer thread's state.
@@ -150,6 +153,11 @@ pub struct Committer {
     intake_durable: IntakeMark,
     /// Whether this round changed the mark (then its batch records it).
     intake_changed: bool,
+    /// Replicated mode: the log (see [`Committer::write`]).
+    log: Option<Replication>,
+    /// Set once the log refused a change: this instance no longer leads, and refuses
+    /// everything until it is stopped.
+    deposed: bool,
 }
 
 impl Committer {
@@ -164,6 +172,7 @@ impl Committer {
             acks,
             resident,
             metrics,
+            log,
         } = links;
         let ledger = read_ledger(&store, &options.capacity)?;
         let intake = IntakeMark::decode(store.intake_mark()?.as_deref());
@@ -188,6 +197,8 @@ impl Committer {
             far_cursor: 0,
             fired: foldhash::HashMap::default(),
             fired_since: None,
+            log,
+            deposed: false,
         };
         committer.publish_ledger();
         Ok(committer)
@@ -253,7 +264,13 @@ impl Committer {
 
     /// Applies one round of commands atomically; see [`Round`].
     fn round(&mut self, commands: impl Iterator<Item = StoreCommand>, flush_fired: bool) {
-        if let Some(refusal) = self.outage.as_ref().map(Outage::refusal) {
+        let refusal = match self.deposed {
+            true => Some(ApiError::unavailable(
+                "this natsched stopped leading its prefix; retry".to_owned(),
+            )),
+            false => self.outage.as_ref().map(Outage::refusal),
+        };
+        if let Some(refusal) = refusal {
             // Nothing is tried: sled refuses every write until the store is reopened.
             let mut round = Round::new(self.ledger.clone());
             for command in commands {
@@ -374,8 +391,30 @@ impl Committer {
         }
     }
 
+    /// Applies `batch` to the store; in replicated mode it is appended to the log first, and
+    /// the store records the log sequence it got to in the same batch.
+    fn write(&mut self, mut batch: WriteBatch) -> Result<(), StoreError> {
+        if let Some(log) = &mut self.log
+            && !batch.is_empty()
+        {
+            let seq = log
+                .append(&batch)
+                .map_err(|e| StoreError::Log(e.to_string()))?;
+            batch.set_log_applied(seq);
+        }
+        self.store.commit(batch)
+    }
+
     /// A store operation failed: the outage begins, or goes on.
     fn fail(&mut self, error: &StoreError) {
+        if let StoreError::Log(reason) = error {
+            // Not the disk: the log refused the change (another leader, or no answer).
+            if !self.deposed {
+                tracing::error!(%reason, "the replicated log refused a change; stopping to lead");
+            }
+            self.deposed = true;
+            return;
+        }
         match &mut self.outage {
             Some(outage) => outage.note(error),
             None => {
@@ -448,12 +487,12 @@ impl Committer {
 
     /// After reopening: the counts as stored, and a write (with fsync) of the next seq, which
     /// never goes back (lost seqs are not handed out again).
-    fn resume_after_reopen(&self, durable: u64) -> Result<(Ledger, u64), StoreError> {
+    fn resume_after_reopen(&mut self, durable: u64) -> Result<(Ledger, u64), StoreError> {
         let ledger = read_ledger(&self.store, &self.options.capacity)?;
         let next_seq = self.next_seq.max(durable);
         let mut batch = WriteBatch::default();
         batch.set_next_seq(next_seq);
-        self.store.commit(batch)?;
+        self.write(batch)?;
         self.store.flush()?;
         Ok((ledger, next_seq))
     }
@@ -561,7 +600,7 @@ impl Committer {
         if self.intake_changed {
             batch.set_intake_mark(&self.intake.encode());
         }
-        self.store.commit(batch)?;
+        self.write(batch)?;
         round.mark_applied();
         self.ledger = round.ledger().clone();
         self.publish_ledger();
@@ -574,7 +613,8 @@ impl Committer {
         for command in wheel_commands {
             let _ = self.wheel.send(command);
         }
-        if round.awaits_ack() {
+        // Replicated, the log's PubAck made it durable (on the log's replicas).
+        if round.awaits_ack() && self.log.is_none() {
             self.store.flush()?;
         }
         let (added, cancelled) = round.counts();
@@ -609,6 +649,9 @@ impl Committer {
     /// waiting now. While the store cannot be written only loading goes on (it only reads),
     /// so what is stored keeps firing (see `load_far_unmigrated`).
     fn advance(&mut self) -> bool {
+        if self.deposed {
+            return false;
+        }
         if let Some(outage) = &mut self.outage {
             // What fired cannot leave the store, and is remembered until it can: loading
             // stops here, so memory stays bounded however long the outage lasts. (Counted

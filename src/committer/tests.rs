@@ -71,6 +71,7 @@ impl Harness {
             acks: acks_tx,
             resident,
             metrics,
+            log: None,
         };
         let committer = Committer::new(store, options, links).unwrap();
         Harness {

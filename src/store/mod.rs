@@ -83,6 +83,10 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Replicated mode: the log did not take a round, so neither does the store, and this
+    /// instance stops leading (see `crate::cluster`).
+    #[error("the replicated log did not take the change: {0}")]
+    Log(String),
 }
 
 impl StoreError {
@@ -94,6 +98,7 @@ impl StoreError {
             | StoreError::NoRoom { source, .. }
             | StoreError::Watermark { source, .. } => format!("I/O error: {}", source.kind()),
             StoreError::Reopening => "the store is being reopened".to_owned(),
+            StoreError::Log(_) => "this natsched stopped leading its prefix; retry".to_owned(),
             _ => "store error".to_owned(),
         }
     }
@@ -254,13 +259,11 @@ impl WriteBatch {
     }
 
     /// The changes, in order.
-    #[allow(dead_code)] // replicated mode, being built (issue 12)
     pub(crate) fn changes(&self) -> &[Change] {
         &self.changes
     }
 
     /// A batch of `changes` read from elsewhere (a replicated log).
-    #[allow(dead_code)] // replicated mode, being built (issue 12)
     pub(crate) fn from_changes(changes: Vec<Change>) -> WriteBatch {
         WriteBatch { changes }
     }
@@ -334,7 +337,6 @@ impl WriteBatch {
     }
 
     /// Records the sequence of the last replicated log entry this batch applies.
-    #[allow(dead_code)] // replicated mode, being built (issue 12)
     pub(crate) fn set_log_applied(&mut self, seq: u64) {
         self.insert(keys::LOG_APPLIED_KEY, seq.to_be_bytes());
     }
@@ -564,7 +566,6 @@ impl Store {
     }
 
     /// The sequence of the last replicated log entry applied to this store (0: none).
-    #[allow(dead_code)] // replicated mode, being built (issue 12)
     pub(crate) fn log_applied(&self) -> Result<u64, StoreError> {
         Ok(self.meta_u64(keys::LOG_APPLIED_KEY)?.unwrap_or(0))
     }

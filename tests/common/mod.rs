@@ -233,7 +233,7 @@ impl Daemon {
         let task = tokio::spawn(natsched::run(config, async {
             let _ = stopped.await;
         }));
-        let client = options.connect(urls.as_str()).await.unwrap();
+        let client = options.connect(urls).await.unwrap();
         wait_ready(&client, &prefix).await;
         Daemon {
             stop: Some(stop),
@@ -559,4 +559,81 @@ pub async fn try_add(
     let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
     let description = body["error"]["description"].as_str().unwrap().to_owned();
     Some((code, description))
+}
+
+/// Three nats-server processes routed into one cluster on localhost, each with JetStream and
+/// its own store directory.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts the three nodes and waits until JetStream has a meta leader.
+    pub async fn start() -> NatsCluster {
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_urls = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = (0..3)
+            .map(|i| {
+                let args = [
+                    "-js".to_owned(),
+                    "-sd".to_owned(),
+                    "js".to_owned(),
+                    "-n".to_owned(),
+                    format!("n{i}"),
+                    "--cluster_name".to_owned(),
+                    "natsched-test".to_owned(),
+                    "--cluster".to_owned(),
+                    format!("nats://127.0.0.1:{}", routes[i]),
+                    "--routes".to_owned(),
+                    route_urls.clone(),
+                ];
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                NatsServer::spawn(free_port(), tempfile::tempdir().unwrap(), &args)
+            })
+            .collect();
+        let cluster = NatsCluster { nodes };
+        cluster.wait_for_jetstream().await;
+        cluster
+    }
+
+    /// Every node's URL, comma-separated (for natsched's `[nats] url`).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A client connected to any node.
+    pub async fn client(&self) -> Client {
+        let addrs: Vec<async_nats::ServerAddr> =
+            self.nodes.iter().map(|n| n.url.parse().unwrap()).collect();
+        async_nats::connect(addrs).await.unwrap()
+    }
+
+    /// Waits until JetStream answers (a meta leader was elected).
+    pub async fn wait_for_jetstream(&self) {
+        let client = self.client().await;
+        let start = Instant::now();
+        loop {
+            let answer = client.request("$JS.API.INFO", Bytes::new());
+            if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(1), answer).await {
+                let body: serde_json::Value =
+                    serde_json::from_slice(&reply.payload).unwrap_or_default();
+                if body.get("error").is_none() && body.get("type").is_some() {
+                    return;
+                }
+            }
+            assert!(
+                start.elapsed() < WAIT * 2,
+                "JetStream never got a meta leader"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }

@@ -1,0 +1,192 @@
+//! A follower's life: it consumes the log into its store, and when it has taken the lease it
+//! catches up to the log's end and appends a `lead` entry, which fences off the old leader.
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::{Context, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::store::{Store, StoreError};
+
+use super::entry;
+use super::follower::{Applier, ApplyError};
+use super::log::{self, AppendError, Appender, LogError, LogOptions};
+
+/// How often taking over may find that another leader appended meanwhile before it gives up.
+const LEAD_ATTEMPTS: usize = 10;
+
+/// Why following (or taking over) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot read the log: {0}")]
+    Read(String),
+    #[error("cannot take over: {0}")]
+    Lead(#[from] AppendError),
+}
+
+/// A store following the log.
+pub(crate) struct Follower {
+    js: Context,
+    options: LogOptions,
+    stream: stream::Stream,
+    /// Tells the consuming task where to stop.
+    until: watch::Sender<Option<u64>>,
+    task: tokio::task::JoinHandle<Result<Applier, FollowError>>,
+}
+
+impl Follower {
+    /// Opens (or creates) the log and starts applying it to `store` from where it left off.
+    pub async fn start(
+        store: Store,
+        js: Context,
+        options: LogOptions,
+    ) -> Result<Follower, FollowError> {
+        let stream = log::open(&js, &options).await?;
+        let applier = tokio::task::spawn_blocking(move || Applier::new(store))
+            .await
+            .map_err(|e| FollowError::Read(e.to_string()))??;
+        tracing::info!(
+            stream = %options.stream,
+            from = applier.next(),
+            "following the replicated log"
+        );
+        let (until, stop_at) = watch::channel(None);
+        let task = tokio::spawn(follow(applier, stream.clone(), stop_at));
+        Ok(Follower {
+            js,
+            options,
+            stream,
+            until,
+            task,
+        })
+    }
+
+    /// Completes only if following fails (it runs until asked to stop otherwise).
+    pub async fn failed(&mut self) -> FollowError {
+        match (&mut self.task).await {
+            Ok(Err(err)) => err,
+            Ok(Ok(_)) => FollowError::Read("following stopped".to_owned()),
+            Err(err) => FollowError::Read(err.to_string()),
+        }
+    }
+
+    /// Catches up to the log's end and appends a `lead` entry naming `holder`; returns the
+    /// writer, which alone can extend the log from now on.
+    pub async fn lead(self, holder: Bytes) -> Result<Appender, FollowError> {
+        let Follower {
+            js,
+            options,
+            mut stream,
+            until,
+            task,
+        } = self;
+        let read_error = |e: String| FollowError::Read(e);
+        let mut last = last_sequence(&mut stream).await?;
+        let _ = until.send(Some(last));
+        let mut applier = task.await.map_err(|e| read_error(e.to_string()))??;
+        let body = entry::encode_lead(&holder);
+        for _ in 0..LEAD_ATTEMPTS {
+            let mut appender = Appender::new(js.clone(), options.subject.clone(), last);
+            match appender.append(vec![body.clone()]).await {
+                Ok(seq) => {
+                    let applied = tokio::task::spawn_blocking(move || {
+                        let result = applier.apply(seq, &body);
+                        result.map(|()| applier)
+                    });
+                    applied.await.map_err(|e| read_error(e.to_string()))??;
+                    tracing::info!(log_sequence = seq, "leading: appended the lead entry");
+                    return Ok(appender);
+                }
+                Err(AppendError::Deposed { .. }) => {
+                    // The old leader appended after we read the end: read on.
+                    last = last_sequence(&mut stream).await?;
+                    let (_until, stop_at) = watch::channel(Some(last));
+                    applier = follow(applier, stream.clone(), stop_at).await?;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(FollowError::Read(format!(
+            "the log kept growing under another writer for {LEAD_ATTEMPTS} attempts"
+        )))
+    }
+}
+
+async fn last_sequence(stream: &mut stream::Stream) -> Result<u64, FollowError> {
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| FollowError::Read(e.to_string()))?;
+    Ok(info.state.last_sequence)
+}
+
+/// Applies the log from where `applier` is until `stop_at` names a sequence it has read (or
+/// forever). An ordered consumer delivers every entry once, in order, and is made anew when
+/// the connection hiccups.
+async fn follow(
+    mut applier: Applier,
+    stream: stream::Stream,
+    mut stop_at: watch::Receiver<Option<u64>>,
+) -> Result<Applier, FollowError> {
+    let read_error = |e: String| FollowError::Read(e);
+    loop {
+        if stop_at.borrow().is_some_and(|end| applier.read() >= end) {
+            return Ok(applier);
+        }
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: applier.next(),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| read_error(e.to_string()))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| read_error(e.to_string()))?;
+        loop {
+            if stop_at.borrow().is_some_and(|end| applier.read() >= end) {
+                return Ok(applier);
+            }
+            let message = tokio::select! {
+                message = messages.next() => message,
+                changed = stop_at.changed() => {
+                    if changed.is_err() {
+                        // Nobody will say where to stop: follow on.
+                        std::future::pending::<()>().await;
+                    }
+                    continue;
+                }
+            };
+            let message = match message {
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "reading the log failed; reading on");
+                    break;
+                }
+                None => break,
+            };
+            let seq = message
+                .info()
+                .map_err(|e| read_error(e.to_string()))?
+                .stream_sequence;
+            let payload = message.payload.clone();
+            let applied = tokio::task::spawn_blocking(move || {
+                let result = applier.apply(seq, &payload);
+                (applier, result)
+            });
+            let (back, result) = applied.await.map_err(|e| read_error(e.to_string()))?;
+            applier = back;
+            result?;
+        }
+    }
+}

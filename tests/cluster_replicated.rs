@@ -1,0 +1,185 @@
+//! Replicated mode on a real 3-node nats-server cluster (three processes routed on localhost,
+//! JetStream, R3 log and lease) with three natsched processes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use futures::StreamExt;
+
+const REPLICATED: &str = "[cluster]\nmode = \"replicated\"\n";
+const LEASE: Duration = Duration::from_secs(5);
+
+struct Instances {
+    daemons: Vec<Option<DaemonProcess>>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Instances {
+    fn start(cluster: &NatsCluster, count: usize) -> Instances {
+        let dirs: Vec<_> = (0..count * 2)
+            .map(|_| tempfile::tempdir().unwrap())
+            .collect();
+        let daemons = (0..count)
+            .map(|i| {
+                Some(DaemonProcess::spawn_with(
+                    &cluster.urls(),
+                    dirs[2 * i].path(),
+                    dirs[2 * i + 1].path(),
+                    REPLICATED,
+                ))
+            })
+            .collect();
+        Instances {
+            daemons,
+            _dirs: dirs,
+        }
+    }
+
+    /// The index of the instance that leads (waits until one says so).
+    fn leader(&self) -> usize {
+        let start = Instant::now();
+        loop {
+            let leading: Vec<usize> = (0..self.daemons.len())
+                .filter(|&i| {
+                    self.daemons[i]
+                        .as_ref()
+                        .is_some_and(|d| d.log().contains("leading: appended the lead entry"))
+                })
+                .collect();
+            if let [one] = leading[..] {
+                return one;
+            }
+            assert!(leading.len() < 2, "two instances lead: {leading:?}");
+            assert!(start.elapsed() < WAIT * 2, "no instance leads");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Delivered messages of `subject`: id -> (times delivered, first receipt).
+type Deliveries = Arc<Mutex<HashMap<String, (u32, Instant)>>>;
+
+async fn record(client: &async_nats::Client, subject: &str) -> Deliveries {
+    let mut sub = subscribe(client, subject).await;
+    let seen: Deliveries = Arc::default();
+    let sink = seen.clone();
+    tokio::spawn(async move {
+        while let Some(message) = sub.next().await {
+            let id = sched_id(&message);
+            let now = Instant::now();
+            let mut seen = sink.lock().unwrap();
+            seen.entry(id).or_insert((0, now)).0 += 1;
+        }
+    });
+    seen
+}
+
+/// Schedules `count` messages on `target`, due from `first` (Unix ms) `spacing_us` apart;
+/// returns id -> due for every acknowledged one (all must be).
+async fn schedule_many(
+    client: &async_nats::Client,
+    target: &str,
+    count: usize,
+    first: u64,
+    spacing_us: u64,
+) -> HashMap<String, u64> {
+    let subject = format!("sched.add.{target}");
+    let acked = futures::stream::iter(0..count)
+        .map(|i| {
+            let client = client.clone();
+            let subject = subject.clone();
+            async move {
+                let due = first + (i as u64 * spacing_us) / 1000;
+                let at = jiff::Timestamp::from_millisecond(due as i64)
+                    .unwrap()
+                    .to_string();
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Sched-At", at.as_str());
+                let reply = tokio::time::timeout(
+                    WAIT,
+                    client.request_with_headers(subject, headers, Bytes::from_static(b"x")),
+                )
+                .await
+                .expect("ack in time")
+                .expect("request");
+                assert_eq!(error_code(&reply), None, "refused: {:?}", reply.payload);
+                let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+                (body["id"].as_str().unwrap().to_owned(), due)
+            }
+        })
+        .buffer_unordered(128)
+        .collect::<Vec<_>>()
+        .await;
+    acked.into_iter().collect()
+}
+
+/// Waits until every id of `wanted` was delivered.
+async fn wait_delivered(seen: &Deliveries, wanted: &HashMap<String, u64>, bound: Duration) {
+    let start = Instant::now();
+    loop {
+        let missing = {
+            let seen = seen.lock().unwrap();
+            wanted.keys().filter(|id| !seen.contains_key(*id)).count()
+        };
+        if missing == 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < bound,
+            "{missing} of {} acknowledged schedules never delivered",
+            wanted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_the_leader_loses_nothing_and_a_follower_fires_within_lease_plus_2s() {
+    let cluster = NatsCluster::start().await;
+    let mut instances = Instances::start(&cluster, 3);
+    let client = cluster.client().await;
+    wait_ready(&client, "sched").await;
+    let leader = instances.leader();
+    let seen = record(&client, "ha.fired").await;
+
+    // 20 000 schedules due over 10 s, starting once they are all in.
+    let count = 20_000;
+    let first = natsched::time::now_ms() + 12_000;
+    let wanted = schedule_many(&client, "ha.fired", count, first, 500).await;
+    assert_eq!(wanted.len(), count);
+    let now = natsched::time::now_ms();
+    assert!(
+        now < first,
+        "scheduling took too long to test a kill mid-way"
+    );
+
+    // Kill the leader mid-way through the due span.
+    tokio::time::sleep(Duration::from_millis(first + 5_000 - now)).await;
+    let killed_at = natsched::time::now_ms();
+    let killed = Instant::now();
+    instances.daemons[leader].take().unwrap().kill_9();
+
+    wait_delivered(&seen, &wanted, Duration::from_secs(60)).await;
+    // The first schedule due after the kill could only be fired by the new leader.
+    let seen = seen.lock().unwrap();
+    let first_fire = wanted
+        .iter()
+        .filter(|&(_, &due)| due > killed_at + 50)
+        .map(|(id, _)| seen[id].1)
+        .min()
+        .expect("schedules due after the kill");
+    let takeover = first_fire.duration_since(killed);
+    let twice = seen.values().filter(|(n, _)| *n > 1).count();
+    eprintln!("takeover: {takeover:?} after kill -9; delivered twice: {twice} of {count}");
+    assert!(
+        takeover <= LEASE + Duration::from_secs(2),
+        "the new leader fired first {takeover:?} after the kill"
+    );
+    let new_leader = instances.leader();
+    assert_ne!(new_leader, leader);
+}
