@@ -104,6 +104,10 @@ pub enum RunError {
     Lease(#[from] cluster::LeaseError),
     #[error("replicated mode: {0}")]
     Follow(#[from] cluster::FollowError),
+    /// Start-up could not finish taking over (the lease lost meanwhile, the log refusing the
+    /// lead entry): `run` starts over as a follower.
+    #[error("could not take over: {0}")]
+    StartAgain(String),
     #[error("cannot subscribe to the API subjects: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("a natsched task failed: {0}")]
@@ -125,7 +129,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             tracing::info!("stopped before serving");
             return Ok(());
         };
-        match serve(started?, &config, &mut shutdown).await? {
+        let started = match started {
+            Err(RunError::StartAgain(reason)) => {
+                tracing::warn!(%reason, "could not take over; following again");
+                let pause = tokio::time::sleep(Duration::from_secs(1));
+                if until_stopped(&mut shutdown, pause).await.is_none() {
+                    return Ok(());
+                }
+                continue;
+            }
+            started => started?,
+        };
+        match serve(started, &config, &mut shutdown).await? {
             Ended::Stopped => return Ok(()),
             Ended::LeaseLost => {
                 tracing::warn!("stopped serving: the lease is lost; waiting to take it again")
@@ -327,12 +342,14 @@ async fn follow_until_leading(
     client: &async_nats::Client,
     config: &Config,
     store: &Store,
+    metrics: &Arc<Metrics>,
     claim: impl Future<Output = Result<cluster::Claimed, cluster::LeaseError>>,
 ) -> Result<(KeptLease, cluster::Replication), RunError> {
     let js = async_nats::jetstream::new(client.clone());
     let log = cluster::log_options(client, config);
     let mut follower = loop {
-        match cluster::Follower::start(store.clone(), js.clone(), log.clone()).await {
+        let metrics = metrics.clone();
+        match cluster::Follower::start(store.clone(), js.clone(), log.clone(), metrics).await {
             Ok(follower) => break follower,
             Err(cluster::FollowError::Log(err)) => {
                 tracing::warn!(error = %err, "cannot open the replicated log yet; retrying");
@@ -349,11 +366,18 @@ async fn follow_until_leading(
         cluster::Claimed::Lease(lease) => lease.holder(),
         cluster::Claimed::Unguarded => return Err(cluster::LeaseError::NoJetStream.into()),
     };
-    let lease = KeptLease::keep(claimed);
-    let appender = tokio::select! {
-        appender = follower.lead(holder) => appender?,
-        () = lease.lost.cancelled() => {
-            return Err(RunError::Task("the lease was lost while catching up".into()));
+    let mut lease = KeptLease::keep(claimed);
+    let led = tokio::select! {
+        led = follower.lead(holder) => led.map_err(|e| e.to_string()),
+        () = lease.lost.cancelled() => Err("the lease was lost while catching up".to_owned()),
+    };
+    let appender = match led {
+        Ok(appender) => appender,
+        Err(reason) => {
+            // Let another instance lead, and start over as a follower.
+            lease.release.cancel();
+            join_bounded("lease", &mut lease.keeper).await;
+            return Err(RunError::StartAgain(reason));
         }
     };
     let max_payload = client.server_info().max_payload;
@@ -418,7 +442,8 @@ async fn start(config: &Config) -> Result<Started, RunError> {
         // Renewed from now on, while start-up goes on, until everything has stopped serving.
         ClusterMode::Standalone => (KeptLease::keep(claim.await?), None),
         ClusterMode::Replicated => {
-            let (lease, log) = follow_until_leading(&client, config, &store, claim).await?;
+            let (lease, log) =
+                follow_until_leading(&client, config, &store, &metrics, claim).await?;
             (lease, Some(log))
         }
     };

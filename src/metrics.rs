@@ -162,6 +162,14 @@ impl Metrics {
         *self.cluster.lock().unwrap_or_else(|e| e.into_inner()) = status;
     }
 
+    /// Replicated mode: how many log entries this instance has still to apply.
+    pub fn set_log_lag(&self, lag: u64) {
+        self.cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .log_lag = Some(lag);
+    }
+
     pub fn cluster(&self) -> ClusterStatus {
         self.cluster
             .lock()

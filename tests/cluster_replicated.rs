@@ -21,30 +21,55 @@ struct Instances {
 
 impl Instances {
     fn start(cluster: &NatsCluster, count: usize) -> Instances {
-        let dirs: Vec<_> = (0..count * 2)
-            .map(|_| tempfile::tempdir().unwrap())
-            .collect();
-        let daemons = (0..count)
-            .map(|i| {
-                Some(DaemonProcess::spawn_with(
-                    &cluster.urls(),
-                    dirs[2 * i].path(),
-                    dirs[2 * i + 1].path(),
-                    REPLICATED,
-                ))
-            })
-            .collect();
-        Instances {
-            daemons,
-            _dirs: dirs,
+        Instances::start_with(cluster, count, "")
+    }
+
+    /// `count` replicated instances, `more` added to their config.
+    fn start_with(cluster: &NatsCluster, count: usize, more: &str) -> Instances {
+        let mut instances = Instances {
+            daemons: Vec::new(),
+            _dirs: Vec::new(),
+        };
+        for _ in 0..count {
+            instances.add(cluster, more);
         }
+        instances
+    }
+
+    /// Starts one more instance, on an empty store; returns its index.
+    fn add(&mut self, cluster: &NatsCluster, more: &str) -> usize {
+        let (store, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let config = format!("{REPLICATED}{more}");
+        let daemon = DaemonProcess::spawn_with(&cluster.urls(), store.path(), dir.path(), &config);
+        self.daemons.push(Some(daemon));
+        self._dirs.extend([store, dir]);
+        self.daemons.len() - 1
+    }
+
+    fn get(&self, i: usize) -> &DaemonProcess {
+        self.daemons[i].as_ref().unwrap()
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        let pid = self.get(i).pid().to_string();
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 
     /// The index of the instance that leads (waits until one says so).
     fn leader(&self) -> usize {
+        self.leader_besides(&[])
+    }
+
+    /// The index of the instance that leads, not counting `former` leaders.
+    fn leader_besides(&self, former: &[usize]) -> usize {
         let start = Instant::now();
         loop {
             let leading: Vec<usize> = (0..self.daemons.len())
+                .filter(|i| !former.contains(i))
                 .filter(|&i| {
                     self.daemons[i]
                         .as_ref()
@@ -182,4 +207,127 @@ async fn kill_9_of_the_leader_loses_nothing_and_a_follower_fires_within_lease_pl
     );
     let new_leader = instances.leader();
     assert_ne!(new_leader, leader);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_joining_with_an_empty_disk_catches_up_and_fires_everything_alone() {
+    let cluster = NatsCluster::start().await;
+    let mut instances = Instances::start(&cluster, 2);
+    let client = cluster.client().await;
+    wait_ready(&client, "sched").await;
+    let seen = record(&client, "join.fired").await;
+    let count = 5_000;
+    let first = natsched::time::now_ms() + 20_000;
+    let wanted = schedule_many(&client, "join.fired", count, first, 1000).await;
+
+    let fresh = instances.add(&cluster, "");
+    instances
+        .get(fresh)
+        .wait_for_log("caught up with the replicated log");
+    for i in 0..2 {
+        instances.daemons[i].take().unwrap().kill_9();
+    }
+    assert!(
+        natsched::time::now_ms() < first,
+        "the test was too slow to kill before due"
+    );
+    assert_eq!(instances.leader(), fresh);
+    wait_delivered(&seen, &wanted, Duration::from_secs(60)).await;
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.values().all(|(n, _)| *n == 1),
+        "none fired twice: nothing was in flight"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_leader_is_fenced_off_and_the_target_stream_holds_each_message_once() {
+    let cluster = NatsCluster::start().await;
+    let client = cluster.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "HA_TARGET".into(),
+        subjects: vec!["ha.js.>".into()],
+        num_replicas: 3,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let more = "[delivery]\njetstream_subjects = [\"ha.js.>\"]\n";
+    let instances = Instances::start_with(&cluster, 3, more);
+    wait_ready(&client, "sched").await;
+    let old = instances.leader();
+    let count = 3_000;
+    let first = natsched::time::now_ms() + 8_000;
+    let wanted = schedule_many(&client, "ha.js.fired", count, first, 3000).await;
+    assert_eq!(wanted.len(), count);
+
+    // Paused (a long GC pause, a VM stall) while its schedules come due.
+    let now = natsched::time::now_ms();
+    tokio::time::sleep(Duration::from_millis(first + 1_000 - now)).await;
+    instances.signal(old, "-STOP");
+    tokio::time::sleep(LEASE + Duration::from_secs(3)).await;
+    let new = instances.leader_besides(&[old]);
+    instances.signal(old, "-CONT");
+
+    // Everything reaches the target stream exactly once, whoever published it.
+    let mut stream = js.get_stream("HA_TARGET").await.unwrap();
+    let start = Instant::now();
+    loop {
+        let messages = stream.info().await.unwrap().state.messages;
+        assert!(
+            messages <= count as u64,
+            "{messages} messages for {count} schedules"
+        );
+        if messages == count as u64 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "only {messages} of {count} arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The old leader stepped down, appended nothing the new one had to refuse, and follows.
+    instances
+        .get(old)
+        .wait_for_log("stopped serving: the lease is lost");
+    let start = Instant::now();
+    while instances
+        .get(old)
+        .log()
+        .matches("following the replicated log")
+        .count()
+        < 2
+    {
+        assert!(
+            start.elapsed() < WAIT,
+            "the old leader does not follow again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let new_log = instances.get(new).log();
+    assert!(
+        !new_log.contains("the replicated log refused a change"),
+        "{new_log}"
+    );
+    assert_eq!(stream.info().await.unwrap().state.messages, count as u64);
+    assert_eq!(instances.leader_besides(&[old]), new);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn losing_one_nats_server_loses_nothing() {
+    let mut cluster = NatsCluster::start().await;
+    let _instances = Instances::start(&cluster, 3);
+    let client = cluster.client().await;
+    wait_ready(&client, "sched").await;
+    let seen = record(&client, "node.fired").await;
+    let count = 10_000;
+    let first = natsched::time::now_ms() + 10_000;
+    let wanted = schedule_many(&client, "node.fired", count, first, 1000).await;
+    let now = natsched::time::now_ms();
+    tokio::time::sleep(Duration::from_millis(first + 4_000 - now)).await;
+    cluster.nodes[0].go_down();
+    wait_delivered(&seen, &wanted, Duration::from_secs(60)).await;
 }

@@ -64,6 +64,9 @@ pub struct ClusterStatus {
     pub role: Role,
     /// The instance holding the lease, as known to this one.
     pub leader: Option<String>,
+    /// Replicated mode: log entries this instance has still to apply (0 for the leader).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_lag: Option<u64>,
 }
 
 /// What [`claim`] needs.
@@ -104,6 +107,7 @@ pub(crate) async fn claim(options: ClaimOptions<'_>) -> Result<Claimed, LeaseErr
         metrics.set_cluster(ClusterStatus {
             role: Role::Unguarded,
             leader: None,
+            log_lag: None,
         });
         return Ok(Claimed::Unguarded);
     }
@@ -137,6 +141,7 @@ pub(crate) async fn claim(options: ClaimOptions<'_>) -> Result<Claimed, LeaseErr
     metrics.set_cluster(ClusterStatus {
         role: Role::Leader,
         leader: Some(shown),
+        log_lag: replicated.then_some(0),
     });
     Ok(Claimed::Lease(Box::new(lease)))
 }
@@ -229,9 +234,11 @@ impl lease::Waiting for Standby<'_> {
             ),
         }
         self.last = Some(shown.to_owned());
+        let log_lag = self.metrics.cluster().log_lag;
         self.metrics.set_cluster(ClusterStatus {
             role: self.role,
             leader: Some(shown.to_owned()),
+            log_lag,
         });
     }
 }

@@ -7,6 +7,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
 use super::entry;
@@ -33,6 +36,7 @@ pub enum FollowError {
 
 /// A store following the log.
 pub(crate) struct Follower {
+    metrics: Arc<Metrics>,
     js: Context,
     options: LogOptions,
     stream: stream::Stream,
@@ -47,6 +51,7 @@ impl Follower {
         store: Store,
         js: Context,
         options: LogOptions,
+        metrics: Arc<Metrics>,
     ) -> Result<Follower, FollowError> {
         let stream = log::open(&js, &options).await?;
         let applier = tokio::task::spawn_blocking(move || Applier::new(store))
@@ -58,8 +63,9 @@ impl Follower {
             "following the replicated log"
         );
         let (until, stop_at) = watch::channel(None);
-        let task = tokio::spawn(follow(applier, stream.clone(), stop_at));
+        let task = tokio::spawn(follow(applier, stream.clone(), stop_at, metrics.clone()));
         Ok(Follower {
+            metrics,
             js,
             options,
             stream,
@@ -81,6 +87,7 @@ impl Follower {
     /// writer, which alone can extend the log from now on.
     pub async fn lead(self, holder: Bytes) -> Result<Appender, FollowError> {
         let Follower {
+            metrics,
             js,
             options,
             mut stream,
@@ -108,7 +115,7 @@ impl Follower {
                     // The old leader appended after we read the end: read on.
                     last = last_sequence(&mut stream).await?;
                     let (_until, stop_at) = watch::channel(Some(last));
-                    applier = follow(applier, stream.clone(), stop_at).await?;
+                    applier = follow(applier, stream.clone(), stop_at, metrics.clone()).await?;
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -134,8 +141,10 @@ async fn follow(
     mut applier: Applier,
     stream: stream::Stream,
     mut stop_at: watch::Receiver<Option<u64>>,
+    metrics: Arc<Metrics>,
 ) -> Result<Applier, FollowError> {
     let read_error = |e: String| FollowError::Read(e);
+    let mut caught_up = false;
     loop {
         if stop_at.borrow().is_some_and(|end| applier.read() >= end) {
             return Ok(applier);
@@ -175,10 +184,8 @@ async fn follow(
                 }
                 None => break,
             };
-            let seq = message
-                .info()
-                .map_err(|e| read_error(e.to_string()))?
-                .stream_sequence;
+            let info = message.info().map_err(|e| read_error(e.to_string()))?;
+            let (seq, lag) = (info.stream_sequence, info.pending);
             let payload = message.payload.clone();
             let applied = tokio::task::spawn_blocking(move || {
                 let result = applier.apply(seq, &payload);
@@ -187,6 +194,11 @@ async fn follow(
             let (back, result) = applied.await.map_err(|e| read_error(e.to_string()))?;
             applier = back;
             result?;
+            metrics.set_log_lag(lag);
+            if lag == 0 && !caught_up {
+                caught_up = true;
+                tracing::info!(log_sequence = seq, "caught up with the replicated log");
+            }
         }
     }
 }
