@@ -50,6 +50,10 @@ pub const DEFAULT_INTAKE_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How long the lease of the instance serving a prefix lasts (see `crate::cluster`).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 
+/// How many bytes beyond twice the live data the replicated log may hold before it is
+/// compacted.
+pub const DEFAULT_LOG_SLACK: u64 = 8 * 1024 * 1024;
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -297,6 +301,9 @@ pub struct ClusterConfig {
     pub bucket: String,
     /// The JetStream stream holding the replicated log; empty: `natsched_log_<prefix>`.
     pub log_stream: String,
+    /// The replicated log is compacted once it holds more than twice the live data plus this
+    /// many bytes.
+    pub log_slack: u64,
     /// Replicas of the lease bucket and the log; absent: 3 on a NATS cluster, 1 on a single
     /// server.
     pub replicas: Option<usize>,
@@ -385,6 +392,7 @@ impl Default for ClusterConfig {
             lease: DEFAULT_LEASE,
             bucket: String::new(),
             log_stream: String::new(),
+            log_slack: DEFAULT_LOG_SLACK,
             replicas: None,
         }
     }

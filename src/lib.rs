@@ -230,7 +230,7 @@ async fn serve(
         resident: resident.clone(),
     };
     let mut firing = tokio::spawn(firing.run(fire_rx, outputs, stop.clone()));
-    let mut micro = tokio::spawn(micro.run(metrics.clone(), stop.clone()));
+    let mut micro = micro;
     let mut api = tokio::spawn(api.run(store_tx.clone(), resident.clone(), stop.clone()));
     let mut stream_intake = match stream_intake {
         Some(consumer) => tokio::spawn(consumer.run(store_tx.clone(), stop.clone())),
@@ -259,7 +259,7 @@ async fn serve(
         result = &mut intake => Some(stopped("intake", result)),
         result = &mut stream_intake => Some(stopped("JetStream intake", result)),
         result = &mut api => Some(stopped("api", result)),
-        result = &mut micro => Some(stopped("service discovery", result)),
+        result = &mut micro.task => Some(stopped("service discovery", result)),
         _ = &mut scheduler => {
             timer_finished = true;
             Some(RunError::Task("the timer thread stopped".into()))
@@ -273,6 +273,7 @@ async fn serve(
         Some(err) => tracing::error!("{err}; shutting down"),
     }
     stop.cancel();
+    micro.stop.cancel();
     if lost {
         // Another instance may already serve: publish nothing more, not even what firing
         // was handed (it stays in the store and fires again from there).
@@ -285,7 +286,7 @@ async fn serve(
     join_bounded("intake", &mut intake).await;
     join_bounded("JetStream intake", &mut stream_intake).await;
     join_bounded("api", &mut api).await;
-    join_bounded("service discovery", &mut micro).await;
+    join_bounded("service discovery", &mut micro.task).await;
     if !timer_finished {
         // It notices the cancellation within its idle wait.
         let _ = tokio::time::timeout(SHUTDOWN_STEP, &mut scheduler).await;
@@ -328,7 +329,8 @@ struct Started {
     stream_intake: Option<JetStreamIntake>,
     api: Api,
     firing: Firing,
-    micro: MicroService,
+    /// Service discovery, answering since start-up (a follower's role too).
+    micro: MicroTask,
     /// The prefix's lease, kept since it was taken.
     lease: KeptLease,
     /// Replicated mode: the log the store writer appends to.
@@ -371,8 +373,8 @@ async fn follow_until_leading(
         led = follower.lead(holder) => led.map_err(|e| e.to_string()),
         () = lease.lost.cancelled() => Err("the lease was lost while catching up".to_owned()),
     };
-    let appender = match led {
-        Ok(appender) => appender,
+    let (appender, stream) = match led {
+        Ok(led) => led,
         Err(reason) => {
             // Let another instance lead, and start over as a follower.
             lease.release.cancel();
@@ -381,8 +383,35 @@ async fn follow_until_leading(
         }
     };
     let max_payload = client.server_info().max_payload;
-    let replication = cluster::Replication::new(appender, lease.lost.clone(), max_payload);
+    let replication = cluster::Replication::new(
+        appender,
+        stream,
+        lease.lost.clone(),
+        max_payload,
+        config.cluster.log_slack,
+    );
     Ok((lease, replication))
+}
+
+/// Service discovery running as a task; stopped when dropped (start-up given up) or by
+/// `serve`'s stop sequence.
+struct MicroTask {
+    task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl MicroTask {
+    fn spawn(micro: MicroService, metrics: &Arc<Metrics>) -> MicroTask {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(micro.run(metrics.clone(), stop.clone()));
+        MicroTask { task, stop }
+    }
+}
+
+impl Drop for MicroTask {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// A lease being renewed (or, on a server without JetStream, none).
@@ -438,17 +467,24 @@ async fn start(config: &Config) -> Result<Started, RunError> {
         store_id,
         metrics: &metrics,
     });
-    let (lease, replication) = match config.cluster.mode {
+    let prefix = &config.api.prefix;
+    let (lease, replication, micro) = match config.cluster.mode {
         // Renewed from now on, while start-up goes on, until everything has stopped serving.
-        ClusterMode::Standalone => (KeptLease::keep(claim.await?), None),
+        ClusterMode::Standalone => {
+            let lease = KeptLease::keep(claim.await?);
+            let micro = MicroService::subscribe(client.clone(), prefix).await?;
+            (lease, None, MicroTask::spawn(micro, &metrics))
+        }
         ClusterMode::Replicated => {
+            // Followers answer service discovery too, with their role.
+            let micro = MicroService::subscribe(client.clone(), prefix).await?;
+            let micro = MicroTask::spawn(micro, &metrics);
             let (lease, log) =
                 follow_until_leading(&client, config, &store, &metrics, claim).await?;
-            (lease, Some(log))
+            (lease, Some(log), micro)
         }
     };
     let retries = Arc::new(Retries::new(config.delivery.max_backoff));
-    let prefix = &config.api.prefix;
     let intake_options = IntakeOptions {
         client: client.clone(),
         prefix,
@@ -463,7 +499,6 @@ async fn start(config: &Config) -> Result<Started, RunError> {
     };
     let intake = Intake::subscribe(intake_options).await?;
     let firing = Firing::new(client.clone(), metrics.clone(), retries.clone()).await?;
-    let micro = MicroService::subscribe(client.clone(), prefix).await?;
     wait_for_nats(&client, config).await;
     // JetStream intake needs the server to set up its stream and consumer.
     let (stream_intake, barrier) = match stream_intake {

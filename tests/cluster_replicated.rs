@@ -14,6 +14,10 @@ use futures::StreamExt;
 const REPLICATED: &str = "[cluster]\nmode = \"replicated\"\n";
 const LEASE: Duration = Duration::from_secs(5);
 
+/// One cluster test at a time: each runs three nats-servers and three or four natsched on a
+/// small machine, and measures takeover times.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Instances {
     daemons: Vec<Option<DaemonProcess>>,
     _dirs: Vec<tempfile::TempDir>,
@@ -113,6 +117,18 @@ async fn schedule_many(
     first: u64,
     spacing_us: u64,
 ) -> HashMap<String, u64> {
+    schedule_many_at_once(client, target, count, first, spacing_us, 128).await
+}
+
+/// [`schedule_many`] with `in_flight` requests waiting at once.
+async fn schedule_many_at_once(
+    client: &async_nats::Client,
+    target: &str,
+    count: usize,
+    first: u64,
+    spacing_us: u64,
+    in_flight: usize,
+) -> HashMap<String, u64> {
     let subject = format!("sched.add.{target}");
     let acked = futures::stream::iter(0..count)
         .map(|i| {
@@ -137,7 +153,7 @@ async fn schedule_many(
                 (body["id"].as_str().unwrap().to_owned(), due)
             }
         })
-        .buffer_unordered(128)
+        .buffer_unordered(in_flight)
         .collect::<Vec<_>>()
         .await;
     acked.into_iter().collect()
@@ -165,11 +181,23 @@ async fn wait_delivered(seen: &Deliveries, wanted: &HashMap<String, u64>, bound:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_of_the_leader_loses_nothing_and_a_follower_fires_within_lease_plus_2s() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = NatsCluster::start().await;
     let mut instances = Instances::start(&cluster, 3);
     let client = cluster.client().await;
     wait_ready(&client, "sched").await;
     let leader = instances.leader();
+    for i in 0..3 {
+        if i != leader {
+            instances
+                .get(i)
+                .wait_for_log("following the leader of this prefix");
+        }
+    }
+    // Service discovery shows every instance with its role.
+    let mut roles = discovered_roles(&client).await;
+    roles.sort();
+    assert_eq!(roles, ["follower", "follower", "leader"]);
     let seen = record(&client, "ha.fired").await;
 
     // 20 000 schedules due over 10 s, starting once they are all in.
@@ -211,6 +239,7 @@ async fn kill_9_of_the_leader_loses_nothing_and_a_follower_fires_within_lease_pl
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_instance_joining_with_an_empty_disk_catches_up_and_fires_everything_alone() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = NatsCluster::start().await;
     let mut instances = Instances::start(&cluster, 2);
     let client = cluster.client().await;
@@ -242,6 +271,7 @@ async fn an_instance_joining_with_an_empty_disk_catches_up_and_fires_everything_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_leader_is_fenced_off_and_the_target_stream_holds_each_message_once() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = NatsCluster::start().await;
     let client = cluster.client().await;
     let js = async_nats::jetstream::new(client.clone());
@@ -318,6 +348,7 @@ async fn a_paused_leader_is_fenced_off_and_the_target_stream_holds_each_message_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn losing_one_nats_server_loses_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut cluster = NatsCluster::start().await;
     let _instances = Instances::start(&cluster, 3);
     let client = cluster.client().await;
@@ -330,4 +361,129 @@ async fn losing_one_nats_server_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(first + 4_000 - now)).await;
     cluster.nodes[0].go_down();
     wait_delivered(&seen, &wanted, Duration::from_secs(60)).await;
+}
+
+/// The log stream's size in bytes.
+async fn log_bytes(client: &async_nats::Client) -> u64 {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js.get_stream("natsched_log_sched").await.unwrap();
+    stream.info().await.unwrap().state.bytes
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn churn_leaves_a_log_near_the_live_data_and_a_new_instance_boots_from_it() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    const SLACK: u64 = 1024 * 1024;
+    let more = format!("[cluster]\nlog_slack = {SLACK}\n");
+    let more = more.replacen("[cluster]\n", "", 1); // REPLICATED opens [cluster] already
+    let cluster = NatsCluster::start().await;
+    let mut instances = Instances::start_with(&cluster, 3, &more);
+    let client = cluster.client().await;
+    wait_ready(&client, "sched").await;
+
+    // Live data: schedules due in an hour.
+    let live = 1_000;
+    let later = natsched::time::now_ms() + 3_600_000;
+    let kept = schedule_many(&client, "churn.later", live, later, 1000).await;
+    // Churn: schedules in and out (each due a second after it is made).
+    let churn: usize = std::env::var("NATSCHED_CHURN")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1_000_000);
+    let started = Instant::now();
+    let mut peak = 0;
+    for chunk in 0..churn.div_ceil(50_000) {
+        let n = 50_000.min(churn - chunk * 50_000);
+        let due = natsched::time::now_ms() + 1_000;
+        schedule_many_at_once(&client, "churn.now", n, due, 0, 2048).await;
+        peak = peak.max(log_bytes(&client).await);
+    }
+    eprintln!(
+        "churned {churn} in {:?}; log peaked at >= {peak} bytes",
+        started.elapsed()
+    );
+    let s = stats_when(&client, |s| s["pending"] == live as u64).await;
+    assert_eq!(s["role"], "leader");
+
+    // The log comes back near the live data (a checkpoint of it, plus the slack).
+    let start = Instant::now();
+    let bytes = loop {
+        let bytes = log_bytes(&client).await;
+        if bytes <= 2 * SLACK {
+            break bytes;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the log still holds {bytes} bytes after churn"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    let mut log = js.get_stream("natsched_log_sched").await.unwrap();
+    let state = log.info().await.unwrap().state.clone();
+    eprintln!(
+        "log after churn: {bytes} bytes, entries {}..={} (peak seen >= {peak})",
+        state.first_sequence, state.last_sequence
+    );
+    // Without compaction every entry would still be there.
+    assert!(state.first_sequence > state.last_sequence / 2, "{state:?}");
+
+    // A new instance boots from the compacted log, and alone it holds exactly the live data.
+    let fresh = instances.add(&cluster, &more);
+    instances
+        .get(fresh)
+        .wait_for_log("caught up with the replicated log");
+    for i in 0..3 {
+        instances.daemons[i].take().unwrap().kill_9();
+    }
+    assert_eq!(instances.leader(), fresh);
+    wait_ready(&client, "sched").await;
+    let s = stats_when(&client, |s| s["role"] == "leader").await;
+    assert_eq!(s["pending"], live as u64, "{s}");
+    let id = kept.keys().next().unwrap();
+    let got = call(&client, "sched.get", id).await;
+    assert_eq!(error_code(&got), None, "{:?}", got.payload);
+}
+
+/// The `role` of every instance answering `$SRV.INFO.natsched` within a second.
+async fn discovered_roles(client: &async_nats::Client) -> Vec<String> {
+    let inbox = client.new_inbox();
+    let mut answers = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply("$SRV.INFO.natsched", inbox, Bytes::new())
+        .await
+        .unwrap();
+    let mut roles = Vec::new();
+    while let Ok(Some(answer)) = tokio::time::timeout(Duration::from_secs(1), answers.next()).await
+    {
+        let info: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+        roles.push(info["metadata"]["role"].as_str().unwrap_or("?").to_owned());
+    }
+    roles
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_stopped_with_sigterm_hands_over_at_once() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = NatsCluster::start().await;
+    let mut instances = Instances::start(&cluster, 3);
+    let client = cluster.client().await;
+    wait_ready(&client, "sched").await;
+    let old = instances.leader();
+    let seen = record(&client, "handover.fired").await;
+    let first = natsched::time::now_ms() + 4_000;
+    let wanted = schedule_many(&client, "handover.fired", 2_000, first, 2000).await;
+    let stopped = Instant::now();
+    assert!(instances.daemons[old].take().unwrap().terminate().success());
+    let new = instances.leader();
+    let took = stopped.elapsed();
+    eprintln!("handover took {took:?} (SIGTERM to the new leader's lead entry)");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_ne!(new, old);
+    wait_delivered(&seen, &wanted, Duration::from_secs(30)).await;
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.values().all(|(n, _)| *n == 1),
+        "a clean handover fires nothing twice"
+    );
 }

@@ -60,6 +60,18 @@ impl Applier {
         self.read + 1
     }
 
+    /// Empties the store and goes on from `first`, the log's first entry now: the entries
+    /// this store needed next were compacted away (see `compaction.rs`), and the log from its
+    /// first entry holds the whole state.
+    pub fn start_over_at(&mut self, first: u64) -> Result<(), StoreError> {
+        let before = first.saturating_sub(1);
+        self.store.clear_replicated(before)?;
+        self.rounds = Rounds::default();
+        self.read = before;
+        self.applied = before;
+        Ok(())
+    }
+
     /// Applies the entry at `seq` (with `body`).
     pub fn apply(&mut self, seq: u64, body: &[u8]) -> Result<(), ApplyError> {
         if seq <= self.read {

@@ -134,34 +134,44 @@ impl Appender {
     }
 }
 
-/// The store writer's side of the log: appends each batch before the store applies it.
+/// The store writer's side of the log: appends each batch before the store applies it, and
+/// keeps the log compacted (see `compaction.rs`).
 pub struct Replication {
     appender: Appender,
+    stream: stream::Stream,
     runtime: tokio::runtime::Handle,
     /// Cancelled when an append failed: this instance must stop leading.
     deposed: tokio_util::sync::CancellationToken,
     /// Largest message body (the server's `max_payload` less room for headers).
     max_message: usize,
+    compaction: super::compaction::Compaction,
 }
 
 impl Replication {
     pub(crate) fn new(
         appender: Appender,
+        stream: stream::Stream,
         deposed: tokio_util::sync::CancellationToken,
         max_payload: usize,
+        slack_bytes: u64,
     ) -> Replication {
         Replication {
             appender,
+            stream,
             runtime: tokio::runtime::Handle::current(),
             deposed,
             max_message: max_payload.saturating_sub(1024).max(1024),
+            compaction: super::compaction::Compaction::new(slack_bytes),
         }
     }
 
-    /// Appends `batch`'s replicated changes as one round; returns the sequence of its last
-    /// part. Blocks the calling (non-runtime) thread until the log has all of it. On error
-    /// this instance is done leading: `deposed` is cancelled.
-    pub(crate) fn append(&mut self, batch: &crate::store::WriteBatch) -> Result<u64, AppendError> {
+    /// Appends `batch`'s replicated changes as one round; returns the sequences of its first
+    /// and last parts. Blocks the calling (non-runtime) thread until the log has all of it.
+    /// On error this instance is done leading: `deposed` is cancelled.
+    pub(crate) fn append(
+        &mut self,
+        batch: &crate::store::WriteBatch,
+    ) -> Result<(u64, u64), AppendError> {
         let changes: Vec<_> = batch
             .changes()
             .iter()
@@ -169,10 +179,37 @@ impl Replication {
             .cloned()
             .collect();
         let bodies = super::entry::encode_round(&changes, self.max_message);
+        let parts = bodies.len() as u64;
         let result = self.runtime.block_on(self.appender.append(bodies));
         if result.is_err() {
             self.deposed.cancel();
         }
+        result.map(|last| (last + 1 - parts, last))
+    }
+
+    /// Does the next step of compacting the log, if one is due (see `compaction.rs`).
+    pub(crate) fn compact(
+        &mut self,
+        store: &crate::store::Store,
+    ) -> Result<(), crate::store::StoreError> {
+        let mut compaction = std::mem::take(&mut self.compaction);
+        let result = compaction.step(self, store);
+        self.compaction = compaction;
         result
+    }
+
+    /// The log stream's size in bytes and first sequence.
+    pub(crate) fn stream_state(&mut self) -> Result<(u64, u64), String> {
+        let info = self.runtime.block_on(self.stream.info());
+        let info = info.map_err(|e| e.to_string())?;
+        Ok((info.state.bytes, info.state.first_sequence))
+    }
+
+    /// Removes every entry below `seq` from the log.
+    pub(crate) fn purge_below(&mut self, seq: u64) -> Result<u64, String> {
+        let purge = self
+            .runtime
+            .block_on(self.stream.purge().sequence(seq).into_future());
+        purge.map(|p| p.purged).map_err(|e| e.to_string())
     }
 }

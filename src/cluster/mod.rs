@@ -15,7 +15,41 @@
 //! A holder that died is recognised by its successor on the same store (same store id,
 //! directory and host): a restarted natsched takes its own lease over at once instead of
 //! waiting for it to age out.
+//!
+//! # Replicated mode
+//!
+//! With `[cluster] mode = "replicated"` the lease holder is the *leader* and the others are
+//! *followers*, each with its own store, kept as a hot copy through a *log*: a JetStream
+//! stream (`[cluster] log_stream`, R3 on a cluster) of the leader's store changes.
+//!
+//! ```text
+//!  leader:   round ──▶ append to the log ──(PubAck)──▶ apply to sled ──▶ wheel, acks
+//!  follower: log ──▶ apply to sled (with the entry's sequence, one batch)
+//! ```
+//!
+//! * **The log is physical** (`entry.rs`): a round is logged as the key changes its
+//!   `WriteBatch` makes, so a follower's store is the leader's byte for byte (generated ids
+//!   name their segments, counts and the intake mark carry over). One round is one entry, cut
+//!   into parts only when larger than the server's `max_payload`.
+//! * **Durability is the log's**: the leader acknowledges a round only after the log's
+//!   PubAck, and applies it to its own store only then, so its store never holds anything
+//!   the log lacks. No local fsync is needed; a crashed instance re-reads the log from the
+//!   last entry its store recorded.
+//! * **Fencing** (`log.rs`): every append expects the log's last sequence. A new leader reads
+//!   the log to its end and appends a `lead` entry (`replica.rs`); from then on the old
+//!   leader's appends are refused, it answers 503, stops serving and follows again.
+//! * **Followers** (`follower.rs`, `replica.rs`) apply entries in order, idempotently, with
+//!   the last applied sequence in the same batch; an unfinished round before a `lead` entry
+//!   is void.
+//! * **Compaction** (`compaction.rs`): the leader re-appends the live state as a checkpoint
+//!   and purges the log before it, so the log stays near the live data's size; a follower
+//!   that fell behind a purge, or a new instance, reads the log from its first entry.
+//! * **Taking over**: a follower that gets the lease catches up, appends `lead`, and starts
+//!   the same pipeline as a standalone instance: overdue schedules fire first, oldest first.
+//!   What the old leader had published but not yet logged as fired fires again
+//!   (at-least-once; with JetStream delivery the target stream's duplicate window keeps one).
 
+mod compaction;
 mod entry;
 mod follower;
 mod holder;

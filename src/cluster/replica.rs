@@ -85,7 +85,7 @@ impl Follower {
 
     /// Catches up to the log's end and appends a `lead` entry naming `holder`; returns the
     /// writer, which alone can extend the log from now on.
-    pub async fn lead(self, holder: Bytes) -> Result<Appender, FollowError> {
+    pub async fn lead(self, holder: Bytes) -> Result<(Appender, stream::Stream), FollowError> {
         let Follower {
             metrics,
             js,
@@ -109,7 +109,7 @@ impl Follower {
                     });
                     applied.await.map_err(|e| read_error(e.to_string()))??;
                     tracing::info!(log_sequence = seq, "leading: appended the lead entry");
-                    return Ok(appender);
+                    return Ok((appender, stream));
                 }
                 Err(AppendError::Deposed { .. }) => {
                     // The old leader appended after we read the end: read on.
@@ -124,6 +124,36 @@ impl Follower {
             "the log kept growing under another writer for {LEAD_ATTEMPTS} attempts"
         )))
     }
+}
+
+/// Empties the store to read the log from its start, when the entries it needs next were
+/// compacted away. A gap that compaction does not explain is an error.
+async fn start_over_if_compacted(
+    mut applier: Applier,
+    stream: &stream::Stream,
+) -> Result<Applier, FollowError> {
+    let mut stream = stream.clone();
+    let first = stream
+        .info()
+        .await
+        .map_err(|e| FollowError::Read(e.to_string()))?
+        .state
+        .first_sequence;
+    if applier.next() >= first {
+        return Ok(applier);
+    }
+    tracing::warn!(
+        next = applier.next(),
+        first,
+        "the log was compacted past this store; reading it again from its first entry"
+    );
+    let restarted = tokio::task::spawn_blocking(move || {
+        let result = applier.start_over_at(first);
+        result.map(|()| applier)
+    });
+    Ok(restarted
+        .await
+        .map_err(|e| FollowError::Read(e.to_string()))??)
 }
 
 async fn last_sequence(stream: &mut stream::Stream) -> Result<u64, FollowError> {
@@ -145,9 +175,18 @@ async fn follow(
 ) -> Result<Applier, FollowError> {
     let read_error = |e: String| FollowError::Read(e);
     let mut caught_up = false;
+    // A gap just met: an error unless compaction explains it.
+    let mut gap: Option<ApplyError> = None;
     loop {
         if stop_at.borrow().is_some_and(|end| applier.read() >= end) {
             return Ok(applier);
+        }
+        let before = applier.next();
+        applier = start_over_if_compacted(applier, &stream).await?;
+        if let Some(gap) = gap.take()
+            && applier.next() == before
+        {
+            return Err(gap.into());
         }
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
@@ -193,7 +232,14 @@ async fn follow(
             });
             let (back, result) = applied.await.map_err(|e| read_error(e.to_string()))?;
             applier = back;
-            result?;
+            match result {
+                // Compacted past this store while it read: start over from the log's start.
+                Err(err @ ApplyError::Gap { .. }) => {
+                    gap = Some(err);
+                    break;
+                }
+                result => result?,
+            }
             metrics.set_log_lag(lag);
             if lag == 0 && !caught_up {
                 caught_up = true;

@@ -255,6 +255,7 @@ impl Committer {
             if !commands.is_empty() || flush_fired {
                 self.round(commands.drain(..), flush_fired);
             }
+            self.compact();
             if closed {
                 break;
             }
@@ -397,12 +398,23 @@ impl Committer {
         if let Some(log) = &mut self.log
             && !batch.is_empty()
         {
-            let seq = log
+            let (_, last) = log
                 .append(&batch)
                 .map_err(|e| StoreError::Log(e.to_string()))?;
-            batch.set_log_applied(seq);
+            batch.set_log_applied(last);
         }
         self.store.commit(batch)
+    }
+
+    /// Replicated mode: a step of keeping the log compacted, between rounds.
+    fn compact(&mut self) {
+        if self.deposed || self.outage.is_some() {
+            return;
+        }
+        let Some(log) = &mut self.log else { return };
+        if let Err(err) = log.compact(&self.store) {
+            self.fail(&err);
+        }
     }
 
     /// A store operation failed: the outage begins, or goes on.

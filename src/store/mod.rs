@@ -565,6 +565,48 @@ impl Store {
             .collect()
     }
 
+    /// Replicated keys (see `keys::is_local`) after `after`, in key order, until about
+    /// `max_bytes` of keys and values are read; `None` once there are none.
+    pub(crate) fn replicated_after(
+        &self,
+        after: &[u8],
+        max_bytes: usize,
+    ) -> Result<Option<Vec<Change>>, StoreError> {
+        use std::ops::Bound;
+        let db = self.db()?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let range = db.range::<&[u8], _>((Bound::Excluded(after), Bound::Unbounded));
+        for item in range {
+            let (key, value) = item?;
+            if keys::is_local(&key) {
+                continue;
+            }
+            bytes += key.len() + value.len();
+            out.push((key.to_vec(), Some(value.to_vec())));
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok((!out.is_empty()).then_some(out))
+    }
+
+    /// Removes every replicated key and records `applied` as the last log entry applied: a
+    /// follower that fell behind a compaction of the log starts over from its first entry.
+    pub(crate) fn clear_replicated(&self, applied: u64) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let mut batch = WriteBatch::default();
+        for key in db.iter().keys() {
+            let key = key?;
+            if !keys::is_local(&key) {
+                batch.remove(key.to_vec());
+            }
+        }
+        batch.set_log_applied(applied);
+        self.commit(batch)?;
+        self.flush()
+    }
+
     /// The sequence of the last replicated log entry applied to this store (0: none).
     pub(crate) fn log_applied(&self) -> Result<u64, StoreError> {
         Ok(self.meta_u64(keys::LOG_APPLIED_KEY)?.unwrap_or(0))
