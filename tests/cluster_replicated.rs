@@ -487,3 +487,59 @@ async fn a_leader_stopped_with_sigterm_hands_over_at_once() {
         "a clean handover fires nothing twice"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_appended_to_the_log_stops_nobody_and_loses_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = NatsCluster::start().await;
+    let instances = Instances::start(&cluster, 3);
+    let client = cluster.client().await;
+    wait_ready(&client, "sched").await;
+    instances.leader();
+    let seen = record(&client, "garbage.fired").await;
+    let first = natsched::time::now_ms() + 6_000;
+    let mut wanted = schedule_many(&client, "garbage.fired", 1_000, first, 1000).await;
+    // Someone allowed to publish on the log's subject appends what natsched never wrote.
+    let js = async_nats::jetstream::new(client.clone());
+    for body in [
+        &b""[..],
+        b"\x01",
+        b"\x01\x01\x01\xff\xff\xff",
+        b"\x07junk",
+        b"\x01\x02{}",
+    ] {
+        js.publish("$NATSCHED.sched.log", Bytes::copy_from_slice(body))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    // The leader's next append fails (the log moved under it): it steps down, and whoever
+    // leads next reads past the garbage. Requests keep being served.
+    let start = Instant::now();
+    let more = loop {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Sched-Delay", "1s");
+        let subject = "sched.add.garbage.fired";
+        let reply = client
+            .request_with_headers(subject, headers, Bytes::from_static(b"x"))
+            .await;
+        if let Ok(reply) = reply
+            && error_code(&reply).is_none()
+        {
+            let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+            break body;
+        }
+        assert!(
+            start.elapsed() < WAIT * 2,
+            "nobody serves after garbage in the log"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    wanted.insert(more["id"].as_str().unwrap().to_owned(), 0);
+    wait_delivered(&seen, &wanted, Duration::from_secs(40)).await;
+    for i in 0..3 {
+        let log = instances.get(i).log();
+        assert!(!log.contains("natsched: "), "instance {i} exited: {log}");
+    }
+}

@@ -111,6 +111,7 @@ pub(crate) fn decode(body: &[u8]) -> Result<Entry<'_>, EntryError> {
         [FORMAT, PART, ..] => Err(EntryError::Short),
         [FORMAT, LEAD, holder @ ..] => Ok(Entry::Lead { holder }),
         [FORMAT, kind, ..] => Err(EntryError::Kind(*kind)),
+        [FORMAT] => Err(EntryError::Short),
         [format, ..] => Err(EntryError::Format(*format)),
         [] => Err(EntryError::Short),
     }
@@ -280,6 +281,7 @@ mod tests {
         assert_eq!(decode(&[1, 1]), Err(EntryError::Short));
         assert_eq!(decode(&[1, 1, 7]), Err(EntryError::Short));
         assert_eq!(decode(&[]), Err(EntryError::Short));
+        assert_eq!(decode(&[1]), Err(EntryError::Short));
         // A count far beyond the bytes at hand allocates nothing big and fails.
         let mut huge = Vec::new();
         put_varint(&mut huge, u64::MAX);

@@ -16,8 +16,6 @@ use super::entry::{self, EntryError, Rounds};
 pub enum ApplyError {
     #[error("the log skips from sequence {read} to {got}: entries this store needs are gone")]
     Gap { read: u64, got: u64 },
-    #[error("log entry {seq}: {source}")]
-    Entry { seq: u64, source: EntryError },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -83,10 +81,29 @@ impl Applier {
                 got: seq,
             });
         }
-        let failed = |source| ApplyError::Entry { seq, source };
-        let entry = entry::decode(body).map_err(failed)?;
+        // Anyone allowed to publish on the log's subject can append to it (the README says
+        // to forbid that). What natsched did not write is skipped: it cannot be undone, but
+        // it must not stop the follower. (It also fails the leader's next append, whose
+        // expected sequence it took: the leader steps down and a new one takes over.)
+        let skip = |source: EntryError| {
+            tracing::error!(seq, error = %source, "skipping a log entry natsched did not write");
+        };
+        let entry = match entry::decode(body) {
+            Ok(entry) => entry,
+            Err(source) => {
+                skip(source);
+                self.read = seq;
+                return Ok(());
+            }
+        };
         let is_lead = matches!(entry, entry::Entry::Lead { .. });
-        let round = self.rounds.feed(entry).map_err(failed)?;
+        let round = match self.rounds.feed(entry) {
+            Ok(round) => round,
+            Err(source) => {
+                skip(source);
+                None
+            }
+        };
         self.read = seq;
         let mut batch = match round {
             Some(changes) => WriteBatch::from_changes(
@@ -202,18 +219,24 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_and_a_foreign_entry_are_refused() {
+    fn a_gap_is_refused_and_a_foreign_entry_skipped() {
         let dir = tempfile::tempdir().unwrap();
-        let mut applier = Applier::new(open(dir.path())).unwrap();
+        let store = open(dir.path());
+        let mut applier = Applier::new(store.clone()).unwrap();
         applier.apply(1, &entry::encode_lead(b"{}")).unwrap();
         assert!(matches!(
             applier.apply(3, &entry::encode_lead(b"{}")),
             Err(ApplyError::Gap { read: 1, got: 3 })
         ));
-        assert!(matches!(
-            applier.apply(2, b"not an entry"),
-            Err(ApplyError::Entry { seq: 2, .. })
-        ));
-        assert_eq!(applier.applied(), 1);
+        applier.apply(2, b"not an entry").unwrap();
+        // A part that decodes but whose round does not.
+        applier.apply(3, &[1, 1, 1, 0xff, 0xff]).unwrap();
+        assert_eq!(applier.read(), 3);
+        let mut round = WriteBatch::default();
+        round.set_pending(7);
+        for (i, body) in entry::encode_round(round.changes(), 100).iter().enumerate() {
+            applier.apply(4 + i as u64, body).unwrap();
+        }
+        assert_eq!(store.pending().unwrap(), 7);
     }
 }

@@ -69,10 +69,12 @@ pub(crate) const INSTANCE_KEY: &[u8] = b"minstance";
 /// `crate::cluster`): written in the same batch as the entry's changes.
 pub(crate) const LOG_APPLIED_KEY: &[u8] = b"mlogapplied";
 
-/// Whether `key` belongs to this store alone and is never replicated: its id, its place in
-/// the log, and quarantined bytes of its own damaged segments.
+/// Whether `key` belongs to this store alone and is never replicated: its id, its format
+/// (each store writes its own when opened), its place in the log, and what its own damage
+/// left (a recount to do, quarantined bytes).
 pub(crate) fn is_local(key: &[u8]) -> bool {
-    key == INSTANCE_KEY || key == LOG_APPLIED_KEY || key.first() == Some(&QUARANTINE_PREFIX)
+    [INSTANCE_KEY, FORMAT_KEY, LOG_APPLIED_KEY, RECOUNT_KEY].contains(&key)
+        || key.first() == Some(&QUARANTINE_PREFIX)
 }
 
 /// The first byte of every id-index key.

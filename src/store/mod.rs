@@ -604,7 +604,10 @@ impl Store {
         }
         batch.set_log_applied(applied);
         self.commit(batch)?;
-        self.flush()
+        self.flush()?;
+        // The store is behind its mark now, on purpose: mark where it is, so that a crash
+        // before the log refills it does not make the next start refuse it as rolled back.
+        watermark::write(&self.path, self.next_seq()?)
     }
 
     /// The sequence of the last replicated log entry applied to this store (0: none).
