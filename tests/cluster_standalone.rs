@@ -176,3 +176,25 @@ async fn a_holder_whose_lease_is_taken_stops_serving_and_waits_for_it_again() {
     schedule(&client, "again.fired", &[("Sched-Delay", "50ms")]).await;
     next(&mut fired).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standalone_store_is_refused_in_replicated_mode_rather_than_lost() {
+    let harness = ProcessHarness::with_server(NatsServer::start_jetstream());
+    let daemon = harness.start_with(LEASE).await;
+    let client = connect(&harness.server).await;
+    schedule(&client, "later.fired", &[("Sched-Delay", "1h")]).await;
+    assert!(daemon.terminate().success());
+    let mut replicated = DaemonProcess::spawn_with(
+        &harness.server.url,
+        harness.store_path(),
+        harness.dir_path(),
+        "[cluster]\nmode = \"replicated\"\n",
+    );
+    assert!(!replicated.wait_exit().success());
+    let log = replicated.log();
+    assert!(log.contains("used in standalone mode"), "{log}");
+    // The store is left as it was: standalone again, the schedule is still there.
+    let daemon = harness.start_with(LEASE).await;
+    assert_eq!(stats(&client).await["pending"], 1);
+    drop(daemon);
+}

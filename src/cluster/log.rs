@@ -88,48 +88,44 @@ impl Appender {
     }
 
     /// Appends `bodies` in order; returns the sequence of the last one once the log has all.
+    ///
+    /// One at a time: were the parts of a round pipelined, a deposed writer's first part could
+    /// be refused and a later one (expecting the sequence the new leader's `lead` entry took)
+    /// accepted after it, leaving a stray part in the log. Rounds of more than one part (over
+    /// the server's `max_payload`) are rare, so waiting costs little.
     pub async fn append(&mut self, bodies: Vec<Bytes>) -> Result<u64, AppendError> {
-        let count = bodies.len() as u64;
-        let mut acks = Vec::with_capacity(bodies.len());
-        for (i, body) in bodies.into_iter().enumerate() {
-            let expected = self.last + i as u64;
+        for body in bodies {
+            let expected = self.last;
             let mut headers = HeaderMap::new();
             headers.insert(
                 async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
                 expected.to_string().as_str(),
             );
-            let ack = self
-                .js
-                .publish_with_headers(self.subject.clone(), headers, body)
-                .await
-                .map_err(|e| AppendError::Failed(e.to_string()))?;
-            acks.push((expected, ack));
-        }
-        let confirmed = async {
-            for (expected, ack) in acks {
+            let acked = async {
+                let ack = self
+                    .js
+                    .publish_with_headers(self.subject.clone(), headers, body)
+                    .await
+                    .map_err(|e| AppendError::Failed(e.to_string()))?;
                 match ack.await {
-                    Ok(ack) if ack.sequence == expected + 1 => {}
-                    Ok(ack) => {
-                        return Err(AppendError::Failed(format!(
-                            "the log took an entry at sequence {}, expected {}",
-                            ack.sequence,
-                            expected + 1
-                        )));
-                    }
+                    Ok(ack) if ack.sequence == expected + 1 => Ok(()),
+                    Ok(ack) => Err(AppendError::Failed(format!(
+                        "the log took an entry at sequence {}, expected {}",
+                        ack.sequence,
+                        expected + 1
+                    ))),
                     Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
-                        return Err(AppendError::Deposed { expected });
+                        Err(AppendError::Deposed { expected })
                     }
-                    Err(err) => return Err(AppendError::Failed(err.to_string())),
+                    Err(err) => Err(AppendError::Failed(err.to_string())),
                 }
+            };
+            match tokio::time::timeout(APPEND_TIMEOUT, acked).await {
+                Ok(Ok(())) => self.last = expected + 1,
+                Ok(Err(err)) => return Err(err),
+                Err(_) => return Err(AppendError::Failed("no PubAck in time".to_owned())),
             }
-            Ok(())
-        };
-        match tokio::time::timeout(APPEND_TIMEOUT, confirmed).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => return Err(err),
-            Err(_) => return Err(AppendError::Failed("no PubAck in time".to_owned())),
         }
-        self.last += count;
         Ok(self.last)
     }
 }
@@ -185,6 +181,11 @@ impl Replication {
             self.deposed.cancel();
         }
         result.map(|last| (last + 1 - parts, last))
+    }
+
+    /// Ends this instance's leadership: the store failed.
+    pub(crate) fn step_down(&self) {
+        self.deposed.cancel();
     }
 
     /// Does the next step of compacting the log, if one is due (see `compaction.rs`).

@@ -8,6 +8,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -32,6 +33,16 @@ pub enum FollowError {
     Read(String),
     #[error("cannot take over: {0}")]
     Lead(#[from] AppendError),
+    #[error(
+        "the store holds schedules but follows no log (it was used in standalone mode): start \
+         replicated mode on an empty store, and move schedules over with export and import"
+    )]
+    StandaloneStore,
+    #[error(
+        "the store was filled from another log than {stream:?} (it was deleted and made \
+         again?): refusing to mix them; move the store away to start it afresh from this log"
+    )]
+    OtherLog { stream: String },
 }
 
 /// A store following the log.
@@ -54,7 +65,26 @@ impl Follower {
         metrics: Arc<Metrics>,
     ) -> Result<Follower, FollowError> {
         let stream = log::open(&js, &options).await?;
-        let applier = tokio::task::spawn_blocking(move || Applier::new(store))
+        // The log's identity: its name and creation time (a log made again is another log).
+        let info = stream.cached_info();
+        let id = format!(
+            "{} {}",
+            info.config.name,
+            info.created.unix_timestamp_nanos()
+        );
+        let name = options.stream.clone();
+        let applier = tokio::task::spawn_blocking(move || {
+            match store.log_id()? {
+                Some(known) if known == id.as_bytes() => {}
+                Some(_) => return Err(FollowError::OtherLog { stream: name }),
+                None if store.replicated_after(&[], 1)?.is_some() => {
+                    return Err(FollowError::StandaloneStore);
+                }
+                None => store.set_log_id(id.as_bytes())?,
+            }
+            Ok(Applier::new(store)?)
+        });
+        let applier = applier
             .await
             .map_err(|e| FollowError::Read(e.to_string()))??;
         tracing::info!(
@@ -127,20 +157,18 @@ impl Follower {
 }
 
 /// Empties the store to read the log from its start, when the entries it needs next were
-/// compacted away. A gap that compaction does not explain is an error.
+/// compacted away. Returns the applier and the log's first sequence.
 async fn start_over_if_compacted(
     mut applier: Applier,
     stream: &stream::Stream,
-) -> Result<Applier, FollowError> {
+) -> Result<(Applier, u64), Retry> {
     let mut stream = stream.clone();
-    let first = stream
-        .info()
-        .await
-        .map_err(|e| FollowError::Read(e.to_string()))?
-        .state
-        .first_sequence;
+    let first = match stream.info().await {
+        Ok(info) => info.state.first_sequence,
+        Err(err) => return Err(Retry::Later(applier, err.to_string())),
+    };
     if applier.next() >= first {
-        return Ok(applier);
+        return Ok((applier, first));
     }
     tracing::warn!(
         next = applier.next(),
@@ -151,9 +179,11 @@ async fn start_over_if_compacted(
         let result = applier.start_over_at(first);
         result.map(|()| applier)
     });
-    Ok(restarted
-        .await
-        .map_err(|e| FollowError::Read(e.to_string()))??)
+    match restarted.await {
+        Ok(Ok(applier)) => Ok((applier, first)),
+        Ok(Err(err)) => Err(Retry::Never(err.into())),
+        Err(err) => Err(Retry::Never(FollowError::Read(err.to_string()))),
+    }
 }
 
 async fn last_sequence(stream: &mut stream::Stream) -> Result<u64, FollowError> {
@@ -173,34 +203,45 @@ async fn follow(
     mut stop_at: watch::Receiver<Option<u64>>,
     metrics: Arc<Metrics>,
 ) -> Result<Applier, FollowError> {
-    let read_error = |e: String| FollowError::Read(e);
     let mut caught_up = false;
     // A gap just met: an error unless compaction explains it.
     let mut gap: Option<ApplyError> = None;
     loop {
+        // Nobody waits for this follower any more (start-up gave up): let its store go.
+        if stop_at.has_changed().is_err() {
+            return Ok(applier);
+        }
         if stop_at.borrow().is_some_and(|end| applier.read() >= end) {
             return Ok(applier);
         }
         let before = applier.next();
-        applier = start_over_if_compacted(applier, &stream).await?;
+        let opened = match start_over_if_compacted(applier, &stream).await {
+            Ok((back, first)) => {
+                applier = back;
+                match open_consumer(&stream, applier.next()).await {
+                    Ok(messages) => Some(messages),
+                    Err(error) => {
+                        tracing::warn!(%error, first, "cannot read the log; retrying");
+                        None
+                    }
+                }
+            }
+            Err(Retry::Later(back, error)) => {
+                applier = back;
+                tracing::warn!(%error, "cannot read the log; retrying");
+                None
+            }
+            Err(Retry::Never(err)) => return Err(err),
+        };
         if let Some(gap) = gap.take()
             && applier.next() == before
         {
             return Err(gap.into());
         }
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: applier.next(),
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| read_error(e.to_string()))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| read_error(e.to_string()))?;
+        let Some(mut messages) = opened else {
+            tokio::time::sleep(READ_RETRY).await;
+            continue;
+        };
         loop {
             if stop_at.borrow().is_some_and(|end| applier.read() >= end) {
                 return Ok(applier);
@@ -209,8 +250,7 @@ async fn follow(
                 message = messages.next() => message,
                 changed = stop_at.changed() => {
                     if changed.is_err() {
-                        // Nobody will say where to stop: follow on.
-                        std::future::pending::<()>().await;
+                        return Ok(applier);
                     }
                     continue;
                 }
@@ -223,14 +263,19 @@ async fn follow(
                 }
                 None => break,
             };
-            let info = message.info().map_err(|e| read_error(e.to_string()))?;
+            let Ok(info) = message.info() else {
+                tracing::warn!("a log message without its stream sequence; reading on");
+                break;
+            };
             let (seq, lag) = (info.stream_sequence, info.pending);
             let payload = message.payload.clone();
             let applied = tokio::task::spawn_blocking(move || {
                 let result = applier.apply(seq, &payload);
                 (applier, result)
             });
-            let (back, result) = applied.await.map_err(|e| read_error(e.to_string()))?;
+            let (back, result) = applied
+                .await
+                .map_err(|e| FollowError::Read(e.to_string()))?;
             applier = back;
             match result {
                 // Compacted past this store while it read: start over from the log's start.
@@ -247,4 +292,29 @@ async fn follow(
             }
         }
     }
+}
+
+/// How long a follower waits before reading the log again after NATS failed it.
+const READ_RETRY: Duration = Duration::from_secs(1);
+
+/// Why following could not go on now.
+enum Retry {
+    /// NATS failed (a node restarting, a reconnect): try again shortly.
+    Later(Applier, String),
+    /// The store failed.
+    Never(FollowError),
+}
+
+/// An ordered consumer of the log from `start`.
+async fn open_consumer(stream: &stream::Stream, start: u64) -> Result<pull::Ordered, String> {
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
 }

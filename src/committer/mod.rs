@@ -158,6 +158,9 @@ pub struct Committer {
     /// Set once the log refused a change: this instance no longer leads, and refuses
     /// everything until it is stopped.
     deposed: bool,
+    /// Replicated mode: counts corrected at start, recorded through the log first thing on
+    /// the writer's thread (standalone, they are recorded at once).
+    ledger_fix: Option<WriteBatch>,
 }
 
 impl Committer {
@@ -174,7 +177,13 @@ impl Committer {
             metrics,
             log,
         } = links;
-        let ledger = read_ledger(&store, &options.capacity)?;
+        let (ledger, mut ledger_fix) = read_ledger(&store, &options.capacity)?;
+        if log.is_none()
+            && let Some(fix) = ledger_fix.take()
+        {
+            store.commit(fix)?;
+            store.flush()?;
+        }
         let intake = IntakeMark::decode(store.intake_mark()?.as_deref());
         let committer = Committer {
             intake_durable: intake.clone(),
@@ -199,6 +208,7 @@ impl Committer {
             fired_since: None,
             log,
             deposed: false,
+            ledger_fix,
         };
         committer.publish_ledger();
         Ok(committer)
@@ -230,6 +240,10 @@ impl Committer {
     /// Runs on the calling (non-runtime) thread until every command sender is gone, then makes
     /// everything durable.
     pub fn run(mut self, runtime: Handle) -> Result<(), StoreError> {
+        if let Some(fix) = self.ledger_fix.take() {
+            self.write(fix)?;
+            self.store.flush()?;
+        }
         let mut commands = Vec::with_capacity(self.options.max_batch);
         loop {
             if self.outage.as_ref().is_some_and(Outage::due_for_check) {
@@ -368,8 +382,10 @@ impl Committer {
                 let _ = self.wheel.send(WheelCommand::Deleted(deleted));
             }
         }
-        if result.is_err() && !round.applied() {
+        if result.is_err() && !round.applied() && self.log.is_none() {
             // Cancels of this round did not happen: give the wheel back what they took.
+            // (Replicated, they may be in the log all the same: this leader stops, and the
+            // next one settles them from the log.)
             let back = round.take_withdrawn();
             if !back.is_empty() {
                 self.resident.fetch_add(back.len(), Ordering::Relaxed);
@@ -419,12 +435,25 @@ impl Committer {
 
     /// A store operation failed: the outage begins, or goes on.
     fn fail(&mut self, error: &StoreError) {
-        if let StoreError::Log(reason) = error {
-            // Not the disk: the log refused the change (another leader, or no answer).
+        if let Some(log) = &self.log {
+            // Replicated: the log refused a change (another leader, or no answer), or the
+            // store failed after the log took one. Either way this instance stops leading
+            // (no outage, no reopen in place: a reopened store could lack what the log has);
+            // it follows the log again, and another instance may lead meanwhile.
             if !self.deposed {
-                tracing::error!(%reason, "the replicated log refused a change; stopping to lead");
+                match error {
+                    StoreError::Log(reason) => tracing::error!(
+                        %reason,
+                        "the replicated log refused a change; stopping to lead"
+                    ),
+                    other => tracing::error!(
+                        error = %other,
+                        "the store failed; stopping to lead, to follow the log again"
+                    ),
+                }
             }
             self.deposed = true;
+            log.step_down();
             return;
         }
         match &mut self.outage {
@@ -500,7 +529,10 @@ impl Committer {
     /// After reopening: the counts as stored, and a write (with fsync) of the next seq, which
     /// never goes back (lost seqs are not handed out again).
     fn resume_after_reopen(&mut self, durable: u64) -> Result<(Ledger, u64), StoreError> {
-        let ledger = read_ledger(&self.store, &self.options.capacity)?;
+        let (ledger, fix) = read_ledger(&self.store, &self.options.capacity)?;
+        if let Some(fix) = fix {
+            self.write(fix)?;
+        }
         let next_seq = self.next_seq.max(durable);
         let mut batch = WriteBatch::default();
         batch.set_next_seq(next_seq);
@@ -750,7 +782,10 @@ fn stream_position(reply: &Option<Reply>) -> Option<(u64, u64, u64)> {
     }
 }
 
-fn read_ledger(store: &Store, capacity: &Capacity) -> Result<Ledger, StoreError> {
+fn read_ledger(
+    store: &Store,
+    capacity: &Capacity,
+) -> Result<(Ledger, Option<WriteBatch>), StoreError> {
     let pending = store.pending()?;
     let recorded = store.quota_counts()?;
     let names: Vec<&str> = capacity.quotas().map(|(name, _)| name).collect();
@@ -763,18 +798,18 @@ fn read_ledger(store: &Store, capacity: &Capacity) -> Result<Ledger, StoreError>
     let recount = store.recount_requested()?;
     match found {
         _ if !recount && names.is_empty() => {
-            if recorded.is_some() {
+            let fix = recorded.is_some().then(|| {
                 let mut batch = WriteBatch::default();
                 batch.clear_quota_counts();
-                store.commit(batch)?;
-                store.flush()?;
-            }
-            return Ok(Ledger {
+                batch
+            });
+            let ledger = Ledger {
                 pending,
                 used: Vec::new(),
-            });
+            };
+            return Ok((ledger, fix));
         }
-        Some(used) if !recount => return Ok(Ledger { pending, used }),
+        Some(used) if !recount => return Ok((Ledger { pending, used }, None)),
         _ => {}
     }
     let started = Instant::now();
@@ -806,12 +841,11 @@ fn read_ledger(store: &Store, capacity: &Capacity) -> Result<Ledger, StoreError>
         false => batch.set_quota_counts(names.iter().copied().zip(used.iter().copied())),
     }
     batch.clear_recount();
-    store.commit(batch)?;
-    store.flush()?;
-    Ok(Ledger {
+    let ledger = Ledger {
         pending: counted,
         used,
-    })
+    };
+    Ok((ledger, Some(batch)))
 }
 
 #[cfg(test)]

@@ -69,11 +69,22 @@ pub(crate) const INSTANCE_KEY: &[u8] = b"minstance";
 /// `crate::cluster`): written in the same batch as the entry's changes.
 pub(crate) const LOG_APPLIED_KEY: &[u8] = b"mlogapplied";
 
+/// Where a replicated store keeps which log it follows (the log stream's name and creation
+/// time): a store never follows another log than the one it was filled from.
+pub(crate) const LOG_ID_KEY: &[u8] = b"mlogid";
+
 /// Whether `key` belongs to this store alone and is never replicated: its id, its format
 /// (each store writes its own when opened), its place in the log, and what its own damage
 /// left (a recount to do, quarantined bytes).
 pub(crate) fn is_local(key: &[u8]) -> bool {
-    [INSTANCE_KEY, FORMAT_KEY, LOG_APPLIED_KEY, RECOUNT_KEY].contains(&key)
+    [
+        INSTANCE_KEY,
+        FORMAT_KEY,
+        LOG_APPLIED_KEY,
+        LOG_ID_KEY,
+        RECOUNT_KEY,
+    ]
+    .contains(&key)
         || key.first() == Some(&QUARANTINE_PREFIX)
 }
 

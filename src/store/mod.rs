@@ -98,7 +98,11 @@ impl StoreError {
             | StoreError::NoRoom { source, .. }
             | StoreError::Watermark { source, .. } => format!("I/O error: {}", source.kind()),
             StoreError::Reopening => "the store is being reopened".to_owned(),
-            StoreError::Log(_) => "this natsched stopped leading its prefix; retry".to_owned(),
+            StoreError::Log(_) => {
+                "this natsched stopped leading its prefix; the request may or may not have \
+                 taken effect (get tells); retry"
+                    .to_owned()
+            }
             _ => "store error".to_owned(),
         }
     }
@@ -608,6 +612,19 @@ impl Store {
         // The store is behind its mark now, on purpose: mark where it is, so that a crash
         // before the log refills it does not make the next start refuse it as rolled back.
         watermark::write(&self.path, self.next_seq()?)
+    }
+
+    /// Which log this store follows, if it follows one.
+    pub(crate) fn log_id(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db()?.get(keys::LOG_ID_KEY)?.map(|v| v.to_vec()))
+    }
+
+    /// Records (durably) that this store follows the log `id`.
+    pub(crate) fn set_log_id(&self, id: &[u8]) -> Result<(), StoreError> {
+        let db = self.db()?;
+        db.insert(keys::LOG_ID_KEY, id)?;
+        db.flush()?;
+        Ok(())
     }
 
     /// The sequence of the last replicated log entry applied to this store (0: none).

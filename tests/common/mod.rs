@@ -301,6 +301,16 @@ impl ProcessHarness {
         }
     }
 
+    /// The store directory natsched runs on.
+    pub fn store_path(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// The directory its config file goes to.
+    pub fn dir_path(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Starts natsched on this harness's store; waits until it answers.
     pub async fn start(&self) -> DaemonProcess {
         DaemonProcess::start(&self.server, self.store.path(), self.dir.path()).await
