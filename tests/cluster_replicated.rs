@@ -543,3 +543,76 @@ async fn garbage_appended_to_the_log_stops_nobody_and_loses_nothing() {
         assert!(!log.contains("natsched: "), "instance {i} exited: {log}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_cut_off_the_network_is_fenced_off_and_the_target_stream_holds_each_message_once()
+{
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Some(netns) = Netns::create() else {
+        return; // the reason was printed: not root, or no iproute2
+    };
+    let cluster = NatsCluster::start_on_all_addresses().await;
+    let client = cluster.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "HA_CUT".into(),
+        subjects: vec!["ha.cut.>".into()],
+        num_replicas: 3,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let more = "[delivery]\njetstream_subjects = [\"ha.cut.>\"]\n";
+    // The first instance runs in the namespace and leads; two more run on the host.
+    let (store, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let inside = DaemonProcess::spawn_wrapped(
+        &netns.exec(),
+        &cluster.urls_at(&netns.host_ip),
+        store.path(),
+        dir.path(),
+        &format!("{REPLICATED}{more}"),
+    );
+    inside.wait_for_log("leading: appended the lead entry");
+    wait_ready(&client, "sched").await;
+    let mut instances = Instances::start_with(&cluster, 2, more);
+    for i in 0..2 {
+        instances.get(i).wait_for_log("following the leader of this prefix");
+    }
+    let count = 3_000;
+    let first = natsched::time::now_ms() + 8_000;
+    let wanted = schedule_many(&client, "ha.cut.fired", count, first, 3000).await;
+    assert_eq!(wanted.len(), count);
+
+    // Cut off while its schedules come due; joined again after another instance leads.
+    let now = natsched::time::now_ms();
+    tokio::time::sleep(Duration::from_millis(first + 1_000 - now)).await;
+    netns.connect(false);
+    let new = instances.leader();
+    inside.wait_for_log("stopped serving: the lease is lost");
+    netns.connect(true);
+
+    let mut stream = js.get_stream("HA_CUT").await.unwrap();
+    let start = Instant::now();
+    loop {
+        let messages = stream.info().await.unwrap().state.messages;
+        assert!(messages <= count as u64, "{messages} messages for {count} schedules");
+        if messages == count as u64 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "only {messages} of {count} arrived");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Back on the network, the old leader follows; the new one never had an append refused.
+    let start = Instant::now();
+    while inside.log().matches("following the replicated log").count() < 2 {
+        assert!(start.elapsed() < WAIT * 2, "the cut-off leader does not follow again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let new_log = instances.get(new).log();
+    assert!(!new_log.contains("the replicated log refused a change"), "{new_log}");
+    // Whatever it still had buffered reached the stream as duplicates, and was dropped.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(stream.info().await.unwrap().state.messages, count as u64);
+    instances.daemons.clear();
+}

@@ -342,6 +342,18 @@ impl DaemonProcess {
     /// [`DaemonProcess::spawn`] with `more` (TOML: further keys of `[store]`, then further
     /// sections) appended to the config file.
     pub fn spawn_with(url: &str, store: &Path, dir: &Path, more: &str) -> DaemonProcess {
+        DaemonProcess::spawn_wrapped(&[], url, store, dir, more)
+    }
+
+    /// [`DaemonProcess::spawn_with`], run through `wrapper` (e.g. `ip netns exec NAME`, which
+    /// execs it, so the pid is natsched's).
+    pub fn spawn_wrapped(
+        wrapper: &[&str],
+        url: &str,
+        store: &Path,
+        dir: &Path,
+        more: &str,
+    ) -> DaemonProcess {
         let config_path = dir.join("natsched.toml");
         std::fs::write(
             &config_path,
@@ -352,7 +364,16 @@ impl DaemonProcess {
             ),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_natsched"))
+        let binary = env!("CARGO_BIN_EXE_natsched");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .args(["run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "natsched=debug")
@@ -580,6 +601,11 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts the three nodes and waits until JetStream has a meta leader.
     pub async fn start() -> NatsCluster {
+        NatsCluster::start_with(&[]).await
+    }
+
+    /// [`NatsCluster::start`] with `more` arguments for every node.
+    async fn start_with(more: &[&str]) -> NatsCluster {
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let route_urls = routes
             .iter()
@@ -601,13 +627,32 @@ impl NatsCluster {
                     "--routes".to_owned(),
                     route_urls.clone(),
                 ];
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let args: Vec<&str> = args
+                    .iter()
+                    .map(String::as_str)
+                    .chain(more.iter().copied())
+                    .collect();
                 NatsServer::spawn(free_port(), tempfile::tempdir().unwrap(), &args)
             })
             .collect();
         let cluster = NatsCluster { nodes };
         cluster.wait_for_jetstream().await;
         cluster
+    }
+
+    /// Like [`NatsCluster::start`], the nodes listening on every address (for clients in
+    /// another network namespace).
+    pub async fn start_on_all_addresses() -> NatsCluster {
+        NatsCluster::start_with(&["-a", "0.0.0.0"]).await
+    }
+
+    /// Every node's URL at `host` instead of 127.0.0.1, comma-separated.
+    pub fn urls_at(&self, host: &str) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://{host}:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Every node's URL, comma-separated (for natsched's `[nats] url`).
@@ -645,5 +690,128 @@ impl NatsCluster {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// A network namespace joined to the host by a veth pair, for cutting a process off the
+/// network (as root). Removed when dropped.
+pub struct Netns {
+    pub name: String,
+    host_link: String,
+    /// The host's address as seen from inside.
+    pub host_ip: String,
+}
+
+impl Netns {
+    /// Makes one, or `None` (with the reason printed) where the machine does not allow it.
+    pub fn create() -> Option<Netns> {
+        let tag = std::process::id() % 10_000;
+        let name = format!("natsched-{tag}");
+        let (host_link, inner_link) = (format!("nsh{tag}"), format!("nsi{tag}"));
+        let subnet = format!("10.{}.{}", 100 + tag % 100, tag / 100 % 250);
+        let host_ip = format!("{subnet}.1");
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), name.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                host_link.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                inner_link.clone(),
+            ],
+            vec![
+                "link".into(),
+                "set".into(),
+                inner_link.clone(),
+                "netns".into(),
+                name.clone(),
+            ],
+            vec![
+                "addr".into(),
+                "add".into(),
+                format!("{host_ip}/24"),
+                "dev".into(),
+                host_link.clone(),
+            ],
+            vec!["link".into(), "set".into(), host_link.clone(), "up".into()],
+            vec![
+                "-n".into(),
+                name.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{subnet}.2/24"),
+                "dev".into(),
+                inner_link.clone(),
+            ],
+            vec![
+                "-n".into(),
+                name.clone(),
+                "link".into(),
+                "set".into(),
+                inner_link.clone(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                name.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+        ];
+        let netns = Netns {
+            name,
+            host_link,
+            host_ip,
+        };
+        for step in steps {
+            let output = Command::new("ip").args(&step).output();
+            match output {
+                Ok(output) if output.status.success() => {}
+                Ok(output) => {
+                    eprintln!(
+                        "skipped: cannot make a network namespace (ip {}): {}",
+                        step.join(" "),
+                        String::from_utf8_lossy(&output.stderr)
+                    );
+                    return None;
+                }
+                Err(err) => {
+                    eprintln!("skipped: no `ip` command: {err}");
+                    return None;
+                }
+            }
+        }
+        Some(netns)
+    }
+
+    /// The command prefix that runs a program inside.
+    pub fn exec(&self) -> Vec<&str> {
+        vec!["ip", "netns", "exec", &self.name]
+    }
+
+    /// Cuts the namespace off the host's network (`false`), or joins it again (`true`).
+    pub fn connect(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        let status = Command::new("ip")
+            .args(["link", "set", &self.host_link, state])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_link])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
