@@ -6,6 +6,7 @@
 #   benches/run.sh live       # targets 1-3 only, full counts (what intake and firing changes move)
 #   benches/run.sh store      # targets 4-5 only (store size, restart, churn)
 #   benches/run.sh jetstream  # targets 6-8 only (JetStream intake and delivery)
+#   benches/run.sh cluster    # targets 9-10 only (replicated mode on a 3-node cluster, R3)
 #
 # It starts its own nats-server (from NATSCHED_NATS_SERVER, PATH or /usr/sbin) on a free
 # loopback port and natsched (release build) on a temporary store, and drives them with
@@ -25,8 +26,11 @@ OUT=benches/results.md
 NATSCHED_PID=
 NATS_PID=
 
+NATSCHED_PIDS=()
+NODE_PIDS=()
 cleanup() {
   [ -n "$NATSCHED_PID" ] && kill -9 "$NATSCHED_PID" 2>/dev/null || true
+  for pid in "${NATSCHED_PIDS[@]}" "${NODE_PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
   [ -n "$NATS_PID" ] && kill "$NATS_PID" 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -66,7 +70,7 @@ rows=()
 row() { rows+=("| $1 | $2 | $3 | $4 |"); echo "$1: $2 (goal $3) $4" >&2; }
 verdict() { python3 -c "import sys; print('met' if $1 else 'not met')"; }
 
-if [ "$MODE" != store ] && [ "$MODE" != jetstream ]; then
+if [ "$MODE" != store ] && [ "$MODE" != jetstream ] && [ "$MODE" != cluster ]; then
 # Targets 1 and 2: intake and lateness at 10 000 fires/s, then lateness at 100 000 fires/s.
 COUNT_10K=$([ "$MODE" = quick ] && echo 200000 || echo 600000)
 COUNT_100K=$([ "$MODE" = quick ] && echo 500000 || echo 2000000)
@@ -180,6 +184,55 @@ if [ "$MODE" = full ] || [ "$MODE" = jetstream ]; then
   p99=$(json "$r" 'lateness_ms["p99"]')
   row "8. lateness at 10 000 fires/s into a stream, p50 / p99 / p99.9 (ms)" "$(json "$r" 'lateness_ms["p50"]') / $p99 / $(json "$r" 'lateness_ms["p999"]') (stream gained $(json "$r" 'stream_gained'), missing $(json "$r" 'missing'))" "p99 ≤ 10" "$(verdict "$p99 <= 10 and $(json "$r" 'stream_gained') == 300000")"
   stop_natsched
+fi
+
+if [ "$MODE" = cluster ]; then
+  # Targets 9-10: replicated mode. Three routed nats-server nodes with JetStream (the one
+  # started above is not used), three natsched with `[cluster] mode = "replicated"` (log and
+  # lease R3), and the load generator, all on this machine.
+  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+  CPORTS=(); RPORTS=()
+  for i in 0 1 2; do CPORTS+=("$(free_port)"); RPORTS+=("$(free_port)"); done
+  ROUTES="nats://127.0.0.1:${RPORTS[0]},nats://127.0.0.1:${RPORTS[1]},nats://127.0.0.1:${RPORTS[2]}"
+  for i in 0 1 2; do
+    "$NATS" -a 127.0.0.1 -p "${CPORTS[$i]}" -n "n$i" -js -sd "$WORK/node$i" --cluster_name bench \
+      --cluster "nats://127.0.0.1:${RPORTS[$i]}" --routes "$ROUTES" >"$WORK/node$i.log" 2>&1 &
+    NODE_PIDS+=($!)
+  done
+  URLS="nats://127.0.0.1:${CPORTS[0]},nats://127.0.0.1:${CPORTS[1]},nats://127.0.0.1:${CPORTS[2]}"
+  for i in 0 1 2; do
+    printf '[nats]\nurl = "%s"\n[store]\npath = "%s"\n[cluster]\nmode = "replicated"\n' \
+      "$URLS" "$WORK/cstore$i" >"$WORK/natsched$i.toml"
+    RUST_LOG=warn "$BIN" run --config "$WORK/natsched$i.toml" 2>>"$WORK/natsched$i.log" &
+    NATSCHED_PIDS+=($!)
+  done
+  URL="nats://127.0.0.1:${CPORTS[0]}"
+  ready
+  # Target 9: intake acknowledged after the R3 log's PubAck; target 10: lateness at 10 000
+  # fires/s once intake has finished.
+  r=$(bench --count 300000 --rate 10000 --lead 40s --label cluster-10k)
+  for pid in "${NATSCHED_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${NATSCHED_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  NATSCHED_PIDS=()
+  # The same workload on nats-server's own message schedules (2.12 or later), in an R3
+  # stream on the same cluster, natsched stopped.
+  n=""
+  if "$NATS" --version | awk '{split(substr($2,2),v,"."); exit !(v[1]>2 || (v[1]==2 && v[2]>=12))}'; then
+    n=$(bench --native NATIVE --native-replicas 3 --count 300000 --rate 10000 --lead 40s --label native-10k)
+  fi
+  intake=$(json "$r" 'round(intake_per_sec)')
+  if [ -n "$n" ]; then
+    native=$(json "$n" 'round(intake_per_sec)')
+    row "9. replicated intake, acked after the R3 log's PubAck (schedules/s)" "$intake; native R3 schedules $native (refused $(json "$r" 'refused'), unanswered $(json "$r" 'unanswered'))" "≥ 1.5 × native" "$(verdict "$intake >= 1.5 * $native")"
+  else
+    row "9. replicated intake, acked after the R3 log's PubAck (schedules/s)" "$intake (refused $(json "$r" 'refused'), unanswered $(json "$r" 'unanswered'))" "≥ 1.5 × native" "nats-server < 2.12: no native schedules to compare"
+  fi
+  p99=$(json "$r" 'lateness_ms["p99"]')
+  row "10. replicated, lateness at 10 000 fires/s, p50 / p99 / p99.9 (ms)" "$(json "$r" 'lateness_ms["p50"]') / $p99 / $(json "$r" 'lateness_ms["p999"]') (fired $(json "$r" 'fired'), missing $(json "$r" 'missing'), duplicates $(json "$r" 'duplicates'), due before ack $(json "$r" 'due_before_ack'))" "p99 ≤ 10" "$(verdict "$p99 <= 10 and $(json "$r" 'missing') == 0")"
+  if [ -n "$n" ]; then
+    row "10n. native R3 schedules, same load, p50 / p99 (ms)" "$(json "$n" 'lateness_ms["p50"]') / $(json "$n" 'lateness_ms["p99"]') (fired $(json "$n" 'fired'), missing $(json "$n" 'missing'))" "(for comparison)" ""
+  fi
+  for pid in "${NODE_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
 fi
 
 {

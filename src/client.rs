@@ -80,7 +80,7 @@ async fn call(
     let (options, urls) = crate::connect::for_urls(&connection.server)?;
     let client: Client =
         options
-            .connect(urls.as_str())
+            .connect(urls)
             .await
             .map_err(|source| ClientError::Connect {
                 url: crate::connect::mask_credentials(&connection.server),

@@ -108,9 +108,24 @@ pub fn split_credentials(urls: &str) -> Result<ServerUrls, ConnectSetupError> {
 }
 
 /// Options for a command-line tool given only a server URL list: its credentials, if any.
-pub fn for_urls(urls: &str) -> Result<(ConnectOptions, String), ConnectSetupError> {
+pub fn for_urls(
+    urls: &str,
+) -> Result<(ConnectOptions, Vec<async_nats::ServerAddr>), ConnectSetupError> {
     let ServerUrls { urls, auth } = split_credentials(urls)?;
-    Ok((with_url_auth(ConnectOptions::new(), auth), urls))
+    Ok((with_url_auth(ConnectOptions::new(), auth), addresses(&urls)?))
+}
+
+/// The servers of a comma-separated URL list (without credentials): async-nats reads one URL
+/// from a string, so a list is given to it as addresses.
+fn addresses(urls: &str) -> Result<Vec<async_nats::ServerAddr>, ConnectSetupError> {
+    urls.split(',')
+        .map(|url| {
+            url.trim().parse().map_err(|source| ConnectSetupError::Url {
+                url: mask_credentials(url.trim()),
+                source,
+            })
+        })
+        .collect()
 }
 
 fn with_url_auth(options: ConnectOptions, auth: Option<UrlAuth>) -> ConnectOptions {
@@ -130,16 +145,7 @@ pub async fn for_daemon(
     options: ConnectOptions,
 ) -> Result<(ConnectOptions, Vec<async_nats::ServerAddr>), ConnectSetupError> {
     let ServerUrls { urls, auth } = split_credentials(&nats.url)?;
-    // async-nats reads one URL from a string; a list is given as addresses.
-    let addrs = urls
-        .split(',')
-        .map(|url| {
-            url.trim().parse().map_err(|source| ConnectSetupError::Url {
-                url: mask_credentials(url.trim()),
-                source,
-            })
-        })
-        .collect::<Result<Vec<async_nats::ServerAddr>, _>>()?;
+    let addrs = addresses(&urls)?;
     let configured = nats.auth_kind();
     let mut options = match (auth, configured) {
         (Some(_), Some(kind)) => return Err(ConnectSetupError::TwiceGiven(kind)),

@@ -75,6 +75,17 @@ pub struct LoadOptions {
     /// scheduled once natsched's `pending` has grown by it (not at the server's PubAck).
     #[arg(long)]
     pub jetstream_intake: bool,
+    /// Compare with nats-server's own message schedules (2.12 or later) instead of natsched:
+    /// each schedule is a message in this stream (made if absent: `allow_msg_schedules`,
+    /// file storage, `--native-replicas`) on its own subject `nsched.<run>.<i>`, with
+    /// `Nats-Schedule: @at <due>` and `Nats-Schedule-Target: ntarget.<run>.<n>`; the stream
+    /// republishes `ntarget.>` to `bench.>`, where the deliveries are received as natsched's
+    /// are. A request counts as scheduled at its PubAck.
+    #[arg(long)]
+    pub native: Option<String>,
+    /// Replicas of the `--native` stream.
+    #[arg(long, default_value_t = 1)]
+    pub native_replicas: usize,
     /// natsched's pid, to report its memory.
     #[arg(long)]
     pub pid: Option<u32>,
@@ -176,7 +187,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
             connect_options
                 .name(name)
                 .subscription_capacity(1 << 20)
-                .connect(urls.as_str())
+                .connect(urls)
                 .await
                 .map_err(|source| LoadError::Connect {
                     url: crate::connect::mask_credentials(&options.server),
@@ -198,6 +209,9 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         Some(name) => Some(bench_stream(&jetstream, name).await?),
         None => None,
     };
+    if let Some(name) = &options.native {
+        native_stream(&jetstream, name, options.native_replicas).await?;
+    }
     let pending_before = match options.jetstream_intake {
         true => pending(&sender, &options.prefix).await?,
         false => 0,
@@ -266,6 +280,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
     } else {
         count
     };
+    let native = options.native.is_some();
     let acked = {
         let permits = permits.clone();
         tokio::spawn(async move {
@@ -277,10 +292,15 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
                     break;
                 };
                 permits.add_permits(1);
-                let refused_reply = reply
-                    .headers
-                    .as_ref()
-                    .is_some_and(|h| h.get(protocol::ERROR_CODE_HEADER).is_some());
+                let refused_reply = match native {
+                    // A PubAck, or a JetStream error.
+                    true => reply.payload.starts_with(b"{\"error\"")
+                        || !reply.payload.starts_with(b"{"),
+                    false => reply
+                        .headers
+                        .as_ref()
+                        .is_some_and(|h| h.get(protocol::ERROR_CODE_HEADER).is_some()),
+                };
                 let index = reply
                     .subject
                     .rsplit('.')
@@ -303,7 +323,13 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
     for i in 0..to_send {
         permits.acquire().await.expect("never closed").forget();
         let mut headers = HeaderMap::new();
-        headers.insert(protocol::AT, time::format_ms(due_of(i)).as_str());
+        if native {
+            headers.insert("Nats-Schedule", format!("@at {}", time::format_ms(due_of(i))).as_str());
+            let target = format!("ntarget.{run_id}.{}", i % options.subjects);
+            headers.insert("Nats-Schedule-Target", target.as_str());
+        } else {
+            headers.insert(protocol::AT, time::format_ms(due_of(i)).as_str());
+        }
         if options.with_id {
             headers.insert(protocol::ID, format!("b{run_id}-{i}").as_str());
         }
@@ -313,11 +339,14 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         payload.clear();
         payload.extend_from_slice(format!("{i} ").as_bytes());
         payload.resize(options.payload.max(payload.len()), b'x');
-        let subject = format!(
-            "{}.add.bench.{run_id}.{}",
-            options.prefix,
-            i % options.subjects
-        );
+        let subject = match native {
+            true => format!("nsched.{run_id}.{i}"),
+            false => format!(
+                "{}.add.bench.{run_id}.{}",
+                options.prefix,
+                i % options.subjects
+            ),
+        };
         let reply = format!("{inbox}.{i}");
         if sender
             .publish_with_reply_and_headers(
@@ -423,6 +452,35 @@ async fn bench_stream(
         .await
         .map_err(|e| LoadError::Request(e.to_string()))?;
     Ok(info.state.messages)
+}
+
+/// Gets or creates the stream of `--native`: schedules on `nsched.>`, their deliveries on
+/// `ntarget.>` republished to `bench.>` (deliveries of message schedules stay inside the
+/// stream otherwise).
+async fn native_stream(
+    jetstream: &async_nats::jetstream::Context,
+    name: &str,
+    replicas: usize,
+) -> Result<(), LoadError> {
+    use async_nats::jetstream::stream;
+    jetstream
+        .get_or_create_stream(stream::Config {
+            name: name.to_owned(),
+            subjects: vec!["nsched.>".into(), "ntarget.>".into()],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            allow_message_schedules: true,
+            allow_rollup: true,
+            republish: Some(stream::Republish {
+                source: "ntarget.>".into(),
+                destination: "bench.>".into(),
+                headers_only: false,
+            }),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| LoadError::Request(format!("native stream: {e}")))?;
+    Ok(())
 }
 
 /// natsched's `pending` from its stats.
