@@ -59,8 +59,8 @@ bench() { "$BIN" bench --server "$URL" "$@" 2>/dev/null | tail -n 1; }
 probe() {
   local r
   for _ in $(seq 100); do
-    r=$(bench --count 1 --rate 1 --lead 100ms --grace 2s)
-    [ "$(json "$r" 'fired')" = 1 ] && { echo "$r"; return; }
+    r=$(bench --count 1 --rate 1 --lead 100ms --grace 2s || true)
+    [ -n "$r" ] && [ "$(json "$r" 'fired')" = 1 ] && { echo "$r"; return; }
   done
   echo "natsched never answered" >&2; exit 1
 }
@@ -199,6 +199,9 @@ if [ "$MODE" = cluster ]; then
       --cluster "nats://127.0.0.1:${RPORTS[$i]}" --routes "$ROUTES" >"$WORK/node$i.log" 2>&1 &
     NODE_PIDS+=($!)
   done
+  for i in 0 1 2; do
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/${CPORTS[$i]}") 2>/dev/null && break; sleep 0.05; done
+  done
   URLS="nats://127.0.0.1:${CPORTS[0]},nats://127.0.0.1:${CPORTS[1]},nats://127.0.0.1:${CPORTS[2]}"
   for i in 0 1 2; do
     printf '[nats]\nurl = "%s"\n[store]\npath = "%s"\n[cluster]\nmode = "replicated"\n' \
@@ -210,7 +213,8 @@ if [ "$MODE" = cluster ]; then
   ready
   # Target 9: intake acknowledged after the R3 log's PubAck; target 10: lateness at 10 000
   # fires/s once intake has finished.
-  r=$(bench --count 300000 --rate 10000 --lead 40s --label cluster-10k)
+  CLUSTER_COUNT=${CLUSTER_COUNT:-300000}
+  r=$(bench --count "$CLUSTER_COUNT" --rate 10000 --lead 40s --label cluster-10k)
   for pid in "${NATSCHED_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${NATSCHED_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   NATSCHED_PIDS=()
@@ -218,7 +222,7 @@ if [ "$MODE" = cluster ]; then
   # stream on the same cluster, natsched stopped.
   n=""
   if "$NATS" --version | awk '{split(substr($2,2),v,"."); exit !(v[1]>2 || (v[1]==2 && v[2]>=12))}'; then
-    n=$(bench --native NATIVE --native-replicas 3 --count 300000 --rate 10000 --lead 40s --label native-10k)
+    n=$(bench --native NATIVE --native-replicas 3 --count "$CLUSTER_COUNT" --rate 10000 --lead 40s --label native-10k)
   fi
   intake=$(json "$r" 'round(intake_per_sec)')
   if [ -n "$n" ]; then
