@@ -78,14 +78,13 @@ async fn call(
     body: Bytes,
 ) -> Result<Bytes, ClientError> {
     let (options, urls) = crate::connect::for_urls(&connection.server)?;
-    let client: Client =
-        options
-            .connect(urls)
-            .await
-            .map_err(|source| ClientError::Connect {
-                url: crate::connect::mask_credentials(&connection.server),
-                source,
-            })?;
+    let client: Client = options
+        .connect(urls)
+        .await
+        .map_err(|source| ClientError::Connect {
+            url: crate::connect::mask_credentials(&connection.server),
+            source,
+        })?;
     let request = client.request_with_headers(subject.clone(), headers, body);
     let reply = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
         Ok(Ok(reply)) => reply,

@@ -112,7 +112,10 @@ pub fn for_urls(
     urls: &str,
 ) -> Result<(ConnectOptions, Vec<async_nats::ServerAddr>), ConnectSetupError> {
     let ServerUrls { urls, auth } = split_credentials(urls)?;
-    Ok((with_url_auth(ConnectOptions::new(), auth), addresses(&urls)?))
+    Ok((
+        with_url_auth(ConnectOptions::new(), auth),
+        addresses(&urls)?,
+    ))
 }
 
 /// The servers of a comma-separated URL list (without credentials): async-nats reads one URL

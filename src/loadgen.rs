@@ -294,8 +294,9 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
                 permits.add_permits(1);
                 let refused_reply = match native {
                     // A PubAck, or a JetStream error.
-                    true => reply.payload.starts_with(b"{\"error\"")
-                        || !reply.payload.starts_with(b"{"),
+                    true => {
+                        reply.payload.starts_with(b"{\"error\"") || !reply.payload.starts_with(b"{")
+                    }
                     false => reply
                         .headers
                         .as_ref()
@@ -324,7 +325,10 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         permits.acquire().await.expect("never closed").forget();
         let mut headers = HeaderMap::new();
         if native {
-            headers.insert("Nats-Schedule", format!("@at {}", time::format_ms(due_of(i))).as_str());
+            headers.insert(
+                "Nats-Schedule",
+                format!("@at {}", time::format_ms(due_of(i))).as_str(),
+            );
             let target = format!("ntarget.{run_id}.{}", i % options.subjects);
             headers.insert("Nats-Schedule-Target", target.as_str());
         } else {

@@ -90,6 +90,56 @@ impl Instances {
     }
 }
 
+/// Makes the R3 target stream `name` capturing `subjects`, with a duplicate window.
+async fn target_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    subjects: &str,
+) -> async_nats::jetstream::stream::Stream {
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![subjects.into()],
+        num_replicas: 3,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until `stream` holds `count` messages, failing if it ever holds more.
+async fn wait_holds_exactly(stream: &mut async_nats::jetstream::stream::Stream, count: usize) {
+    let start = Instant::now();
+    loop {
+        let messages = stream.info().await.unwrap().state.messages;
+        assert!(
+            messages <= count as u64,
+            "{messages} messages for {count} schedules"
+        );
+        if messages == count as u64 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "only {messages} of {count} arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until a deposed leader has stopped serving and follows the log again.
+async fn wait_follows_again(daemon: &DaemonProcess) {
+    daemon.wait_for_log("stopped serving: the lease is lost");
+    let start = Instant::now();
+    while daemon.log().matches("following the replicated log").count() < 2 {
+        assert!(
+            start.elapsed() < WAIT * 2,
+            "the deposed leader does not follow again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Delivered messages of `subject`: id -> (times delivered, first receipt).
 type Deliveries = Arc<Mutex<HashMap<String, (u32, Instant)>>>;
 
@@ -275,15 +325,7 @@ async fn a_paused_leader_is_fenced_off_and_the_target_stream_holds_each_message_
     let cluster = NatsCluster::start().await;
     let client = cluster.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "HA_TARGET".into(),
-        subjects: vec!["ha.js.>".into()],
-        num_replicas: 3,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut stream = target_stream(&js, "HA_TARGET", "ha.js.>").await;
     let more = "[delivery]\njetstream_subjects = [\"ha.js.>\"]\n";
     let instances = Instances::start_with(&cluster, 3, more);
     wait_ready(&client, "sched").await;
@@ -302,41 +344,9 @@ async fn a_paused_leader_is_fenced_off_and_the_target_stream_holds_each_message_
     instances.signal(old, "-CONT");
 
     // Everything reaches the target stream exactly once, whoever published it.
-    let mut stream = js.get_stream("HA_TARGET").await.unwrap();
-    let start = Instant::now();
-    loop {
-        let messages = stream.info().await.unwrap().state.messages;
-        assert!(
-            messages <= count as u64,
-            "{messages} messages for {count} schedules"
-        );
-        if messages == count as u64 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "only {messages} of {count} arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_holds_exactly(&mut stream, count).await;
     // The old leader stepped down, appended nothing the new one had to refuse, and follows.
-    instances
-        .get(old)
-        .wait_for_log("stopped serving: the lease is lost");
-    let start = Instant::now();
-    while instances
-        .get(old)
-        .log()
-        .matches("following the replicated log")
-        .count()
-        < 2
-    {
-        assert!(
-            start.elapsed() < WAIT,
-            "the old leader does not follow again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_follows_again(instances.get(old)).await;
     let new_log = instances.get(new).log();
     assert!(
         !new_log.contains("the replicated log refused a change"),
@@ -554,15 +564,7 @@ async fn a_leader_cut_off_the_network_is_fenced_off_and_the_target_stream_holds_
     let cluster = NatsCluster::start_on_all_addresses().await;
     let client = cluster.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "HA_CUT".into(),
-        subjects: vec!["ha.cut.>".into()],
-        num_replicas: 3,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut stream = target_stream(&js, "HA_CUT", "ha.cut.>").await;
     let more = "[delivery]\njetstream_subjects = [\"ha.cut.>\"]\n";
     // The first instance runs in the namespace and leads; two more run on the host.
     let (store, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -577,7 +579,9 @@ async fn a_leader_cut_off_the_network_is_fenced_off_and_the_target_stream_holds_
     wait_ready(&client, "sched").await;
     let mut instances = Instances::start_with(&cluster, 2, more);
     for i in 0..2 {
-        instances.get(i).wait_for_log("following the leader of this prefix");
+        instances
+            .get(i)
+            .wait_for_log("following the leader of this prefix");
     }
     let count = 3_000;
     let first = natsched::time::now_ms() + 8_000;
@@ -589,28 +593,18 @@ async fn a_leader_cut_off_the_network_is_fenced_off_and_the_target_stream_holds_
     tokio::time::sleep(Duration::from_millis(first + 1_000 - now)).await;
     netns.connect(false);
     let new = instances.leader();
+    // It stops serving while still cut off: its own count of the lease ran out.
     inside.wait_for_log("stopped serving: the lease is lost");
     netns.connect(true);
 
-    let mut stream = js.get_stream("HA_CUT").await.unwrap();
-    let start = Instant::now();
-    loop {
-        let messages = stream.info().await.unwrap().state.messages;
-        assert!(messages <= count as u64, "{messages} messages for {count} schedules");
-        if messages == count as u64 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "only {messages} of {count} arrived");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_holds_exactly(&mut stream, count).await;
     // Back on the network, the old leader follows; the new one never had an append refused.
-    let start = Instant::now();
-    while inside.log().matches("following the replicated log").count() < 2 {
-        assert!(start.elapsed() < WAIT * 2, "the cut-off leader does not follow again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_follows_again(&inside).await;
     let new_log = instances.get(new).log();
-    assert!(!new_log.contains("the replicated log refused a change"), "{new_log}");
+    assert!(
+        !new_log.contains("the replicated log refused a change"),
+        "{new_log}"
+    );
     // Whatever it still had buffered reached the stream as duplicates, and was dropped.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(stream.info().await.unwrap().state.messages, count as u64);
