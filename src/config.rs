@@ -304,6 +304,9 @@ pub struct ClusterConfig {
     /// The replicated log is compacted once it holds more than twice the live data plus this
     /// many bytes.
     pub log_slack: u64,
+    /// Replicated mode: also fsync the local store before acknowledging a round. The log's
+    /// PubAck already makes it durable on the log's replicas, so this is off by default.
+    pub fsync: bool,
     /// Replicas of the lease bucket and the log; absent: 3 on a NATS cluster, 1 on a single
     /// server.
     pub replicas: Option<usize>,
@@ -393,6 +396,7 @@ impl Default for ClusterConfig {
             bucket: String::new(),
             log_stream: String::new(),
             log_slack: DEFAULT_LOG_SLACK,
+            fsync: false,
             replicas: None,
         }
     }

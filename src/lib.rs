@@ -389,6 +389,7 @@ async fn follow_until_leading(
         lease.lost.clone(),
         max_payload,
         config.cluster.log_slack,
+        config.cluster.fsync,
     );
     Ok((lease, replication))
 }

@@ -610,3 +610,50 @@ async fn a_leader_cut_off_the_network_is_fenced_off_and_the_target_stream_holds_
     assert_eq!(stream.info().await.unwrap().state.messages, count as u64);
     instances.daemons.clear();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_jetstream_intake_requests_sent_during_a_failover_wait_and_all_fire() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = NatsCluster::start().await;
+    let intake = "[intake]\nmode = \"jetstream\"\nreplicas = 3\n";
+    let mut instances = Instances::start_with(&cluster, 3, intake);
+    let client = cluster.client().await;
+    wait_ready(&client, "sched").await;
+    let leader = instances.leader();
+    let seen = record(&client, "ji.fired").await;
+    let js = async_nats::jetstream::new(client.clone());
+    let start = Instant::now();
+    while js.get_stream("SCHED_INTAKE").await.is_err() {
+        assert!(
+            start.elapsed() < WAIT,
+            "the leader never made the intake stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Requests keep coming, published into the intake stream; the leader dies among them.
+    let count = 3_000;
+    let mut wanted = HashMap::new();
+    for i in 0..count {
+        if i == count / 3 {
+            instances.daemons[leader].take().unwrap().kill_9();
+        }
+        let id = format!("req-{i}");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Sched-Delay", "2s");
+        headers.insert("Sched-Id", id.as_str());
+        let ack = js
+            .publish_with_headers("sched.add.ji.fired", headers, Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        tokio::time::timeout(WAIT, ack)
+            .await
+            .expect("PubAck in time")
+            .expect("the intake stream takes requests during the failover");
+        wanted.insert(id, 0);
+        if i % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    wait_delivered(&seen, &wanted, Duration::from_secs(60)).await;
+    assert_ne!(instances.leader(), leader);
+}

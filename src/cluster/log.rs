@@ -141,6 +141,8 @@ pub struct Replication {
     /// Largest message body (the server's `max_payload` less room for headers).
     max_message: usize,
     compaction: super::compaction::Compaction,
+    /// Whether rounds are also fsynced locally (`[cluster] fsync`).
+    fsync: bool,
 }
 
 impl Replication {
@@ -150,6 +152,7 @@ impl Replication {
         deposed: tokio_util::sync::CancellationToken,
         max_payload: usize,
         slack_bytes: u64,
+        fsync: bool,
     ) -> Replication {
         Replication {
             appender,
@@ -158,7 +161,13 @@ impl Replication {
             deposed,
             max_message: max_payload.saturating_sub(1024).max(1024),
             compaction: super::compaction::Compaction::new(slack_bytes),
+            fsync,
         }
+    }
+
+    /// Whether rounds are also fsynced locally before they are acknowledged.
+    pub(crate) fn fsync(&self) -> bool {
+        self.fsync
     }
 
     /// Appends `batch`'s replicated changes as one round; returns the sequences of its first

@@ -657,8 +657,9 @@ impl Committer {
         for command in wheel_commands {
             let _ = self.wheel.send(command);
         }
-        // Replicated, the log's PubAck made it durable (on the log's replicas).
-        if round.awaits_ack() && self.log.is_none() {
+        // Replicated, the log's PubAck made it durable (on the log's replicas); a local fsync
+        // is a choice (`[cluster] fsync`).
+        if round.awaits_ack() && self.log.as_ref().is_none_or(Replication::fsync) {
             self.store.flush()?;
         }
         let (added, cancelled) = round.counts();

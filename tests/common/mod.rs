@@ -126,20 +126,30 @@ impl NatsServer {
     }
 
     fn spawn(port: u16, dir: TempDir, extra: &[&str]) -> NatsServer {
-        let child = Command::new(nats_server_binary())
+        // Its log goes to its directory, and is shown if it does not come up.
+        let log_path = dir.path().join("nats-server.log");
+        let log = std::fs::File::create(&log_path).expect("nats-server log file");
+        let mut child = Command::new(nats_server_binary())
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .arg("--pid")
             .arg(dir.path().join("nats.pid"))
             .args(extra)
             .current_dir(dir.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("spawn nats-server");
         let url = format!("nats://127.0.0.1:{port}");
-        wait_until("nats-server to listen", || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || start.elapsed() > WAIT {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                panic!("nats-server on port {port} did not come up ({exited:?}):\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         NatsServer {
             child,
             port,
@@ -606,7 +616,13 @@ impl NatsCluster {
 
     /// [`NatsCluster::start`] with `more` arguments for every node.
     async fn start_with(more: &[&str]) -> NatsCluster {
-        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        // Six distinct ports (a port handed out twice would keep a node from starting).
+        let mut ports = std::collections::BTreeSet::new();
+        while ports.len() < 6 {
+            ports.insert(free_port());
+        }
+        let ports: Vec<u16> = ports.into_iter().collect();
+        let (routes, clients) = ports.split_at(3);
         let route_urls = routes
             .iter()
             .map(|p| format!("nats://127.0.0.1:{p}"))
@@ -632,7 +648,7 @@ impl NatsCluster {
                     .map(String::as_str)
                     .chain(more.iter().copied())
                     .collect();
-                NatsServer::spawn(free_port(), tempfile::tempdir().unwrap(), &args)
+                NatsServer::spawn(clients[i], tempfile::tempdir().unwrap(), &args)
             })
             .collect();
         let cluster = NatsCluster { nodes };
