@@ -35,7 +35,8 @@ pub enum FollowError {
     Lead(#[from] AppendError),
     #[error(
         "the store holds schedules but follows no log (it was used in standalone mode): start \
-         replicated mode on an empty store, and move schedules over with export and import"
+         replicated mode on an empty store (moving schedules between modes takes export and \
+         import, not built yet)"
     )]
     StandaloneStore,
     #[error(
