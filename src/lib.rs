@@ -176,19 +176,14 @@ async fn serve(
         api,
         firing,
         micro,
-        lease,
+        mut lease,
         replication,
     } = started;
-    let KeptLease {
-        lost: lease_lost,
-        release,
-        keeper: mut lease_keeper,
-    } = lease;
+    let lease_lost = lease.lost.clone();
     if lease_lost.is_cancelled() {
         // Lost while start-up still waited (for NATS, for the intake stream): nothing was
         // handed to any task yet; what the subscriptions buffered is dropped unanswered.
-        release.cancel();
-        join_bounded("lease", &mut lease_keeper).await;
+        lease.give_back().await;
         return Ok(Ended::LeaseLost);
     }
     let (store_tx, store_rx) = mpsc::channel(INTAKE_QUEUE);
@@ -304,8 +299,7 @@ async fn serve(
         }
     };
     join_bounded("replies", &mut replies).await;
-    release.cancel();
-    join_bounded("lease", &mut lease_keeper).await;
+    lease.give_back().await;
     if let Some(err) = failure {
         return Err(err);
     }
@@ -377,8 +371,7 @@ async fn follow_until_leading(
         Ok(led) => led,
         Err(reason) => {
             // Let another instance lead, and start over as a follower.
-            lease.release.cancel();
-            join_bounded("lease", &mut lease.keeper).await;
+            lease.give_back().await;
             return Err(RunError::StartAgain(reason));
         }
     };
@@ -439,6 +432,13 @@ impl KeptLease {
             release,
             keeper,
         }
+    }
+
+    /// Stops renewing the lease and gives it back (if still held), so another instance can
+    /// take over at once.
+    async fn give_back(&mut self) {
+        self.release.cancel();
+        join_bounded("lease", &mut self.keeper).await;
     }
 }
 

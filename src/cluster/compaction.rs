@@ -66,8 +66,8 @@ impl Compaction {
                 return Ok(());
             }
             self.next_check = Some(now + CHECK_EVERY);
-            match log.stream_state() {
-                Ok((bytes, _)) if self.due(bytes) => {
+            match log.log_bytes() {
+                Ok(bytes) if self.due(bytes) => {
                     tracing::info!(
                         log_bytes = bytes,
                         live_bytes = self.live,

@@ -54,9 +54,17 @@ pub enum EntryError {
 }
 
 /// The message bodies logging one round of `changes`, each at most `max_message` bytes.
-pub(crate) fn encode_round(changes: &[Change], max_message: usize) -> Vec<Bytes> {
-    let mut round = Vec::with_capacity(changes.iter().map(|(k, v)| change_size(k, v)).sum());
-    put_varint(&mut round, changes.len() as u64);
+///
+/// The changes are borrowed (a round's segments are not copied before they are encoded).
+pub(crate) fn encode_round<'a>(
+    changes: impl Iterator<Item = &'a Change> + Clone,
+    max_message: usize,
+) -> Vec<Bytes> {
+    let (count, size) = changes.clone().fold((0u64, 0), |(n, size), (k, v)| {
+        (n + 1, size + change_size(k, v))
+    });
+    let mut round = Vec::with_capacity(size);
+    put_varint(&mut round, count);
     for (key, value) in changes {
         round.push(u8::from(value.is_some()));
         put_varint(&mut round, key.len() as u64);
@@ -230,7 +238,7 @@ mod tests {
             changes in changes(),
             max in 1usize..400,
         ) {
-            let parts = encode_round(&changes, max);
+            let parts = encode_round(changes.iter(), max);
             let mut rounds = Rounds::default();
             let mut got = None;
             for (i, body) in parts.iter().enumerate() {
@@ -249,7 +257,7 @@ mod tests {
             next in changes(),
         ) {
             let mut rounds = Rounds::default();
-            let dead_parts = encode_round(&dead, 16);
+            let dead_parts = encode_round(dead.iter(), 16);
             // The dead leader appended all but the last part.
             for body in &dead_parts[..dead_parts.len() - 1] {
                 prop_assert_eq!(rounds.feed(decode(body).unwrap()).unwrap(), None);
@@ -257,7 +265,7 @@ mod tests {
             rounds.feed(decode(&encode_lead(b"{}")).unwrap()).unwrap();
             prop_assert!(!rounds.is_open());
             let mut got = None;
-            for body in encode_round(&next, 16) {
+            for body in encode_round(next.iter(), 16) {
                 got = rounds.feed(decode(&body).unwrap()).unwrap().or(got);
             }
             prop_assert_eq!(got.unwrap(), next);
@@ -286,7 +294,7 @@ mod tests {
         let mut huge = Vec::new();
         put_varint(&mut huge, u64::MAX);
         assert_eq!(decode_round(&huge), Err(EntryError::Short));
-        let round = encode_round(&[(b"k".to_vec(), Some(b"v".to_vec()))], 100);
+        let round = encode_round([(b"k".to_vec(), Some(b"v".to_vec()))].iter(), 100);
         let mut body = round[0].to_vec();
         body.push(0);
         let Entry::Part { bytes, .. } = decode(&body).unwrap() else {

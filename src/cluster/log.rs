@@ -1,9 +1,8 @@
 //! The log stream, and appending to it with fencing.
 //!
 //! The log is one JetStream stream with one subject. Only one writer can extend it: every
-//! append carries `Nats-Expected-Last-Sequence`, the sequence the writer believes is last. A
-//! leader pipelines the parts of a round with consecutive expectations (it knows its own
-//! sequence numbers), then waits for all the PubAcks. Once a new leader has appended its
+//! append carries `Nats-Expected-Last-Sequence`, the sequence the writer believes is last,
+//! and the parts of a round go one at a time (see [`Appender::append`]). Once a new leader has appended its
 //! `lead` entry, the old leader's next append is refused by the server: it learns it was
 //! deposed, refuses the round (503) and steps down. Nothing it acknowledged is missing from
 //! the log, because it acknowledges a round only after the round's PubAcks.
@@ -45,7 +44,7 @@ pub(crate) struct LogOptions {
 }
 
 /// Gets the log stream, creating it if absent: file storage, limits retention, nothing
-/// expires (compaction purges it, see `snapshot.rs`).
+/// expires (compaction purges it, see `compaction.rs`).
 pub(crate) async fn open(js: &Context, options: &LogOptions) -> Result<stream::Stream, LogError> {
     let config = stream::Config {
         name: options.stream.clone(),
@@ -177,13 +176,11 @@ impl Replication {
         &mut self,
         batch: &crate::store::WriteBatch,
     ) -> Result<(u64, u64), AppendError> {
-        let changes: Vec<_> = batch
+        let changes = batch
             .changes()
             .iter()
-            .filter(|(key, _)| !crate::store::is_local_key(key))
-            .cloned()
-            .collect();
-        let bodies = super::entry::encode_round(&changes, self.max_message);
+            .filter(|(key, _)| !crate::store::is_local_key(key));
+        let bodies = super::entry::encode_round(changes, self.max_message);
         let parts = bodies.len() as u64;
         let result = self.runtime.block_on(self.appender.append(bodies));
         if result.is_err() {
@@ -208,11 +205,10 @@ impl Replication {
         result
     }
 
-    /// The log stream's size in bytes and first sequence.
-    pub(crate) fn stream_state(&mut self) -> Result<(u64, u64), String> {
+    /// The log stream's size in bytes.
+    pub(crate) fn log_bytes(&mut self) -> Result<u64, String> {
         let info = self.runtime.block_on(self.stream.info());
-        let info = info.map_err(|e| e.to_string())?;
-        Ok((info.state.bytes, info.state.first_sequence))
+        Ok(info.map_err(|e| e.to_string())?.state.bytes)
     }
 
     /// Removes every entry below `seq` from the log.
