@@ -52,6 +52,7 @@ pub mod metrics;
 pub mod policy;
 pub mod protocol;
 pub mod record;
+pub mod recurrence;
 pub mod replies;
 pub mod retries;
 pub mod scheduler;

@@ -6,10 +6,10 @@
 //!
 //! | field        | encoding                                                          |
 //! |--------------|-------------------------------------------------------------------|
-//! | kind         | `u8`: bits 0-1 delivery (0 = core NATS publish, 1 = JetStream publish awaiting the stream's PubAck), bit 2: a recurrence rule follows, bit 3: headers follow |
+//! | kind         | `u8`: bits 0-1 delivery (0 = core NATS publish, 1 = JetStream publish awaiting the stream's PubAck), bit 2: a series follows, bit 3: headers follow |
 //! | created      | varint: zigzag of (created − base) in ms; the segment gives the base (its earliest `created`), so a round's schedules take a byte or two |
 //! | subject      | varint length + UTF-8                                             |
-//! | recurrence   | if kind bit 2: varint length + UTF-8 rule (reserved: never written yet) |
+//! | series       | if kind bit 2: varint length + the [stored series](crate::recurrence) (segment format 3 only) |
 //! | headers      | if kind bit 3: varint count, then per header varint name length + name, varint value length + value |
 //! | payload      | the rest of the value                                             |
 //!
@@ -20,6 +20,7 @@
 
 use bytes::Bytes;
 
+use crate::recurrence::Series;
 use crate::time::UnixMs;
 
 /// How a due schedule is handed to NATS.
@@ -49,8 +50,9 @@ pub struct Schedule {
     pub created: UnixMs,
     /// How to deliver it.
     pub delivery: Delivery,
-    /// Reserved for recurring schedules (a cron or interval rule); `None` for one-shot schedules.
-    pub recurrence: Option<String>,
+    /// A recurring schedule's rule and state (`due` is its next occurrence); `None` for a
+    /// one-shot schedule. Boxed: most schedules are one-shot.
+    pub recurrence: Option<Box<Series>>,
     /// Whether the caller chose the id (`Sched-Id`). Caller ids are indexed in the store;
     /// generated ones are found from the due instant they encode (so are not, except in the
     /// rare case that the committer has to index one: see `Committer::commit`). Kept in the
@@ -73,6 +75,8 @@ pub enum DecodeError {
     NotUtf8,
     #[error("record holds a malformed number")]
     BadVarint,
+    #[error("record holds an unusable recurrence rule: {0}")]
+    Rule(String),
 }
 
 const KIND_DELIVERY: u8 = 0b0011;
@@ -104,8 +108,11 @@ impl Schedule {
         let created = (self.created as i64).wrapping_sub(created_base as i64);
         put_varint(out, zigzag(created));
         put_str(out, &self.subject);
-        if let Some(rule) = &self.recurrence {
-            put_str(out, rule);
+        if let Some(series) = &self.recurrence {
+            let mut stored = Vec::with_capacity(32);
+            series.encode_into(&mut stored);
+            put_varint(out, stored.len() as u64);
+            out.extend_from_slice(&stored);
         }
         if !self.headers.is_empty() {
             put_varint(out, self.headers.len() as u64);
@@ -143,7 +150,10 @@ impl Schedule {
         let subject = r.str()?.to_owned();
         let recurrence = match kind & KIND_RECURRENCE {
             0 => None,
-            _ => Some(r.str()?.to_owned()),
+            _ => {
+                let len = r.length()?;
+                Some(Box::new(Series::decode(r.take(len)?)?))
+            }
         };
         let mut headers = Vec::new();
         if kind & KIND_HEADERS != 0 {
@@ -255,6 +265,7 @@ pub(crate) fn test_schedule(id: &str, due: UnixMs, caller_id: bool) -> Schedule 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::recurrence::Rule;
     use proptest::prelude::*;
 
     /// A segment's created base.
@@ -284,7 +295,12 @@ mod tests {
         let back = Schedule::decode(s.id.clone(), s.due, BASE, &s.encode_value(BASE)).unwrap();
         assert_eq!(back, s);
         let with_rule = Schedule {
-            recurrence: Some("*/5 * * * *".into()),
+            recurrence: Some(Box::new(Series::new(
+                Rule::cron("*/5 * * * *", Some("Europe/Berlin")).unwrap(),
+                Some(1_800_000_000_000),
+                None,
+                7,
+            ))),
             ..sample()
         };
         let back =
@@ -356,7 +372,7 @@ mod tests {
             headers in proptest::collection::vec(("[A-Za-z-]{1,20}", "[ -~]{0,60}"), 0..8),
             payload in proptest::collection::vec(any::<u8>(), 0..512),
             created in any::<u64>(),
-            rule in proptest::option::of("[ -~]{0,30}"),
+            rule in proptest::option::of((1u64..u64::MAX, proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>()), any::<u64>())),
             jetstream in any::<bool>(),
         ) {
             let s = Schedule {
@@ -367,7 +383,9 @@ mod tests {
                 payload: Bytes::from(payload),
                 created,
                 delivery: if jetstream { Delivery::JetStream } else { Delivery::Core },
-                recurrence: rule,
+                recurrence: rule.map(|(every, until, count, seq)| {
+                    Box::new(Series::new(Rule::Every(every), until, count, seq))
+                }),
                 caller_id: false,
             };
             prop_assert_eq!(Schedule::decode("id".into(), 7, BASE, &s.encode_value(BASE)).unwrap(), s);

@@ -1,7 +1,11 @@
 //! A segment: the schedules of one commit round that are due in one time bucket, stored as one
 //! value.
 //!
-//! Layout, format version 2 (fixed-size integers big-endian, varints unsigned LEB128):
+//! Layout, format version 2 or 3 (fixed-size integers big-endian, varints unsigned LEB128).
+//! Version 3 is version 2 whose records may hold a recurring schedule's series; it is
+//! written only for segments that hold one, so a build that knows only version 2 refuses
+//! them (rather than firing a series once as if it were a one-shot schedule) and still reads
+//! every other segment:
 //!
 //! | field    | encoding                                                              |
 //! |----------|-----------------------------------------------------------------------|
@@ -31,6 +35,8 @@ use crate::protocol;
 use crate::record::{DecodeError, Reader, Schedule, put_varint};
 
 const SEGMENT_FORMAT: u8 = 2;
+/// [`SEGMENT_FORMAT`] for a segment holding a recurring schedule.
+const SEGMENT_FORMAT_SERIES: u8 = 3;
 const FLAG_CALLER_ID: u8 = 1;
 const FLAG_COMPACT_ID: u8 = 2;
 const FLAG_FAR_ID: u8 = 4;
@@ -56,7 +62,11 @@ pub fn encode<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> Vec<u8> 
         })
         .unwrap_or(0);
     let mut out = Vec::with_capacity(32 + 128 * schedules.len());
-    out.push(SEGMENT_FORMAT);
+    let series = schedules.iter().any(|s| s.recurrence.is_some());
+    out.push(match series {
+        true => SEGMENT_FORMAT_SERIES,
+        false => SEGMENT_FORMAT,
+    });
     out.extend_from_slice(&(schedules.len() as u32).to_be_bytes());
     out.extend_from_slice(&base.to_be_bytes());
     put_varint(&mut out, created_base);
@@ -225,7 +235,7 @@ fn records<'a>(
 ) -> Result<u32, DecodeError> {
     let mut r = Reader(bytes);
     let version = r.u8()?;
-    if version != SEGMENT_FORMAT {
+    if version != SEGMENT_FORMAT && version != SEGMENT_FORMAT_SERIES {
         return Err(DecodeError::UnknownVersion(version));
     }
     let count = u32::from_be_bytes(r.array()?);
@@ -323,7 +333,7 @@ pub fn decode_salvaging(bytes: &[u8]) -> Result<Vec<Schedule>, Salvage> {
 /// The record count of a segment's header, if the header is readable.
 fn header_count(bytes: &[u8]) -> Option<u32> {
     let mut r = Reader(bytes);
-    (r.u8().ok()? == SEGMENT_FORMAT).then_some(())?;
+    matches!(r.u8().ok()?, SEGMENT_FORMAT | SEGMENT_FORMAT_SERIES).then_some(())?;
     Some(u32::from_be_bytes(r.array().ok()?))
 }
 

@@ -1,0 +1,132 @@
+//! A series: a rule, its bounds, and where it stands. What to publish when an occurrence is
+//! due (catch-up), and what comes next.
+
+use super::rule::Rule;
+use crate::time::UnixMs;
+
+/// Most occurrences one catch-up steps over (see [`Series::catch_up`]): it bounds the CPU a
+/// single fire can take after a long downtime of a dense cron rule.
+pub(crate) const MAX_CATCH_UP_STEPS: u64 = 100_000;
+
+/// A recurring schedule's rule and state. The schedule's `due` is the occurrence numbered
+/// `seq`: the next one to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Series {
+    pub(crate) rule: Rule,
+    /// No occurrence after this instant (inclusive bound).
+    pub(crate) until: Option<UnixMs>,
+    /// No occurrence numbered above this.
+    pub(crate) count: Option<u64>,
+    /// The 1-based number of the occurrence the schedule is due at.
+    pub(crate) seq: u64,
+    /// Set by firing, never stored: the occurrence the attempt under way publishes (see
+    /// [`Series::catch_up`]), which the store writer advances from once it is confirmed.
+    pub(crate) publishing: Option<Occurrence>,
+}
+
+/// One occurrence of a series: when, and its 1-based number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Occurrence {
+    pub due: UnixMs,
+    pub seq: u64,
+}
+
+/// Why a series cannot start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum StartError {
+    #[error("the rule has no occurrence")]
+    NoOccurrence,
+    #[error("the first occurrence is after Sched-Until")]
+    EndsBeforeStart,
+}
+
+impl Series {
+    pub(crate) fn new(rule: Rule, until: Option<UnixMs>, count: Option<u64>, seq: u64) -> Series {
+        Series {
+            rule,
+            until,
+            count,
+            seq,
+            publishing: None,
+        }
+    }
+
+    /// A new series and its first occurrence: a cron rule's first match after `received`
+    /// (at or after `start` if given); an interval's `start`, or one interval after
+    /// `received`.
+    pub(crate) fn start(
+        rule: Rule,
+        start: Option<UnixMs>,
+        received: UnixMs,
+        until: Option<UnixMs>,
+        count: Option<u64>,
+    ) -> Result<(Series, UnixMs), StartError> {
+        let first = match start {
+            Some(start) => rule.first_from(start),
+            None => rule.after(received),
+        }
+        .ok_or(StartError::NoOccurrence)?;
+        if until.is_some_and(|until| first > until) {
+            return Err(StartError::EndsBeforeStart);
+        }
+        Ok((Series::new(rule, until, count, 1), first))
+    }
+
+    /// Whether `occurrence` is inside the series' bounds.
+    fn allows(&self, occurrence: Occurrence) -> bool {
+        self.until.is_none_or(|until| occurrence.due <= until)
+            && self.count.is_none_or(|count| occurrence.seq <= count)
+    }
+
+    /// The occurrence to publish when the one due at `due` (numbered `self.seq`) is handed
+    /// out at `now`: the latest occurrence at or before `now` within the bounds. Occurrences
+    /// missed while natsched could not fire (down, or NATS unreachable) are thus published
+    /// once, as the latest of them, and counted in its number; on time, it is `due` itself.
+    /// At most [`MAX_CATCH_UP_STEPS`] are stepped over at once: after a longer gap of a dense
+    /// cron rule the next fire catches up the rest.
+    pub(crate) fn catch_up(&self, due: UnixMs, now: UnixMs) -> Occurrence {
+        let mut current = Occurrence { due, seq: self.seq };
+        if let Rule::Every(interval) = self.rule {
+            // Arithmetic: how many whole intervals fit, then the bounds.
+            let mut steps = now.saturating_sub(due) / interval.max(1);
+            if let Some(until) = self.until {
+                steps = steps.min(until.saturating_sub(due) / interval.max(1));
+            }
+            if let Some(count) = self.count {
+                steps = steps.min(count.saturating_sub(self.seq));
+            }
+            return Occurrence {
+                due: due.saturating_add(steps.saturating_mul(interval)),
+                seq: self.seq.saturating_add(steps),
+            };
+        }
+        for _ in 0..MAX_CATCH_UP_STEPS {
+            match self.next(current) {
+                Some(next) if next.due <= now => current = next,
+                _ => break,
+            }
+        }
+        current
+    }
+
+    /// The occurrence after `fired`, if the series has one.
+    pub(crate) fn next(&self, fired: Occurrence) -> Option<Occurrence> {
+        let next = Occurrence {
+            due: self.rule.after(fired.due)?,
+            seq: fired.seq.checked_add(1)?,
+        };
+        self.allows(next).then_some(next)
+    }
+
+    /// The series after `fired` was published: its next occurrence and the series state to
+    /// store with it, or `None` when the series has ended.
+    pub(crate) fn advanced(&self, fired: Occurrence) -> Option<(Series, UnixMs)> {
+        let next = self.next(fired)?;
+        let series = Series::new(self.rule.clone(), self.until, self.count, next.seq);
+        Some((series, next.due))
+    }
+
+    pub(crate) fn rule(&self) -> &Rule {
+        &self.rule
+    }
+}
