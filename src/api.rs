@@ -290,7 +290,44 @@ pub fn describe(schedule: &Schedule, retries: &Retries) -> Bytes {
         delivery: &'static str,
         attempts: u32,
         last_error: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recurring: Option<Recurring<'a>>,
     }
+    /// A series: its rule, bounds and progress (`next` is `due`).
+    #[derive(Serialize)]
+    struct Recurring<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cron: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tz: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        every: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        every_ms: Option<u64>,
+        next: String,
+        next_seq: u64,
+        /// Occurrences past: published, or covered by a catch-up's one fire.
+        fired: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        until: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        count: Option<u64>,
+    }
+    let recurring = schedule.recurrence.as_deref().map(|series| {
+        let rule = series.rule();
+        let every_ms = rule.interval();
+        Recurring {
+            cron: every_ms.is_none().then(|| rule.describe()),
+            tz: rule.zone(),
+            every: every_ms.map(|_| rule.describe()),
+            every_ms,
+            next: time::format_ms(schedule.due),
+            next_seq: series.seq,
+            fired: series.seq.saturating_sub(1),
+            until: series.until.map(time::format_ms),
+            count: series.count,
+        }
+    });
     let failure = retries.get(&schedule.id, schedule.due);
     let mut headers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (name, value) in &schedule.headers {
@@ -309,6 +346,7 @@ pub fn describe(schedule: &Schedule, retries: &Retries) -> Bytes {
         },
         attempts: failure.as_ref().map_or(0, |f| f.attempts),
         last_error: failure.map(|f| f.last_error),
+        recurring,
     };
     serde_json::to_vec(&description)
         .expect("plain struct serializes")

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use async_nats::header::HeaderValue;
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 
@@ -27,18 +28,35 @@ pub struct Connection {
 
 /// `natsched schedule`.
 #[derive(Debug, Clone, clap::Args)]
-#[command(group = clap::ArgGroup::new("when").required(true).args(["at", "delay"]))]
+#[command(group = clap::ArgGroup::new("when").required(true).multiple(true).args(["at", "delay", "cron", "every"]))]
 pub struct ScheduleArgs {
     /// Subject to deliver to.
     pub subject: String,
     /// Payload to deliver (empty if omitted).
     pub payload: Option<String>,
-    /// Due instant, RFC 3339 (e.g. 2026-11-24T18:00:00Z).
+    /// Due instant, RFC 3339 (e.g. 2026-11-24T18:00:00Z); with --cron or --every, when the
+    /// series starts.
     #[arg(long)]
     pub at: Option<String>,
     /// Due after this long: 15m, 1h30m, 250ms, or milliseconds.
     #[arg(long = "in", value_name = "DURATION")]
     pub delay: Option<String>,
+    /// Recur on a crontab expression: 5 fields, 6 with seconds first, or @hourly, @daily,
+    /// @weekly, @monthly, @yearly.
+    #[arg(long, value_name = "EXPR")]
+    pub cron: Option<String>,
+    /// Recur every DURATION (e.g. 30s, 15m), the first one DURATION from now (or at --at).
+    #[arg(long, value_name = "DURATION")]
+    pub every: Option<String>,
+    /// The IANA time zone of --cron (default UTC), e.g. Europe/Berlin.
+    #[arg(long, value_name = "ZONE", requires = "cron")]
+    pub tz: Option<String>,
+    /// End the series after this instant, RFC 3339.
+    #[arg(long, value_name = "INSTANT")]
+    pub until: Option<String>,
+    /// End the series after this many occurrences.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
     /// The schedule's id (re-scheduling an id replaces it).
     #[arg(long)]
     pub id: Option<String>,
@@ -127,16 +145,30 @@ pub async fn schedule(connection: &Connection, args: &ScheduleArgs) -> Result<St
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
             return Err(ClientError::Header(header.clone()));
         }
-        headers.append(name, value.trim());
+        let value: HeaderValue = value
+            .trim()
+            .parse()
+            .map_err(|_| ClientError::Header(header.clone()))?;
+        headers.append(name, value);
     }
-    if let Some(at) = &args.at {
-        headers.insert(protocol::AT, at.as_str());
-    }
-    if let Some(delay) = &args.delay {
-        headers.insert(protocol::DELAY, delay.as_str());
-    }
-    if let Some(id) = &args.id {
-        headers.insert(protocol::ID, id.as_str());
+    let count = args.count.map(|n| n.to_string());
+    for (name, value) in [
+        (protocol::AT, &args.at),
+        (protocol::DELAY, &args.delay),
+        (protocol::ID, &args.id),
+        (protocol::CRON, &args.cron),
+        (protocol::EVERY, &args.every),
+        (protocol::TZ, &args.tz),
+        (protocol::UNTIL, &args.until),
+        (protocol::COUNT, &count),
+    ] {
+        if let Some(value) = value {
+            // Checked: async-nats asserts on a value with CR or LF.
+            let value: HeaderValue = value
+                .parse()
+                .map_err(|_| ClientError::Header(format!("{name}: {value}")))?;
+            headers.insert(name, value);
+        }
     }
     let subject = format!("{}.add.{}", connection.prefix, args.subject);
     let payload = Bytes::from(args.payload.clone().unwrap_or_default());
@@ -188,6 +220,16 @@ pub async fn get(connection: &Connection, id: &str) -> Result<String, ClientErro
     }
     if let Some(error) = value["last_error"].as_str() {
         out.push_str(&format!("{:>12}: {error}\n", "last_error"));
+    }
+    if let Some(recurring) = value["recurring"].as_object() {
+        for key in ["cron", "tz", "every", "next_seq", "fired", "until", "count"] {
+            if let Some(field) = recurring.get(key) {
+                out.push_str(&format!(
+                    "{key:>12}: {}\n",
+                    field.to_string().trim_matches('"')
+                ));
+            }
+        }
     }
     if let Some(headers) = value["headers"].as_object() {
         for (name, values) in headers {

@@ -47,6 +47,9 @@ pub const DEFAULT_INTAKE_REPLICAS: usize = 1;
 /// How long that stream remembers a `Nats-Msg-Id` to drop a client's re-sent request.
 pub const DEFAULT_INTAKE_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
+/// Default shortest `Sched-Every` accepted.
+pub const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How long the lease of the instance serving a prefix lasts (see `crate::cluster`).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 
@@ -93,6 +96,26 @@ pub struct Config {
     pub intake: IntakeConfig,
     #[serde(default)]
     pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub recurring: RecurringConfig,
+}
+
+/// `[recurring]`: recurring schedules (`Sched-Cron`, `Sched-Every`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecurringConfig {
+    /// Shortest `Sched-Every` accepted, e.g. `"1s"`: a series fires for as long as it is
+    /// not cancelled, so a tiny interval is a load someone must have meant.
+    #[serde(deserialize_with = "duration")]
+    pub min_interval: Duration,
+}
+
+impl Default for RecurringConfig {
+    fn default() -> Self {
+        RecurringConfig {
+            min_interval: DEFAULT_MIN_INTERVAL,
+        }
+    }
 }
 
 /// `[nats]`: the server natsched connects to.
@@ -535,6 +558,9 @@ impl Config {
         }
         if self.wheel.lookahead < Duration::from_millis(100) {
             return invalid("wheel.lookahead", "must be at least 100ms");
+        }
+        if self.recurring.min_interval < Duration::from_millis(1) {
+            return invalid("recurring.min_interval", "must be at least 1ms");
         }
         if self.wheel.max_resident < 1000 {
             return invalid("wheel.max_resident", "must be at least 1000");

@@ -491,6 +491,7 @@ async fn start(config: &Config) -> Result<Started, RunError> {
         client: client.clone(),
         prefix,
         max_payload: config.api.max_payload,
+        min_interval: config.recurring.min_interval,
         policy: policy.clone(),
         metrics: metrics.clone(),
         core_requests: config.intake.mode == IntakeMode::Core,

@@ -84,6 +84,28 @@ const KIND_RECURRENCE: u8 = 0b0100;
 const KIND_HEADERS: u8 = 0b1000;
 
 impl Schedule {
+    /// What a delivery of this schedule publishes: the due instant, and for a series the
+    /// occurrence's number (the one firing chose, see [`Series::catch_up`], else the stored
+    /// one).
+    pub fn occurrence(&self) -> (UnixMs, Option<u64>) {
+        match self.recurrence.as_deref() {
+            None => (self.due, None),
+            Some(series) => match series.publishing {
+                Some(occurrence) => (occurrence.due, Some(occurrence.seq)),
+                None => (self.due, Some(series.seq)),
+            },
+        }
+    }
+
+    /// For a series handed out at `now`: chooses the occurrence to publish (the latest one
+    /// due, see [`Series::catch_up`]).
+    pub fn choose_occurrence(&mut self, now: UnixMs) {
+        let due = self.due;
+        if let Some(series) = self.recurrence.as_deref_mut() {
+            series.publishing = Some(series.catch_up(due, now));
+        }
+    }
+
     /// Encodes everything but the id and due (those are the segment entry's) into a value,
     /// with `created` stored relative to `created_base`.
     pub fn encode_value(&self, created_base: UnixMs) -> Vec<u8> {

@@ -38,6 +38,7 @@ const ROOMY: AddLimits = AddLimits {
     max_payload: 1 << 20,
     server_max_payload: 1 << 20,
     default_delivery: Delivery::Core,
+    min_interval: 1000,
 };
 /// The last nanosecond the protocol can express (`MAX_MS` and its sub-millisecond part).
 const MAX_NANOS: i128 = MAX_MS as i128 * 1_000_000 + 999_999;
@@ -621,7 +622,7 @@ proptest! {
         no_headers in prop::bool::weighted(0.05),
     ) {
         let (map, held) = header_map(&pairs);
-        let limits = AddLimits { max_payload, server_max_payload, default_delivery: Delivery::Core };
+        let limits = AddLimits { max_payload, server_max_payload, default_delivery: Delivery::Core, min_interval: 1000 };
         let payload = Bytes::from(payload);
         let result = protocol::parse_add(
             &target,
@@ -703,7 +704,7 @@ proptest! {
         }
         let (map, held) = header_map(&pairs);
         prop_assert_eq!(held.len(), pairs.len());
-        let limits = AddLimits { max_payload, server_max_payload, default_delivery: Delivery::Core };
+        let limits = AddLimits { max_payload, server_max_payload, default_delivery: Delivery::Core, min_interval: 1000 };
         let result =
             protocol::parse_add(&target, Some(&map), Bytes::from(payload.clone()), NOW, limits);
         // The delivered message: NATS/1.0 line, each header line, Sched-Id and Sched-Due, the

@@ -56,6 +56,7 @@ use crate::metrics::{Metrics, QuotaUsage};
 use crate::policy::{Capacity, Ledger};
 use crate::protocol::{self, ApiError};
 use crate::record::Schedule;
+use crate::recurrence::{Occurrence, Series};
 use crate::replies::{Ack, Reply, Via};
 use crate::scheduler::{Resident, ScheduleRef, WheelCommand, Withdrawal};
 use crate::store::{
@@ -355,7 +356,7 @@ impl Committer {
         }
         if flush_fired
             && failed.is_none()
-            && let Err(err) = round.remove_fired(&self.store, &self.fired)
+            && let Err(err) = round.remove_fired(&self.store, &self.options.capacity, &self.fired)
         {
             failed = Some(err);
         }
@@ -559,18 +560,36 @@ impl Committer {
             self.fired_since = Some(Instant::now());
         }
         let capacity = &self.options.capacity;
-        for Resident { segment, schedule } in residents {
+        for Resident {
+            segment,
+            mut schedule,
+        } in residents
+        {
             let quotas = capacity.mask(&schedule.subject);
-            // The rest of the schedule is done with: keep only its id (moved, not copied).
-            let copy = ScheduleRef {
-                segment,
-                due: schedule.due,
-                id: schedule.id,
+            let caller_id = schedule.caller_id;
+            let (copy, next) = match successor(&schedule) {
+                // A series goes on: the schedule becomes its successor.
+                Some((series, due)) => {
+                    let copy = ScheduleRef::of(segment, &schedule);
+                    schedule.due = due;
+                    schedule.recurrence = Some(Box::new(series));
+                    (copy, Some(schedule))
+                }
+                // The rest of the schedule is done with: keep only its id (moved, not copied).
+                None => {
+                    let copy = ScheduleRef {
+                        segment,
+                        due: schedule.due,
+                        id: schedule.id,
+                    };
+                    (copy, None)
+                }
             };
             self.fired.entry(segment).or_default().push(Fired {
                 copy,
-                caller_id: schedule.caller_id,
+                caller_id,
                 quotas,
+                next,
             });
         }
     }
@@ -768,6 +787,17 @@ impl Committer {
         }
         Ok(full)
     }
+}
+
+/// A series' state and due after the occurrence firing published (see
+/// [`crate::recurrence`]); `None` for a one-shot schedule, or a series that has ended.
+fn successor(schedule: &Schedule) -> Option<(Series, UnixMs)> {
+    let series = schedule.recurrence.as_deref()?;
+    let fired = series.publishing.unwrap_or(Occurrence {
+        due: schedule.due,
+        seq: series.seq,
+    });
+    series.advanced(fired)
 }
 
 /// The pending counts as the store recorded them. They are counted afresh (one read of the

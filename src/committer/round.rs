@@ -76,6 +76,9 @@ pub struct Fired {
     pub caller_id: bool,
     /// The quotas it counts against.
     pub quotas: QuotaMask,
+    /// A series' successor: the same schedule due at its next occurrence, stored in its place
+    /// by the same batch that removes it (none when the series has ended).
+    pub next: Option<Box<Schedule>>,
 }
 
 /// The pending schedule a new one replaces: where it is, and the quotas it counts against.
@@ -295,10 +298,14 @@ impl Round {
                         ),
                     )),
                     None => Outcome::Refused(ApiError::not_found(&id)),
-                    Some((_, Withdrawal::Firing)) => Outcome::Refused(ApiError::new(
-                        404,
-                        format!("schedule {id:?} is already being delivered"),
-                    )),
+                    // A series ends even while an occurrence is being delivered: that one
+                    // still goes out, and its successor is never stored.
+                    Some((at, Withdrawal::Firing)) if remaining[at].recurrence.is_none() => {
+                        Outcome::Refused(ApiError::new(
+                            404,
+                            format!("schedule {id:?} is already being delivered"),
+                        ))
+                    }
                     Some((_, Withdrawal::Undecided)) => Outcome::Refused(ApiError::unavailable(
                         "natsched is shutting down; retry the cancel",
                     )),
@@ -327,6 +334,7 @@ impl Round {
     pub fn remove_fired(
         &mut self,
         store: &Store,
+        capacity: &Capacity,
         fired: &HashMap<SegmentKey, Vec<Fired>>,
     ) -> Result<(), StoreError> {
         // Grouped by the segment that holds them: the fine keys of one unmigrated far segment
@@ -338,16 +346,15 @@ impl Round {
         }
         for (key, schedules) in held {
             // An id is unique within a segment, so the id alone names the fired copy. Only
-            // what is still there leaves the counts (a replaced copy left already).
-            let gone: HashMap<&str, QuotaMask> = schedules
-                .iter()
-                .map(|f| (f.copy.id.as_str(), f.quotas))
-                .collect();
-            let mut dropped = Vec::new();
+            // what is still there leaves the counts (a replaced or cancelled copy left
+            // already), and only a series whose fired copy is still there goes on.
+            let gone: HashMap<&str, &Fired> =
+                schedules.iter().map(|f| (f.copy.id.as_str(), *f)).collect();
+            let mut dropped: Vec<&Fired> = Vec::new();
             if let Some(remaining) = self.rewrites.get_mut(&key) {
                 remaining.retain(|s| match gone.get(s.id.as_str()) {
-                    Some(&quotas) => {
-                        dropped.push(quotas);
+                    Some(&fired) => {
+                        dropped.push(fired);
                         false
                     }
                     None => true,
@@ -356,8 +363,8 @@ impl Round {
                 // The common case, on the firing hot path: filter the encoded segment without
                 // decoding its schedules; a fully fired one is removed.
                 let filtered = segment::without(raw.as_ref(), |id| match gone.get(id) {
-                    Some(&quotas) => {
-                        dropped.push(quotas);
+                    Some(&fired) => {
+                        dropped.push(fired);
                         true
                     }
                     None => false,
@@ -369,8 +376,8 @@ impl Round {
                         dropped.clear();
                         let remaining = self.rewrite(store, key)?;
                         remaining.retain(|s| match gone.get(s.id.as_str()) {
-                            Some(&quotas) => {
-                                dropped.push(quotas);
+                            Some(&fired) => {
+                                dropped.push(fired);
                                 false
                             }
                             None => true,
@@ -378,8 +385,11 @@ impl Round {
                     }
                 }
             }
-            for quotas in dropped {
-                self.ledger.remove(quotas);
+            for fired in dropped {
+                self.ledger.remove(fired.quotas);
+                if let Some(next) = &fired.next {
+                    self.advance(capacity, Schedule::clone(next));
+                }
             }
             for fired in schedules {
                 let id = &fired.copy.id;
@@ -390,6 +400,15 @@ impl Round {
             }
         }
         Ok(())
+    }
+
+    /// Stages a series' successor (see [`Fired::next`]): like an add, but nothing to replace
+    /// (its fired copy was just removed) and nobody to answer.
+    fn advance(&mut self, capacity: &Capacity, next: Schedule) {
+        self.ledger.add(capacity.mask(&next.subject));
+        let bucket = bucket_of(next.due);
+        self.places.insert(next.id.clone(), Place::New(bucket));
+        self.new.entry(bucket).or_default().push(next);
     }
 
     /// The segment holding what fired from `key`: `key`, unless it is a fine key that a
@@ -424,8 +443,11 @@ impl Round {
                 debug_assert!(false, "not a placeholder from Round::add: {}", schedule.id);
                 continue;
             };
+            // A series moves from segment to segment as it fires: its id cannot say where it
+            // is, so it is random and indexed like a caller's.
             let id = u16::try_from(index)
                 .ok()
+                .filter(|_| schedule.recurrence.is_none())
                 .and_then(|index| protocol::far_ulid(schedule.due, key.seq, index))
                 .unwrap_or_else(|| {
                     schedule.caller_id = true;

@@ -60,8 +60,11 @@ fn is_permanent(err: &async_nats::PublishError) -> bool {
 /// where naming a header by `&str` checks and copies the name on every publish.
 static ID_NAME: LazyLock<HeaderName> = LazyLock::new(|| protocol::ID.into_header_name());
 static DUE_NAME: LazyLock<HeaderName> = LazyLock::new(|| protocol::DUE.into_header_name());
+static SEQ_NAME: LazyLock<HeaderName> = LazyLock::new(|| protocol::SEQ.into_header_name());
 
-/// The message a schedule is delivered as: its own headers plus `Sched-Id` and `Sched-Due`.
+/// The message a schedule is delivered as: its own headers plus `Sched-Id` and `Sched-Due`
+/// (the occurrence's, for a series, with `Sched-Seq`). `due` is the text of
+/// [`Schedule::occurrence`]'s due.
 ///
 /// Built with the checking constructors (the plain ones assert): a stored header that is not
 /// valid NATS header text (only a damaged store holds one) fails the delivery instead of
@@ -80,6 +83,9 @@ pub(crate) fn delivery_headers(schedule: &Schedule, due: &str) -> Result<HeaderM
         .map_err(|_| invalid("id", &schedule.id))?;
     headers.insert(ID_NAME.clone(), id);
     headers.insert(DUE_NAME.clone(), due);
+    if let (_, Some(seq)) = schedule.occurrence() {
+        headers.insert(SEQ_NAME.clone(), HeaderValue::from(seq));
+    }
     Ok(headers)
 }
 
@@ -254,8 +260,12 @@ impl Firing {
                     Err(_) => break,
                 }
             }
-            if !hand_back_early(&mut batch, time::now_ms(), &out) {
+            let now = time::now_ms();
+            if !hand_back_early(&mut batch, now, &out) {
                 continue;
+            }
+            for resident in &mut batch {
+                resident.schedule.choose_occurrence(now);
             }
             if !split_off_jetstream(&mut batch, &to_jetstream) {
                 continue;
@@ -348,9 +358,10 @@ impl Firing {
         let _ = denials.take();
         let mut failed = Vec::new();
         for (index, Resident { schedule, .. }) in batch.iter().enumerate() {
+            let (due, _) = schedule.occurrence();
             self.lateness_us
-                .push(time::now_us().saturating_sub(schedule.due.saturating_mul(1000)));
-            let headers = match delivery_headers(schedule, self.due_text.of(schedule.due)) {
+                .push(time::now_us().saturating_sub(due.saturating_mul(1000)));
+            let headers = match delivery_headers(schedule, self.due_text.of(due)) {
                 Ok(headers) => headers,
                 Err(error) => {
                     failed.push((index, error));

@@ -159,7 +159,8 @@ impl JetStreamDelivery {
                         continue;
                     }
                     lateness.push(
-                        time::now_us().saturating_sub(resident.schedule.due.saturating_mul(1000)),
+                        time::now_us()
+                            .saturating_sub(resident.schedule.occurrence().0.saturating_mul(1000)),
                     );
                     // Raced with the grace period: a publish can wait for the client's queue
                     // while the connection breaks. (Cut off, it stays in `sent`.)
@@ -226,11 +227,13 @@ impl JetStreamDelivery {
     /// On failure, the schedule and the error: `None` when the connection is the problem.
     async fn publish(&mut self, resident: Resident) -> Result<(), (Resident, Option<String>)> {
         let schedule = &resident.schedule;
-        let mut headers = match delivery_headers(schedule, self.due_text.of(schedule.due)) {
+        // A series' occurrences each get their own id: the occurrence's due tells them apart.
+        let (due, _) = schedule.occurrence();
+        let mut headers = match delivery_headers(schedule, self.due_text.of(due)) {
             Ok(headers) => headers,
             Err(error) => return Err((resident, Some(error))),
         };
-        let Ok(msg_id) = protocol::msg_id(&schedule.id, schedule.due).parse::<HeaderValue>() else {
+        let Ok(msg_id) = protocol::msg_id(&schedule.id, due).parse::<HeaderValue>() else {
             return Err((resident, Some("stored id is not valid in NATS".into())));
         };
         headers.insert(MSG_ID_NAME.clone(), msg_id);

@@ -40,6 +40,8 @@ pub struct IntakeOptions<'a> {
     pub prefix: &'a str,
     /// `api.max_payload`.
     pub max_payload: usize,
+    /// `[recurring] min_interval`.
+    pub min_interval: std::time::Duration,
     pub policy: Arc<Policy>,
     pub metrics: Arc<Metrics>,
     /// Whether to take requests on `<prefix>.add.>` here (core mode) or leave them to the

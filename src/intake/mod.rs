@@ -31,6 +31,8 @@ pub(crate) struct Requests {
     add_prefix: String,
     /// `api.max_payload`.
     max_payload: usize,
+    /// `[recurring] min_interval`, in ms.
+    min_interval: UnixMs,
     /// What may be scheduled: targets, header size, horizon, delivery by default.
     policy: Arc<Policy>,
     metrics: Arc<Metrics>,
@@ -42,6 +44,7 @@ impl Requests {
             client: options.client.clone(),
             add_prefix: format!("{}.add.", options.prefix),
             max_payload: options.max_payload,
+            min_interval: options.min_interval.as_millis() as UnixMs,
             policy: options.policy.clone(),
             metrics: options.metrics.clone(),
         }
@@ -71,6 +74,7 @@ impl Requests {
                 // Read per request: it is the server's, and can change on reconnect.
                 server_max_payload: self.client.max_payload(),
                 default_delivery: self.policy.default_delivery(target),
+                min_interval: self.min_interval,
             },
         )?;
         self.policy.admit(&schedule, now).map_err(|refused| {

@@ -17,6 +17,10 @@ use bytes::Bytes;
 use jiff::Timestamp;
 use serde::Serialize;
 
+mod series;
+
+use series::SeriesHeaders;
+
 use crate::record::{Delivery, Schedule};
 use crate::time::{self, UnixMs};
 
@@ -30,6 +34,19 @@ pub const ID: &str = "Sched-Id";
 pub const DUE: &str = "Sched-Due";
 /// How to deliver: `core` or `jetstream`; overrides `[delivery] jetstream_subjects`.
 pub const DELIVER: &str = "Sched-Deliver";
+/// A recurring schedule: a crontab expression (5 fields, or 6 with seconds first) or an
+/// alias (`@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`).
+pub const CRON: &str = "Sched-Cron";
+/// The IANA zone a `Sched-Cron` expression is read in (default UTC).
+pub const TZ: &str = "Sched-TZ";
+/// A recurring schedule: every interval (humantime or milliseconds).
+pub const EVERY: &str = "Sched-Every";
+/// A series' last instant (RFC 3339, inclusive).
+pub const UNTIL: &str = "Sched-Until";
+/// A series' number of occurrences.
+pub const COUNT: &str = "Sched-Count";
+/// Added on the delivery of a series' occurrence: its number, from 1.
+pub const SEQ: &str = "Sched-Seq";
 /// Added on JetStream delivery: `<id>:<due in Unix ms>`, the same on every attempt.
 pub const MSG_ID: &str = "Nats-Msg-Id";
 /// Names starting with this (case-insensitively) are reserved for natsched.
@@ -186,6 +203,8 @@ pub struct AddLimits {
     pub server_max_payload: usize,
     /// How to deliver when the request has no `Sched-Deliver` (from `[delivery]`).
     pub default_delivery: Delivery,
+    /// Shortest `Sched-Every` accepted, in ms (`[recurring] min_interval`).
+    pub min_interval: UnixMs,
 }
 
 /// The JetStream message id of the delivery of schedule `id` due at `due`.
@@ -224,12 +243,15 @@ pub fn delivered_size(schedule: &Schedule) -> usize {
     const LINE: usize = ": \r\n".len();
     let headers = headers_bytes(schedule);
     // A schedule without a caller's id gets its (ULID) id from the store writer.
-    let id_len = if schedule.caller_id {
+    let id_len = if schedule.caller_id && !schedule.id.is_empty() {
         schedule.id.len()
     } else {
         ulid::ULID_LEN
     };
     let mut ours = ID.len() + id_len + LINE + DUE.len() + "2026-11-24T18:00:00.250Z".len() + LINE;
+    if schedule.recurrence.is_some() {
+        ours += SEQ.len() + u64::MAX.to_string().len() + LINE;
+    }
     if schedule.delivery == Delivery::JetStream {
         ours += MSG_ID.len() + id_len + ":".len() + u64::MAX.to_string().len() + LINE;
     }
@@ -257,6 +279,7 @@ pub fn parse_add(
     let mut delay = None;
     let mut id = None;
     let mut deliver = None;
+    let mut series = SeriesHeaders::default();
     let mut kept = Vec::new();
     for (name, values) in headers.into_iter().flat_map(HeaderMap::iter) {
         let name: &str = name.as_ref();
@@ -285,10 +308,13 @@ pub fn parse_add(
             &mut id
         } else if name.eq_ignore_ascii_case(DELIVER) {
             &mut deliver
+        } else if let Some(slot) = series.slot(name) {
+            slot
         } else {
             return Err(ApiError::bad_request(format!(
                 "unknown header {name:?}: names starting with Sched- are reserved \
-                 (known: {AT}, {DELAY}, {ID}, {DELIVER})"
+                 (known: {AT}, {DELAY}, {ID}, {DELIVER}, {CRON}, {TZ}, {EVERY}, {UNTIL}, \
+                 {COUNT})"
             )));
         };
         match values.as_slice() {
@@ -309,18 +335,11 @@ pub fn parse_add(
     // The sort is stable, so repeated values of one name keep their order.
     kept.sort_by(|a, b| a.0.cmp(&b.0));
 
-    let due = match (at, delay) {
-        (Some(at), None) => parse_at(at)?,
-        (None, Some(delay)) => now.saturating_add(parse_delay(delay)?),
-        (None, None) => {
-            return Err(ApiError::bad_request(format!(
-                "missing {AT} or {DELAY} header"
-            )));
-        }
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(format!(
-                "give either {AT} or {DELAY}, not both"
-            )));
+    let (due, recurrence) = match series.rule(limits.min_interval)? {
+        Some(rule) => series.start(rule, at, delay, now)?,
+        None => {
+            series.refuse_bounds_alone()?;
+            (one_shot_due(at, delay, now)?, None)
         }
     };
     if due > time::MAX_MS {
@@ -347,7 +366,7 @@ pub fn parse_add(
         payload,
         created: now,
         delivery,
-        recurrence: None,
+        recurrence,
         caller_id,
     };
     // Refused now rather than accepted and never deliverable.
@@ -363,6 +382,24 @@ pub fn parse_add(
         ));
     }
     Ok(schedule)
+}
+
+/// The due instant of a one-shot schedule: exactly one of `Sched-At` and `Sched-Delay`.
+fn one_shot_due(at: Option<&str>, delay: Option<&str>, now: UnixMs) -> Result<UnixMs, ApiError> {
+    Ok(match (at, delay) {
+        (Some(at), None) => parse_at(at)?,
+        (None, Some(delay)) => now.saturating_add(parse_delay(delay)?),
+        (None, None) => {
+            return Err(ApiError::bad_request(format!(
+                "missing {AT} or {DELAY} header (or {CRON} or {EVERY} for a recurring schedule)"
+            )));
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(format!(
+                "give either {AT} or {DELAY}, not both"
+            )));
+        }
+    })
 }
 
 /// A new unique id for a schedule due at `due`: a ULID whose timestamp is the due instant, so

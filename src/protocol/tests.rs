@@ -5,6 +5,7 @@ const LIMITS: AddLimits = AddLimits {
     max_payload: 16,
     server_max_payload: 1024 * 1024,
     default_delivery: Delivery::Core,
+    min_interval: 1000,
 };
 
 fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -193,6 +194,7 @@ fn a_message_too_big_to_deliver_is_413() {
         max_payload: 1000,
         server_max_payload: 200,
         default_delivery: Delivery::Core,
+        min_interval: 1000,
     };
     let fits = parse_add(
         "t",
@@ -289,4 +291,129 @@ fn stream_control_headers_are_refused() {
     )
     .unwrap();
     assert_eq!(kept.headers.len(), 2);
+}
+
+fn refusal(pairs: &[(&str, &str)]) -> String {
+    let error = add("t", pairs).expect_err("must be refused");
+    assert_eq!(error.code, 400, "{pairs:?}: {error}");
+    error.description
+}
+
+#[test]
+fn recurring_requests() {
+    // NOW is 2026-11-30T18:00:00Z.
+    let s = add("t", &[(CRON, "*/5 * * * *")]).unwrap();
+    assert_eq!(s.due, NOW + 300_000);
+    let series = s.recurrence.as_deref().unwrap();
+    assert_eq!((series.seq, series.rule().zone()), (1, Some("UTC")));
+    let s = add("t", &[(CRON, "0 9 * * *"), (TZ, "Europe/Berlin")]).unwrap();
+    assert_eq!(s.due, 1_796_112_000_000, "09:00 CET on Dec 1 is 08:00Z");
+    let s = add("t", &[(CRON, "@daily"), (AT, "2027-01-01T00:00:00Z")]).unwrap();
+    assert_eq!(s.due, 1_798_761_600_000);
+    let s = add(
+        "t",
+        &[
+            (EVERY, "90s"),
+            (COUNT, "3"),
+            (UNTIL, "2027-01-01T00:00:00Z"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(s.due, NOW + 90_000);
+    let series = s.recurrence.as_deref().unwrap();
+    assert_eq!(
+        (series.count, series.until),
+        (Some(3), Some(1_798_761_600_000))
+    );
+    let s = add("t", &[(EVERY, "1500"), (AT, "2026-11-30T18:00:10Z")]).unwrap();
+    assert_eq!(s.due, NOW + 10_000, "a start is the first occurrence");
+    // Names are case-insensitive, like every Sched- header.
+    assert!(add("t", &[("sched-every", "1s"), ("SCHED-COUNT", "1")]).is_ok());
+}
+
+#[test]
+fn recurring_conflicts_and_bad_values_name_the_field() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[(CRON, "* * * * *"), (EVERY, "1s")],
+            "either Sched-Cron or Sched-Every",
+        ),
+        (
+            &[(CRON, "* * * * *"), (DELAY, "1s")],
+            "Sched-Delay cannot be given with Sched-Cron",
+        ),
+        (
+            &[(EVERY, "1s"), (DELAY, "1s")],
+            "Sched-Delay cannot be given with Sched-Every",
+        ),
+        (
+            &[(EVERY, "1s"), (TZ, "UTC")],
+            "Sched-TZ applies to Sched-Cron only",
+        ),
+        (
+            &[(AT, "2027-01-01T00:00:00Z"), (COUNT, "2")],
+            "Sched-Count applies only",
+        ),
+        (
+            &[(DELAY, "1s"), (UNTIL, "2027-01-01T00:00:00Z")],
+            "Sched-Until applies only",
+        ),
+        (&[(DELAY, "1s"), (TZ, "UTC")], "Sched-TZ applies only"),
+        (&[(TZ, "UTC")], "Sched-TZ applies only"),
+        (&[(CRON, "61 * * * *")], "invalid Sched-Cron \"61 * * * *\""),
+        (&[(CRON, "* * *")], "invalid Sched-Cron"),
+        (
+            &[(CRON, "0 0 30 2 *")],
+            "invalid Sched-Cron: the rule has no occurrence",
+        ),
+        (
+            &[(CRON, "* * * * *"), (TZ, "Mars/Base")],
+            "invalid Sched-TZ \"Mars/Base\"",
+        ),
+        (
+            &[(CRON, "* * * * *"), (TZ, "../../etc/passwd")],
+            "invalid Sched-TZ",
+        ),
+        (&[(EVERY, "soon")], "invalid Sched-Every \"soon\""),
+        (
+            &[(EVERY, "999ms")],
+            "shorter than the shortest interval allowed, 1s",
+        ),
+        (&[(EVERY, "0")], "shorter than"),
+        (&[(EVERY, "1s"), (COUNT, "0")], "invalid Sched-Count \"0\""),
+        (&[(EVERY, "1s"), (COUNT, "-1")], "invalid Sched-Count"),
+        (
+            &[(EVERY, "1s"), (UNTIL, "tomorrow")],
+            "invalid Sched-Until \"tomorrow\"",
+        ),
+        (
+            &[(EVERY, "1s"), (UNTIL, "2026-11-30T18:00:00.500Z")],
+            "Sched-Until is before the series' first occurrence",
+        ),
+        (
+            &[(CRON, "* * * * *"), (CRON, "@daily")],
+            "given more than once",
+        ),
+    ];
+    for (pairs, expected) in cases {
+        let description = refusal(pairs);
+        assert!(
+            description.contains(expected),
+            "{pairs:?}: {description:?} lacks {expected:?}"
+        );
+    }
+    // A hostile expression is quoted, escaped, and cut short.
+    let description = refusal(&[(CRON, &"\u{1b}[31m*".repeat(3000))]);
+    assert!(!description.chars().any(char::is_control));
+    assert!(description.len() <= MAX_DESCRIPTION + '…'.len_utf8());
+}
+
+#[test]
+fn a_series_counts_its_sequence_header_in_the_delivered_size() {
+    let one_shot = add("t", &[(DELAY, "1s")]).unwrap();
+    let series = add("t", &[(EVERY, "1s")]).unwrap();
+    assert_eq!(
+        delivered_size(&series) - delivered_size(&one_shot),
+        SEQ.len() + u64::MAX.to_string().len() + ": \r\n".len()
+    );
 }

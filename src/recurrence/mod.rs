@@ -48,9 +48,9 @@ mod series;
 mod stored;
 mod wall;
 
-pub(crate) use rule::{Rule, RuleError};
-pub use series::{Occurrence, Series};
+pub(crate) use rule::Rule;
 pub(crate) use series::StartError;
+pub use series::{Occurrence, Series};
 
 #[cfg(test)]
 mod tests;

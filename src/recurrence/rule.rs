@@ -14,9 +14,9 @@ pub(crate) const DEFAULT_ZONE: &str = "UTC";
 /// Why a rule was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum RuleError {
-    #[error("invalid cron expression {expr:?}: {reason}")]
+    #[error("invalid Sched-Cron {expr:?}: {reason}")]
     Cron { expr: String, reason: String },
-    #[error("unknown time zone {0:?}: use an IANA name such as Europe/Berlin or UTC")]
+    #[error("invalid Sched-TZ {0:?}: not a known IANA time zone such as Europe/Berlin or UTC")]
     Zone(String),
 }
 
@@ -111,6 +111,14 @@ impl Rule {
             Rule::Every(ms) => {
                 humantime::format_duration(std::time::Duration::from_millis(*ms)).to_string()
             }
+        }
+    }
+
+    /// An interval rule's interval, in ms.
+    pub(crate) fn interval(&self) -> Option<UnixMs> {
+        match self {
+            Rule::Every(ms) => Some(*ms),
+            Rule::Cron(_) => None,
         }
     }
 

@@ -39,8 +39,8 @@ impl Series {
                 put_varint(out, *ms);
             }
         }
-        let flags = u8::from(self.until.is_some()) * HAS_UNTIL
-            + u8::from(self.count.is_some()) * HAS_COUNT;
+        let flags =
+            u8::from(self.until.is_some()) * HAS_UNTIL + u8::from(self.count.is_some()) * HAS_COUNT;
         out.push(flags);
         if let Some(until) = self.until {
             put_varint(out, until);

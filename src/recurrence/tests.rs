@@ -115,11 +115,18 @@ fn aliases_and_six_fields() {
         ("* * * * * *", "2026-06-15T10:20:31Z"),
         ("* * * * *", "2026-06-15T10:21:00Z"),
     ] {
-        assert_eq!(Rule::cron(expr, None).unwrap().after(from), Some(at(next)), "{expr}");
+        assert_eq!(
+            Rule::cron(expr, None).unwrap().after(from),
+            Some(at(next)),
+            "{expr}"
+        );
     }
     // At or after: an instant inside a second starts at the next whole second.
     let every_second = Rule::cron("* * * * * *", None).unwrap();
-    assert_eq!(every_second.first_from(from), Some(at("2026-06-15T10:20:31Z")));
+    assert_eq!(
+        every_second.first_from(from),
+        Some(at("2026-06-15T10:20:31Z"))
+    );
     assert_eq!(
         every_second.first_from(at("2026-06-15T10:20:31Z")),
         Some(at("2026-06-15T10:20:31Z"))
@@ -183,7 +190,13 @@ fn an_interval_starts_one_interval_after_receipt_or_at_its_start() {
         Series::start(cron("0 * * * *", "UTC"), Some(start), received, None, None).unwrap();
     assert_eq!(first, start);
     assert_eq!(
-        Series::start(Rule::Every(1_000), Some(start), received, Some(start - 1), None),
+        Series::start(
+            Rule::Every(1_000),
+            Some(start),
+            received,
+            Some(start - 1),
+            None
+        ),
         Err(StartError::EndsBeforeStart)
     );
 }
@@ -194,7 +207,13 @@ fn until_and_count_end_a_series() {
     let series = Series::new(Rule::Every(1_000), Some(start + 2_000), None, 1);
     let one = Occurrence { due: start, seq: 1 };
     let two = series.next(one).unwrap();
-    assert_eq!(two, Occurrence { due: start + 1_000, seq: 2 });
+    assert_eq!(
+        two,
+        Occurrence {
+            due: start + 1_000,
+            seq: 2
+        }
+    );
     let three = series.next(two).unwrap();
     assert_eq!(three.due, start + 2_000, "until is inclusive");
     assert_eq!(series.next(three), None);
@@ -212,34 +231,58 @@ fn a_late_fire_catches_up_once_with_the_skipped_ones_counted() {
     let start = at("2026-06-01T00:00:00Z");
     let every = Series::new(Rule::Every(1_000), None, None, 5);
     // On time, or late by less than an interval: the due occurrence itself.
-    assert_eq!(every.catch_up(start, start), Occurrence { due: start, seq: 5 });
-    assert_eq!(every.catch_up(start, start + 999), Occurrence { due: start, seq: 5 });
+    assert_eq!(
+        every.catch_up(start, start),
+        Occurrence { due: start, seq: 5 }
+    );
+    assert_eq!(
+        every.catch_up(start, start + 999),
+        Occurrence { due: start, seq: 5 }
+    );
     // Down for an hour: the latest missed occurrence, numbered as if all had fired.
     assert_eq!(
         every.catch_up(start, start + 3_600_500),
-        Occurrence { due: start + 3_600_000, seq: 3_605 }
+        Occurrence {
+            due: start + 3_600_000,
+            seq: 3_605
+        }
     );
     // Bounds hold: the last occurrence before Until, or number Count.
     let until = Series::new(Rule::Every(1_000), Some(start + 10_500), None, 5);
     assert_eq!(
         until.catch_up(start, start + 3_600_000),
-        Occurrence { due: start + 10_000, seq: 15 }
+        Occurrence {
+            due: start + 10_000,
+            seq: 15
+        }
     );
     let counted = Series::new(Rule::Every(1_000), None, Some(8), 5);
     assert_eq!(
         counted.catch_up(start, start + 3_600_000),
-        Occurrence { due: start + 3_000, seq: 8 }
+        Occurrence {
+            due: start + 3_000,
+            seq: 8
+        }
     );
     // A cron rule, the same by stepping.
     let minutely = Series::new(cron("* * * * *", "Europe/Berlin"), None, None, 1);
     assert_eq!(
         minutely.catch_up(start, start + 3_600_000 + 59_000),
-        Occurrence { due: start + 3_600_000, seq: 61 }
+        Occurrence {
+            due: start + 3_600_000,
+            seq: 61
+        }
     );
     // A gap longer than one catch-up steps over: the rest on the next fire.
     let secondly = Series::new(cron("* * * * * *", "UTC"), None, None, 1);
     let far = secondly.catch_up(start, start + 10 * MAX_CATCH_UP_STEPS * 1_000);
-    assert_eq!(far, Occurrence { due: start + MAX_CATCH_UP_STEPS * 1_000, seq: MAX_CATCH_UP_STEPS + 1 });
+    assert_eq!(
+        far,
+        Occurrence {
+            due: start + MAX_CATCH_UP_STEPS * 1_000,
+            seq: MAX_CATCH_UP_STEPS + 1
+        }
+    );
 }
 
 #[test]

@@ -8,8 +8,8 @@
 
 use std::cmp::Ordering;
 
-use croner::{CivilDate, CivilDateTime, CivilTime, CronDateTime, Resolution, Weekday};
 use croner::errors::CronError;
+use croner::{CivilDate, CivilDateTime, CivilTime, CronDateTime, Resolution, Weekday};
 use jiff::civil::DateTime;
 use jiff::tz::{AmbiguousOffset, TimeZone};
 use jiff::{SignedDuration, Timestamp, ZonedDateTime};
@@ -57,7 +57,10 @@ impl CronDateTime for Wall {
     }
 
     fn resolve_civil(&self, civil: CivilDateTime) -> Result<Resolution<Self>, CronError> {
-        let ambiguous = self.0.time_zone().to_ambiguous_zoned_datetime(to_jiff(civil)?);
+        let ambiguous = self
+            .0
+            .time_zone()
+            .to_ambiguous_zoned_datetime(to_jiff(civil)?);
         let invalid = |_| CronError::InvalidTime;
         Ok(match ambiguous.offset() {
             AmbiguousOffset::Unambiguous { .. } => {

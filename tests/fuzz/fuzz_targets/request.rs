@@ -96,6 +96,7 @@ fuzz_target!(|input: Input<'_>| {
         max_payload: usize::from(input.max_payload),
         server_max_payload: input.server_max_payload as usize,
         default_delivery: natsched::record::Delivery::Core,
+        min_interval: 1000,
     };
     let now = input.now % (MAX_MS + 1);
     let payload = Bytes::copy_from_slice(input.payload);
