@@ -25,7 +25,7 @@ pub(crate) enum RuleError {
 pub(crate) enum Rule {
     /// A crontab expression, 5 fields or 6 with seconds first, or an alias such as `@daily`,
     /// matched against the wall clock of `zone`.
-    Cron(CronRule),
+    Cron(Box<CronRule>),
     /// Every this many milliseconds, counted from the series' first occurrence.
     Every(UnixMs),
 }
@@ -76,12 +76,12 @@ impl Rule {
         let zone_name = zone.map_or(DEFAULT_ZONE, str::trim);
         let tz = zone_of(zone_name)?;
         let zone_name = tz.iana_name().unwrap_or(zone_name).to_owned();
-        Ok(Rule::Cron(CronRule {
+        Ok(Rule::Cron(Box::new(CronRule {
             expr: expr.to_owned(),
             zone_name,
             cron,
             zone: tz,
-        }))
+        })))
     }
 
     /// The occurrence after occurrence `at` (for an interval, `at` must be one), if any before
@@ -136,7 +136,7 @@ impl CronRule {
     /// an instant inside a second is searched from that second, exclusively when inclusive
     /// would find the second's start, which is before `at`.
     fn search(&self, at: UnixMs, inclusive: bool) -> Option<UnixMs> {
-        let inclusive = inclusive && at % 1000 == 0;
+        let inclusive = inclusive && at.is_multiple_of(1000);
         let seconds = i64::try_from(at / 1000).ok()?;
         let start = Wall::at(Timestamp::from_second(seconds).ok()?, &self.zone);
         let found = self.cron.find_next_occurrence(&start, inclusive).ok()?;
