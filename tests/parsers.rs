@@ -1389,7 +1389,7 @@ fn any_schedule() -> impl Strategy<Value = Schedule> {
             prop_oneof!["[a-z]{1,8}(\\.[a-z]{1,8}){0,2}", any::<String>()],
             prop::collection::vec((any::<String>(), any::<String>()), 0..3),
             prop::collection::vec(any::<u8>(), 0..48),
-            prop::option::of(any::<String>()),
+            prop::option::of((1u64..u64::MAX, any::<u64>())),
         ),
     )
         .prop_map(
@@ -1409,7 +1409,9 @@ fn any_schedule() -> impl Strategy<Value = Schedule> {
                     payload: Bytes::from(payload),
                     created,
                     delivery: Delivery::Core,
-                    recurrence,
+                    recurrence: recurrence.map(|(every, seq)| {
+                        Box::new(natsched::recurrence::Series::every(every, seq))
+                    }),
                     caller_id,
                 }
             },

@@ -72,6 +72,11 @@ impl Series {
         Ok((Series::new(rule, until, count, 1), first))
     }
 
+    /// A series every `interval_ms`, unbounded, at its occurrence number `seq`.
+    pub fn every(interval_ms: UnixMs, seq: u64) -> Series {
+        Series::new(Rule::Every(interval_ms.max(1)), None, None, seq)
+    }
+
     /// Whether `occurrence` is inside the series' bounds.
     fn allows(&self, occurrence: Occurrence) -> bool {
         self.until.is_none_or(|until| occurrence.due <= until)
