@@ -7,6 +7,7 @@
 #   benches/run.sh store      # targets 4-5 only (store size, restart, churn)
 #   benches/run.sh jetstream  # targets 6-8 only (JetStream intake and delivery)
 #   benches/run.sh cluster    # targets 9-10 only (replicated mode on a 3-node cluster, R3)
+#   benches/run.sh recurring  # target 11 only (100 000 series of Sched-Every: 1s for a minute)
 #
 # It starts its own nats-server (from NATSCHED_NATS_SERVER, PATH or /usr/sbin) on a free
 # loopback port and natsched (release build) on a temporary store, and drives them with
@@ -70,7 +71,7 @@ rows=()
 row() { rows+=("| $1 | $2 | $3 | $4 |"); echo "$1: $2 (goal $3) $4" >&2; }
 verdict() { python3 -c "import sys; print('met' if $1 else 'not met')"; }
 
-if [ "$MODE" != store ] && [ "$MODE" != jetstream ] && [ "$MODE" != cluster ]; then
+if [ "$MODE" != store ] && [ "$MODE" != jetstream ] && [ "$MODE" != cluster ] && [ "$MODE" != recurring ]; then
 # Targets 1 and 2: intake and lateness at 10 000 fires/s, then lateness at 100 000 fires/s.
 COUNT_10K=$([ "$MODE" = quick ] && echo 200000 || echo 600000)
 COUNT_100K=$([ "$MODE" = quick ] && echo 500000 || echo 2000000)
@@ -237,6 +238,29 @@ if [ "$MODE" = cluster ]; then
     row "10n. native R3 schedules, same load, p50 / p99 (ms)" "$(json "$n" 'lateness_ms["p50"]') / $(json "$n" 'lateness_ms["p99"]') (fired $(json "$n" 'fired'), missing $(json "$n" 'missing'))" "(for comparison)" ""
   fi
   for pid in "${NODE_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+fi
+
+if [ "$MODE" = full ] || [ "$MODE" = recurring ]; then
+  # Target 11: SERIES series of `Sched-Every: 1s`, their starts spread over one second, so
+  # SERIES fires a second, received for a minute; the store's size is sampled every 10 s
+  # while they fire (a series is one record, rewritten at each occurrence).
+  SERIES=${RECURRING_SERIES:-100000}
+  start_natsched "$WORK/store11"; ready
+  lead=$(( SERIES / 20000 + 5 ))
+  bench --count "$SERIES" --rate "$SERIES" --every 1s --for 60s --lead "${lead}s" --grace 5s --pid "$NATSCHED_PID" --label recurring >"$WORK/recurring.json" &
+  BENCH=$!
+  sleep $(( lead + 5 ))
+  sizes=()
+  for _ in $(seq 6); do
+    sizes+=($(( $(du -sb "$WORK/store11" | cut -f1) / 1048576 )))
+    sleep 10
+  done
+  wait $BENCH
+  r=$(cat "$WORK/recurring.json")
+  p99=$(json "$r" 'lateness_ms["p99"]')
+  missing=$(json "$r" 'missing'); dups=$(json "$r" 'duplicates'); early=$(json "$r" 'early')
+  row "11. $SERIES series of Sched-Every: 1s for 60 s: fires/s, p50 / p99 / p99.9 (ms), store MiB every 10 s" "$(json "$r" 'round(fire_per_sec or 0)') fires/s, $(json "$r" 'lateness_ms["p50"]') / $p99 / $(json "$r" 'lateness_ms["p999"]') (fired $(json "$r" 'fired') of $(json "$r" 'expected'), missing $missing, duplicates $dups, early $early; peak RSS $(json "$r" 'round(peak_rss_mib or 0)') MiB); store ${sizes[*]}" "≥ $SERIES fires/s, p99 ≤ 25 ms, store flat" "$(verdict "$p99 <= 25 and $missing == 0 and $early == 0 and ${sizes[5]} <= ${sizes[0]} * 3 // 2 + 8")"
+  stop_natsched
 fi
 
 {

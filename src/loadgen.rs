@@ -86,6 +86,15 @@ pub struct LoadOptions {
     /// Replicas of the `--native` stream.
     #[arg(long, default_value_t = 1)]
     pub native_replicas: usize,
+    /// Recurring workload: each schedule is a series `Sched-Every: DURATION` starting at its
+    /// due instant (`Sched-At`), and the run receives its occurrences for `--for`; `count`
+    /// series at a 1 s interval thus fire `count` times a second. Lateness is measured
+    /// against each occurrence's due (from its `Sched-Seq`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub every: Option<Duration>,
+    /// With `--every`: how long after the first due instant to receive occurrences.
+    #[arg(long = "for", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub duration: Duration,
     /// natsched's pid, to report its memory.
     #[arg(long)]
     pub pid: Option<u32>,
@@ -120,6 +129,9 @@ pub struct LoadReport {
     /// Unix ms of the first due instant.
     pub first_due: u64,
     pub count: u64,
+    /// Deliveries the run waited for: `count`, or with `--every` the occurrences due in its
+    /// window.
+    pub expected: u64,
     pub rate: u64,
     pub in_flight: usize,
     pub intake_secs: f64,
@@ -226,18 +238,34 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
     let count = options.count;
     let rate = options.rate;
     let due_of = move |i: u64| -> UnixMs { first_due + i * 1000 / rate };
-    let last_due = due_of(count - 1);
+    let every = options.every.map(|d| (d.as_millis() as u64).max(1));
+    // With `--every`, occurrences due up to `window_end` count; later ones are ignored.
+    let window_end = first_due + options.duration.as_millis() as u64;
+    let last_due = match every {
+        Some(_) => window_end,
+        None => due_of(count - 1),
+    };
+    // What the run expects to receive: one per schedule, or each series' occurrences due
+    // within the window.
+    let expected: u64 = match every {
+        None => count,
+        Some(every) => (0..count)
+            .map(|i| window_end.saturating_sub(due_of(i)) / every + 1)
+            .sum(),
+    };
 
     // Receive concurrently with intake: nothing is due before `lead`, but be ready anyway.
     let grace = options.grace;
     let receiving = options.stage != Stage::Schedule;
     let receive = tokio::spawn(async move {
         let mut seen = vec![false; count as usize];
+        // With `--every`: the highest occurrence number received per series.
+        let mut last_seq = vec![0u64; every.map_or(0, |_| count as usize)];
         let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).unwrap();
         let (mut fired, mut duplicates, mut early) = (0u64, 0u64, 0u64);
         let (mut first, mut last) = (None, 0);
         let deadline = tokio::time::Instant::now() + time::until(last_due, time::now_ms()) + grace;
-        while receiving && fired < count {
+        while receiving && fired < expected {
             let message = match tokio::time::timeout_at(deadline, deliveries.next()).await {
                 Ok(Some(message)) => message,
                 _ => break,
@@ -254,12 +282,34 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
             let Some(i) = index.filter(|i| *i < count) else {
                 continue;
             };
-            if std::mem::replace(&mut seen[i as usize], true) {
-                duplicates += 1;
-                continue;
-            }
+            let due = match every {
+                None => {
+                    if std::mem::replace(&mut seen[i as usize], true) {
+                        duplicates += 1;
+                        continue;
+                    }
+                    due_of(i)
+                }
+                Some(every) => {
+                    let seq = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(protocol::SEQ))
+                        .and_then(|v| v.as_str().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    let due = due_of(i) + seq.saturating_sub(1) * every;
+                    if seq == 0 || due > window_end {
+                        continue;
+                    }
+                    if std::mem::replace(&mut last_seq[i as usize], seq) >= seq {
+                        duplicates += 1;
+                        continue;
+                    }
+                    due
+                }
+            };
             fired += 1;
-            let due = due_of(i) * 1000;
+            let due = due * 1000;
             if received < due {
                 early += 1;
             }
@@ -333,6 +383,9 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
             headers.insert("Nats-Schedule-Target", target.as_str());
         } else {
             headers.insert(protocol::AT, time::format_ms(due_of(i)).as_str());
+            if let Some(every) = every {
+                headers.insert(protocol::EVERY, every.to_string().as_str());
+            }
         }
         if options.with_id {
             headers.insert(protocol::ID, format!("b{run_id}-{i}").as_str());
@@ -409,6 +462,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         run_id,
         first_due,
         count,
+        expected,
         rate,
         in_flight: options.in_flight,
         intake_secs,
@@ -416,7 +470,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         refused,
         unanswered: to_send - acked - refused,
         fired,
-        missing: count - fired,
+        missing: expected.saturating_sub(fired),
         duplicates,
         early,
         due_before_ack,
