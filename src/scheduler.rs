@@ -68,6 +68,9 @@ pub enum WheelCommand {
     Remove(ScheduleRef),
     /// These fired copies are now deleted from the store, so can no longer be loaded again.
     Deleted(Vec<ScheduleRef>),
+    /// A series was cancelled while this copy of it was being fired: forget it, so that a
+    /// failed delivery of it is not retried.
+    Forget(ScheduleRef),
     /// Take this copy out unless it is already being fired, and say which happened: the one
     /// place where "cancelled" and "fired" are decided, so a cancel never both succeeds and
     /// fires.
@@ -297,6 +300,17 @@ impl Scheduler {
                     }
                 }
             }
+            WheelCommand::Forget(copy) => {
+                if let Some(held) = self.held.get(&copy.id).copied()
+                    && held.is(&copy)
+                {
+                    self.held.remove(&copy.id);
+                    if let Some(entry) = held.entry {
+                        self.drop_entry(entry, held);
+                    }
+                    self.retries.forget(&copy.id);
+                }
+            }
             WheelCommand::Deleted(copies) => {
                 for copy in copies {
                     // One lookup in the common case: take it out, and put it back if it
@@ -395,6 +409,14 @@ impl Scheduler {
         if self.wheel.remove(entry).is_some() && !held.retrying {
             self.resident.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Hands out what is due at `now`, as the timer loop does.
+    #[cfg(test)]
+    pub(crate) fn poll_for_tests(&mut self, now: UnixMs, out: &mut Vec<Resident>) {
+        let mut expired = Vec::new();
+        self.wheel.poll(now, &mut expired);
+        out.extend(expired.into_iter().map(|(_, r)| self.mark_firing(r)));
     }
 
     /// The ids held in the wheel (not those being fired), sorted.

@@ -35,7 +35,11 @@ pub fn approximate_size(schedule: &Schedule) -> usize {
         .iter()
         .map(|(n, v)| 6 + n.len() + v.len())
         .sum();
-    40 + schedule.id.len() + schedule.subject.len() + headers + schedule.payload.len()
+    let series = schedule
+        .recurrence
+        .as_deref()
+        .map_or(0, |s| s.approximate_size());
+    40 + schedule.id.len() + schedule.subject.len() + headers + schedule.payload.len() + series
 }
 
 /// `schedules` cut into runs of at most about `max_bytes` each (a larger schedule alone).
@@ -311,8 +315,14 @@ impl Round {
                     )),
                     Some((at, decided)) => {
                         let cancelled = remaining.remove(at);
-                        if let Withdrawal::Withdrawn(resident) = decided {
-                            self.withdrawn.push(resident);
+                        match decided {
+                            Withdrawal::Withdrawn(resident) => self.withdrawn.push(resident),
+                            // A series' occurrence on its way out: should it fail, it must
+                            // not be retried (the series is over).
+                            Withdrawal::Firing => self.wheel.push(WheelCommand::Forget(
+                                ScheduleRef::of(key.migrated(cancelled.due), &cancelled),
+                            )),
+                            Withdrawal::NotHeld | Withdrawal::Undecided => {}
                         }
                         self.ledger.remove(capacity.mask(&cancelled.subject));
                         if cancelled.caller_id {
@@ -451,7 +461,9 @@ impl Round {
                 .and_then(|index| protocol::far_ulid(schedule.due, key.seq, index))
                 .unwrap_or_else(|| {
                     schedule.caller_id = true;
-                    ulid::Ulid::from_parts(schedule.due, rand_bits())
+                    // Never of the form of a generated id (see `protocol::far_layout`), which
+                    // a caller could not give back as `Sched-Id`.
+                    ulid::Ulid::from_parts(schedule.due, rand_bits() & !protocol::FAR_MARK)
                 });
             schedule.id.clear();
             schedule

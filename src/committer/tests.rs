@@ -125,7 +125,7 @@ impl Harness {
                         .into_iter()
                         .map(|r| (true, r.schedule.due, r.schedule.id)),
                 ),
-                WheelCommand::Remove(k) => out.push((false, k.due, k.id)),
+                WheelCommand::Remove(k) | WheelCommand::Forget(k) => out.push((false, k.due, k.id)),
                 WheelCommand::Deleted(_)
                 | WheelCommand::Withdraw(..)
                 | WheelCommand::Retry(_)
@@ -1110,4 +1110,91 @@ fn damage_of_unknown_extent_is_counted_again_at_the_next_start() {
     );
     assert!(!h.committer.store.recount_requested().unwrap());
     assert_eq!(h.committer.store.pending().unwrap(), 1);
+}
+
+/// A series every `every` ms, at its occurrence number `seq`, due at `due`.
+fn series(id: &str, due: UnixMs, every: UnixMs, count: Option<u64>) -> Schedule {
+    let rule = crate::recurrence::Rule::Every(every);
+    Schedule {
+        recurrence: Some(Box::new(crate::recurrence::Series::new(
+            rule, None, count, 1,
+        ))),
+        ..schedule(id, due)
+    }
+}
+
+#[test]
+fn a_fired_series_is_replaced_by_its_successor_in_one_batch() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[series("s", now - 10, 1_000, Some(3))]);
+    h.advance();
+    let [first] = h.inserted().try_into().expect("s was loaded");
+    let pending = h.committer.ledger.pending;
+    // Published: its successor is stored and handed to the wheel in the removal's round.
+    h.fire(vec![first]);
+    assert_eq!(h.stored(), [(now + 990, "s".to_owned())]);
+    assert_eq!(h.committer.ledger.pending, pending, "still one record");
+    let stored = h.committer.store.get("s").unwrap().unwrap();
+    assert_eq!(stored.recurrence.as_ref().unwrap().seq, 2);
+    let [second] = h
+        .inserted()
+        .try_into()
+        .expect("the successor went to the wheel");
+    assert_eq!(
+        (second.schedule.due, second.segment),
+        (now + 990, h.committer.store.locate("s").unwrap().unwrap())
+    );
+    // The third occurrence is the last (Count 3).
+    h.fire(vec![second]);
+    let [third] = h.inserted().try_into().unwrap();
+    assert_eq!(third.schedule.recurrence.as_ref().unwrap().seq, 3);
+    h.fire(vec![third]);
+    assert!(h.stored().is_empty());
+    assert_eq!(h.committer.store.get("s").unwrap(), None);
+    assert_eq!(h.committer.ledger.pending, pending - 1);
+}
+
+#[test]
+fn a_caught_up_fire_advances_from_the_occurrence_it_published() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[series("s", now - 10_500, 1_000, None)]);
+    h.advance();
+    let [mut late] = h.inserted().try_into().unwrap();
+    late.schedule.choose_occurrence(now);
+    assert_eq!(late.schedule.occurrence(), (now - 500, Some(11)));
+    h.fire(vec![late]);
+    let stored = h.committer.store.get("s").unwrap().unwrap();
+    assert_eq!(
+        (stored.due, stored.recurrence.unwrap().seq),
+        (now + 500, 12)
+    );
+}
+
+#[test]
+fn a_cancelled_or_replaced_series_never_comes_back_from_its_firing_copy() {
+    let now = time::now_ms();
+    let mut h = Harness::new(
+        1000,
+        &[
+            series("c", now - 10, 1_000, None),
+            series("r", now - 10, 1_000, None),
+        ],
+    );
+    let scheduler = real_scheduler(&mut h);
+    h.advance();
+    wait_for_wheel(&scheduler, &["c".to_owned(), "r".to_owned()]);
+    // Both are handed out for firing.
+    let mut firing = Vec::new();
+    scheduler.lock().unwrap().poll_for_tests(now, &mut firing);
+    assert_eq!(firing.len(), 2);
+    // A series being fired can still be cancelled: the series ends.
+    h.committer
+        .round(std::iter::once(cancel_command("c")), false);
+    let acks = h.acks.try_recv().unwrap();
+    assert!(acks[0].result.is_ok(), "{:?}", acks[0].result);
+    // And replaced by a one-shot.
+    h.add(schedule("r", now + DAY));
+    h.fire(firing);
+    assert_eq!(h.stored(), [(now + DAY, "r".to_owned())]);
+    assert_eq!(h.committer.store.get("c").unwrap(), None);
 }

@@ -260,19 +260,15 @@ impl Firing {
                     Err(_) => break,
                 }
             }
-            let now = time::now_ms();
-            if !hand_back_early(&mut batch, now, &out) {
+            if !hand_back_early(&mut batch, time::now_ms(), &out) {
                 continue;
-            }
-            for resident in &mut batch {
-                resident.schedule.choose_occurrence(now);
             }
             if !split_off_jetstream(&mut batch, &to_jetstream) {
                 continue;
             }
             let failed = match abandoned {
                 0 => tokio::select! {
-                    failed = self.deliver(&batch) => Some(failed),
+                    failed = self.deliver(&mut batch) => Some(failed),
                     () = &mut grace_over => None,
                 },
                 _ => None,
@@ -328,8 +324,14 @@ impl Firing {
     /// Publishes `batch` until one attempt is confirmed by its fence on an unbroken
     /// connection. Returns the schedules of that attempt that NATS would not take (by index,
     /// ascending) with the reason.
-    async fn deliver(&mut self, batch: &[Resident]) -> Vec<(usize, String)> {
+    async fn deliver(&mut self, batch: &mut [Resident]) -> Vec<(usize, String)> {
         loop {
+            // A series publishes the latest occurrence due by this attempt: after a long
+            // NATS outage, one catch-up fire rather than the stale one first handed out.
+            let now = time::now_ms();
+            for resident in batch.iter_mut() {
+                resident.schedule.choose_occurrence(now);
+            }
             let before = session(&self.client);
             match self.publish_with_fence(batch, &before).await {
                 Ok(failed) if session(&self.client) == before => return failed,

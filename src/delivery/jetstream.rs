@@ -225,7 +225,9 @@ impl JetStreamDelivery {
 
     /// Publishes one schedule with its reply subject; it waits in the table for its PubAck.
     /// On failure, the schedule and the error: `None` when the connection is the problem.
-    async fn publish(&mut self, resident: Resident) -> Result<(), (Resident, Option<String>)> {
+    async fn publish(&mut self, mut resident: Resident) -> Result<(), (Resident, Option<String>)> {
+        // Each attempt publishes the latest occurrence due by then (see `Firing::deliver`).
+        resident.schedule.choose_occurrence(time::now_ms());
         let schedule = &resident.schedule;
         // A series' occurrences each get their own id: the occurrence's due tells them apart.
         let (due, _) = schedule.occurrence();

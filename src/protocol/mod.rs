@@ -336,7 +336,7 @@ pub fn parse_add(
     kept.sort_by(|a, b| a.0.cmp(&b.0));
 
     let (due, recurrence) = match series.rule(limits.min_interval)? {
-        Some(rule) => series.start(rule, at, delay, now)?,
+        Some(rule) => series.start(rule, at, delay, now, limits.min_interval)?,
         None => {
             series.refuse_bounds_alone()?;
             (one_shot_due(at, delay, now)?, None)
@@ -415,7 +415,7 @@ pub fn due_of_generated_id(id: &str) -> Option<UnixMs> {
 }
 
 /// Marks the random part of a generated id that says where its segment is.
-const FAR_MARK: u128 = 1 << 79;
+pub const FAR_MARK: u128 = 1 << 79;
 const FAR_SEQ_BITS: u32 = 48;
 /// Segment seqs from this on do not fit into a [`far_id`].
 pub const FAR_SEQ_LIMIT: u64 = 1 << FAR_SEQ_BITS;

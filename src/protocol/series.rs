@@ -10,6 +10,10 @@ use super::{AT, ApiError, COUNT, CRON, DELAY, EVERY, TZ, UNTIL, parse_at, parse_
 use crate::recurrence::{Rule, Series, StartError};
 use crate::time::UnixMs;
 
+/// How many of a cron rule's first occurrences are checked against `[recurring]
+/// min_interval`.
+const GAP_SAMPLE: usize = 32;
+
 /// The series headers of one request, as given.
 #[derive(Default)]
 pub(super) struct SeriesHeaders<'a> {
@@ -40,9 +44,11 @@ impl<'a> SeriesHeaders<'a> {
             (Some(_), Some(_)) => Err(ApiError::bad_request(format!(
                 "give either {CRON} or {EVERY}, not both"
             ))),
-            (Some(expr), None) => Rule::cron(expr, self.tz)
-                .map(Some)
-                .map_err(|e| ApiError::bad_request(e.to_string())),
+            (Some(expr), None) => {
+                let rule =
+                    Rule::cron(expr, self.tz).map_err(|e| ApiError::bad_request(e.to_string()))?;
+                Ok(Some(rule))
+            }
             (None, Some(every)) => {
                 if self.tz.is_some() {
                     return Err(ApiError::bad_request(format!(
@@ -88,6 +94,7 @@ impl<'a> SeriesHeaders<'a> {
         at: Option<&str>,
         delay: Option<&str>,
         now: UnixMs,
+        min_interval: UnixMs,
     ) -> Result<(UnixMs, Option<Box<Series>>), ApiError> {
         let name = if self.cron.is_some() { CRON } else { EVERY };
         if delay.is_some() {
@@ -112,6 +119,17 @@ impl<'a> SeriesHeaders<'a> {
                     ApiError::bad_request(format!("{UNTIL} is before the series' first occurrence"))
                 }
             })?;
+        if self.cron.is_some()
+            && let Some(gap) = series.rule().shortest_gap(first, GAP_SAMPLE)
+            && gap < min_interval
+        {
+            return Err(ApiError::bad_request(format!(
+                "{CRON} fires {} apart, less than the shortest interval allowed, {} \
+                 ([recurring] min_interval)",
+                humantime::format_duration(std::time::Duration::from_millis(gap)),
+                humantime::format_duration(std::time::Duration::from_millis(min_interval))
+            )));
+        }
         Ok((first, Some(Box::new(series))))
     }
 }

@@ -417,3 +417,28 @@ fn a_series_counts_its_sequence_header_in_the_delivered_size() {
         SEQ.len() + u64::MAX.to_string().len() + ": \r\n".len()
     );
 }
+
+#[test]
+fn a_cron_rule_finer_than_min_interval_is_refused_and_a_past_start_starts_now() {
+    let strict = AddLimits {
+        min_interval: 60_000,
+        ..LIMITS
+    };
+    let add_with = |pairs: &[(&str, &str)]| {
+        parse_add(
+            "t",
+            Some(&headers(pairs)),
+            Bytes::from_static(b"p"),
+            NOW,
+            strict,
+        )
+    };
+    let error = add_with(&[(CRON, "*/10 * * * * *")]).unwrap_err();
+    assert!(error.description.contains("fires 10s apart"), "{error}");
+    assert!(add_with(&[(CRON, "* * * * *")]).is_ok());
+    // A start in the past: the series begins after receipt, in the start's phase.
+    let s = add("t", &[(EVERY, "7s"), (AT, "2026-11-30T17:00:00Z")]).unwrap();
+    assert_eq!(s.due, NOW + 5_000, "515 periods of 7 s after the start");
+    let s = add("t", &[(CRON, "@hourly"), (AT, "2001-01-01T00:00:00Z")]).unwrap();
+    assert_eq!(s.due, NOW + 3_600_000);
+}

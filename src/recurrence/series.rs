@@ -4,9 +4,9 @@
 use super::rule::Rule;
 use crate::time::UnixMs;
 
-/// Most occurrences one catch-up steps over (see [`Series::catch_up`]): it bounds the CPU a
-/// single fire can take after a long downtime of a dense cron rule.
-pub(crate) const MAX_CATCH_UP_STEPS: u64 = 100_000;
+/// Most occurrences of a cron rule one catch-up counts one by one (see [`Series::catch_up`]):
+/// it bounds the CPU a fire takes after a long downtime of a dense rule (about 4 ms).
+pub(crate) const MAX_CATCH_UP_STEPS: u64 = 10_000;
 
 /// A recurring schedule's rule and state. The schedule's `due` is the occurrence numbered
 /// `seq`: the next one to publish.
@@ -53,7 +53,9 @@ impl Series {
 
     /// A new series and its first occurrence: a cron rule's first match after `received`
     /// (at or after `start` if given); an interval's `start`, or one interval after
-    /// `received`.
+    /// `received`. A start already past when received starts the series now: a cron rule's
+    /// first match after `received`, an interval's first occurrence after it in the start's
+    /// phase (never a catch-up fire for what was never pending).
     pub(crate) fn start(
         rule: Rule,
         start: Option<UnixMs>,
@@ -61,9 +63,14 @@ impl Series {
         until: Option<UnixMs>,
         count: Option<u64>,
     ) -> Result<(Series, UnixMs), StartError> {
-        let first = match start {
-            Some(start) => rule.first_from(start),
-            None => rule.after(received),
+        let first = match (start, &rule) {
+            (Some(start), _) if start >= received => rule.first_from(start),
+            (Some(start), Rule::Every(interval)) => {
+                let periods = (received - start).div_ceil(*interval).max(1);
+                start.checked_add(periods.checked_mul(*interval).unwrap_or(UnixMs::MAX))
+            }
+            (_, Rule::Every(_)) => rule.after(received),
+            (_, Rule::Cron(_)) => rule.first_from(received.saturating_add(1)),
         }
         .ok_or(StartError::NoOccurrence)?;
         if until.is_some_and(|until| first > until) {
@@ -77,6 +84,15 @@ impl Series {
         Series::new(Rule::Every(interval_ms.max(1)), None, None, seq)
     }
 
+    /// Roughly what the series adds to its record in the store.
+    pub(crate) fn approximate_size(&self) -> usize {
+        let rule = match &self.rule {
+            Rule::Cron(rule) => rule.expr.len() + rule.zone_name.len(),
+            Rule::Every(_) => 0,
+        };
+        24 + rule
+    }
+
     /// Whether `occurrence` is inside the series' bounds.
     fn allows(&self, occurrence: Occurrence) -> bool {
         self.until.is_none_or(|until| occurrence.due <= until)
@@ -87,8 +103,9 @@ impl Series {
     /// out at `now`: the latest occurrence at or before `now` within the bounds. Occurrences
     /// missed while natsched could not fire (down, or NATS unreachable) are thus published
     /// once, as the latest of them, and counted in its number; on time, it is `due` itself.
-    /// At most [`MAX_CATCH_UP_STEPS`] are stepped over at once: after a longer gap of a dense
-    /// cron rule the next fire catches up the rest.
+    /// A cron rule's missed occurrences are counted one by one up to [`MAX_CATCH_UP_STEPS`];
+    /// past that the latest is found directly and the rest of the count is estimated from
+    /// the average period of those counted.
     pub(crate) fn catch_up(&self, due: UnixMs, now: UnixMs) -> Occurrence {
         let mut current = Occurrence { due, seq: self.seq };
         if let Rule::Every(interval) = self.rule {
@@ -108,10 +125,22 @@ impl Series {
         for _ in 0..MAX_CATCH_UP_STEPS {
             match self.next(current) {
                 Some(next) if next.due <= now => current = next,
-                _ => break,
+                _ => return current,
             }
         }
-        current
+        let limit = self.until.map_or(now, |until| until.min(now));
+        let Some(latest) = self.rule.latest_at_or_before(limit, current.due) else {
+            return current;
+        };
+        let counted = current.seq - self.seq;
+        let period = ((current.due - due) / counted.max(1)).max(1);
+        let seq = current
+            .seq
+            .saturating_add(((latest - current.due) / period).max(1));
+        Occurrence {
+            due: latest,
+            seq: self.count.map_or(seq, |count| seq.min(count)),
+        }
     }
 
     /// The occurrence after `fired`, if the series has one.

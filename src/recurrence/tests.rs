@@ -137,6 +137,7 @@ fn aliases_and_six_fields() {
 fn bad_expressions_and_zones_are_refused_by_name() {
     for expr in [
         "",
+        &"1,".repeat(200),
         "* * * *",
         "* * * * * * *",
         "61 * * * *",
@@ -273,16 +274,70 @@ fn a_late_fire_catches_up_once_with_the_skipped_ones_counted() {
             seq: 61
         }
     );
-    // A gap longer than one catch-up steps over: the rest on the next fire.
+    // A gap longer than the counted steps: still the latest occurrence, in one fire, its
+    // number estimated from the period (exact for a regular rule).
     let secondly = Series::new(cron("* * * * * *", "UTC"), None, None, 1);
-    let far = secondly.catch_up(start, start + 10 * MAX_CATCH_UP_STEPS * 1_000);
+    let far = secondly.catch_up(start, start + 10 * MAX_CATCH_UP_STEPS * 1_000 + 500);
     assert_eq!(
         far,
         Occurrence {
-            due: start + MAX_CATCH_UP_STEPS * 1_000,
-            seq: MAX_CATCH_UP_STEPS + 1
+            due: start + 10 * MAX_CATCH_UP_STEPS * 1_000,
+            seq: 10 * MAX_CATCH_UP_STEPS + 1
         }
     );
+    // ... and within Until.
+    let until = Series::new(
+        cron("* * * * * *", "UTC"),
+        Some(start + 20 * MAX_CATCH_UP_STEPS * 1_000),
+        None,
+        1,
+    );
+    assert_eq!(
+        until
+            .catch_up(start, start + 30 * MAX_CATCH_UP_STEPS * 1_000)
+            .due,
+        start + 20 * MAX_CATCH_UP_STEPS * 1_000
+    );
+}
+
+#[test]
+fn a_start_already_past_starts_the_series_now() {
+    let received = at("2026-06-01T12:00:00.300Z");
+    let start = at("2026-06-01T11:00:00Z");
+    // An interval keeps its phase: the first occurrence after receipt.
+    let (series, first) =
+        Series::start(Rule::Every(7_000), Some(start), received, None, None).unwrap();
+    assert_eq!((first, series.seq), (start + 515 * 7_000, 1));
+    assert!(first >= received && first - received < 7_000);
+    // A cron rule: its first match after receipt.
+    let (_, first) =
+        Series::start(cron("* * * * *", "UTC"), Some(start), received, None, None).unwrap();
+    assert_eq!(first, at("2026-06-01T12:01:00Z"));
+}
+
+#[test]
+fn impossible_rules_are_found_out_quickly_and_gaps_measured() {
+    let from = at("2026-01-01T00:00:00Z");
+    for expr in ["0 0 30 2 *", "0 0 31 4 *", "0 0 31 6,9,11 *"] {
+        let rule = cron(expr, "UTC");
+        assert_eq!(rule.first_from(from), None, "{expr}");
+        assert_eq!(
+            Series::start(rule, None, from, None, None),
+            Err(StartError::NoOccurrence)
+        );
+    }
+    // Feb 29th on a Monday (day-of-month AND day-of-week): rare, but there (2044).
+    let rule = cron("0 0 29 2 +MON", "UTC");
+    assert_eq!(rule.first_from(from), Some(at("2044-02-29T00:00:00Z")));
+    assert_eq!(
+        cron("*/10 * * * * *", "UTC").shortest_gap(from, 32),
+        Some(10_000)
+    );
+    assert_eq!(
+        cron("0,1 0 * * *", "UTC").shortest_gap(from, 32),
+        Some(60_000)
+    );
+    assert_eq!(Rule::Every(1_500).shortest_gap(from, 32), Some(1_500));
 }
 
 #[test]

@@ -39,10 +39,13 @@ const PROBE_FILE: &str = "natsched.probe";
 const PROBE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The version of the store format written by this build, kept under the `mformat` key.
+/// Version 4: segments may hold recurring schedules (segment format 3); a format 3 store is
+/// marked 4 when opened (nothing else changes), so a build that knows only 3 refuses it
+/// instead of taking such segments for damage.
 /// Version 3: every id natsched generates names its segment's seq (see [`Store::locate`]).
 /// Version 2 (far segments, compact segment format 2) is upgraded in place when opened.
 /// Version 1 was only ever written by development builds, so it is refused.
-pub const STORE_FORMAT: u8 = 3;
+pub const STORE_FORMAT: u8 = 4;
 
 /// What went wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -483,6 +486,11 @@ impl Store {
     fn check_format(&mut self, path: &Path) -> Result<(), StoreError> {
         match self.db()?.get(keys::FORMAT_KEY)?.as_deref() {
             Some([STORE_FORMAT]) => {}
+            Some([3]) => {
+                self.db()?.insert(keys::FORMAT_KEY, &[STORE_FORMAT])?;
+                self.db()?.flush()?;
+                tracing::info!("store marked format 4 (recurring schedules)");
+            }
             Some([2]) => self.upgrade_from_2()?,
             Some(other) => {
                 return Err(StoreError::Format {
@@ -535,7 +543,10 @@ impl Store {
         batch.insert(keys::FORMAT_KEY, &[STORE_FORMAT]);
         self.db()?.apply_batch(batch)?;
         self.db()?.flush()?;
-        tracing::info!(legacy_until, "store upgraded from format 2 to 3");
+        tracing::info!(
+            legacy_until,
+            "store upgraded from format 2 to {STORE_FORMAT}"
+        );
         Ok(())
     }
 

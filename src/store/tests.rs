@@ -357,7 +357,7 @@ fn format_2_stores_are_upgraded_and_their_random_ids_still_found() {
             .unwrap()
             .unwrap()
             .as_ref(),
-        [3]
+        [STORE_FORMAT]
     );
     assert_eq!(store.legacy_ids_until, 10_000, "the end of the last bucket");
     assert_eq!(store.locate(&legacy).unwrap(), Some(key(1_200, 3)));
@@ -365,4 +365,26 @@ fn format_2_stores_are_upgraded_and_their_random_ids_still_found() {
     assert_eq!(store.next_seq().unwrap(), 78, "seq 77 is never handed out");
     // Ids due after the last legacy bucket are never searched for.
     assert_eq!(store.locate(&protocol::generated_id(10_050)).unwrap(), None);
+}
+
+#[test]
+fn format_3_stores_are_marked_4_and_newer_ones_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        store.db().unwrap().insert(keys::FORMAT_KEY, &[3]).unwrap();
+        store.flush().unwrap();
+    }
+    let format = |store: &Store| store.db().unwrap().get(keys::FORMAT_KEY).unwrap().unwrap();
+    {
+        let store = open(dir.path());
+        assert_eq!(format(&store).as_ref(), [4]);
+        store.db().unwrap().insert(keys::FORMAT_KEY, &[5]).unwrap();
+        store.flush().unwrap();
+    }
+    let refused = Store::open(&StoreOptions {
+        path: dir.path().to_owned(),
+        cache_capacity: 1 << 20,
+    });
+    assert!(matches!(refused, Err(StoreError::Format { found: 5, .. })));
 }
