@@ -142,3 +142,79 @@ async fn check_config_accepts_the_examples_and_names_a_bad_key() {
         "{out:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recurring_schedules_from_the_command_line() {
+    let (server, _store, daemon, client) = setup(|_| {}).await;
+    let mut sub = subscribe(&client, "beat").await;
+    let out = natsched(args(
+        &[
+            "schedule",
+            "reports.daily",
+            "r",
+            "--cron",
+            "0 6 * * MON-FRI",
+            "--tz",
+            "Europe/Berlin",
+            "--id",
+            "daily",
+            "--until",
+            "2030-01-01T00:00:00Z",
+        ],
+        &server,
+    ))
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let out = natsched(args(&["get", "daily"], &server)).await;
+    let shown = stdout(&out);
+    for line in [
+        "cron: 0 6 * * MON-FRI",
+        "tz: Europe/Berlin",
+        "next_seq: 1",
+        "fired: 0",
+    ] {
+        assert!(shown.contains(line), "{line:?} in {shown}");
+    }
+    let out = natsched(args(
+        &[
+            "schedule", "beat", "b", "--every", "1s", "--count", "2", "--json",
+        ],
+        &server,
+    ))
+    .await;
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for seq in ["1", "2"] {
+        let message = next(&mut sub).await;
+        assert_eq!(sched_id(&message), reply["id"].as_str().unwrap());
+        let headers = message.headers.as_ref().unwrap();
+        assert_eq!(headers.get("Sched-Seq").unwrap().as_str(), seq);
+    }
+    // --tz needs --cron (clap), and the daemon refuses what does not combine.
+    let out = natsched(args(
+        &["schedule", "x", "--every", "1s", "--tz", "UTC"],
+        &server,
+    ))
+    .await;
+    assert!(!out.status.success());
+    let out = natsched(args(
+        &["schedule", "x", "--every", "1s", "--in", "1s"],
+        &server,
+    ))
+    .await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("400"),
+        "{out:?}"
+    );
+    // A value NATS cannot carry is refused by the client itself, cleanly.
+    let out = natsched(args(
+        &["schedule", "x", "--cron", "* * * * *\r\nX: y"],
+        &server,
+    ))
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid header"),
+        "{out:?}"
+    );
+    daemon.stop().await;
+}

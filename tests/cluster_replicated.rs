@@ -672,3 +672,65 @@ async fn with_jetstream_intake_requests_sent_during_a_failover_wait_and_all_fire
     wait_delivered(&seen, &wanted, Duration::from_secs(60)).await;
     assert_ne!(instances.leader(), leader);
 }
+
+/// A series is one replicated record: after `kill -9` of the leader the new leader goes on
+/// from the state the old one recorded through the log (its numbering, not from 1), with one
+/// catch-up fire for the occurrences due during the takeover, then the cadence.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_series_goes_on_from_its_replicated_state_after_the_leader_dies() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = NatsCluster::start().await;
+    let mut instances = Instances::start(&cluster, 2);
+    let client = cluster.client().await;
+    wait_ready(&client, "sched").await;
+    let leader = instances.leader();
+    let mut sub = client.subscribe("series.ha").await.unwrap();
+    client.flush().await.unwrap();
+    let seq = |m: &async_nats::Message| -> u64 {
+        m.headers
+            .as_ref()
+            .unwrap()
+            .get("Sched-Seq")
+            .unwrap()
+            .as_str()
+            .parse()
+            .unwrap()
+    };
+    let due = |m: &async_nats::Message| -> u64 {
+        let ts: jiff::Timestamp = m
+            .headers
+            .as_ref()
+            .unwrap()
+            .get("Sched-Due")
+            .unwrap()
+            .as_str()
+            .parse()
+            .unwrap();
+        ts.as_millisecond() as u64
+    };
+    schedule(
+        &client,
+        "series.ha",
+        &[("Sched-Every", "1s"), ("Sched-Id", "ha")],
+    )
+    .await;
+    let mut last = 0;
+    while last < 3 {
+        last = seq(&next(&mut sub).await);
+    }
+    instances.daemons[leader].take().unwrap().kill_9();
+    // The old leader's last occurrence may come again (fired, its successor not yet in the
+    // log); then one catch-up fire numbered past everything before, then the cadence.
+    let mut message = next(&mut sub).await;
+    while seq(&message) <= last {
+        message = next(&mut sub).await;
+    }
+    let caught = seq(&message);
+    assert!(caught > last, "numbering went on: {caught} after {last}");
+    for n in 1..=2 {
+        let following = next(&mut sub).await;
+        assert_eq!(seq(&following), caught + n, "no burst of stale fires");
+        assert_eq!(due(&following), due(&message) + n * 1000);
+    }
+    assert_ne!(instances.leader(), leader);
+}

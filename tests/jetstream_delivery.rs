@@ -293,3 +293,42 @@ async fn a_nats_outage_delays_deliveries_and_loses_none() {
     assert!(dues == sorted, "delivered oldest first");
     daemon.terminate();
 }
+
+/// Each occurrence of a series has its own `Nats-Msg-Id`, `<id>:<due ms>`, so the stream's
+/// duplicate window drops re-sends of one occurrence but keeps every occurrence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_series_gives_each_occurrence_its_own_message_id() {
+    let server = NatsServer::start_jetstream();
+    let store = tempfile::tempdir().unwrap();
+    let mut config = config(&server, store.path());
+    config.recurring.min_interval = Duration::from_millis(200);
+    let daemon = Daemon::start(config).await;
+    let client = connect(&server).await;
+    let js = jetstream::new(client.clone());
+    create_stream(&js, "TICKS", "ticks.>").await;
+    let (id, first) = schedule(
+        &client,
+        "ticks.a",
+        &[
+            ("Sched-Every", "200ms"),
+            ("Sched-Count", "4"),
+            ("Sched-Deliver", "jetstream"),
+        ],
+    )
+    .await;
+    wait_count(&js, "TICKS", 4).await;
+    let all = read_all(&js, "TICKS").await;
+    let got: Vec<(String, String)> = all
+        .iter()
+        .map(|m| {
+            let seq = header(m, "Sched-Seq").unwrap().to_owned();
+            (header(m, "Nats-Msg-Id").unwrap().to_owned(), seq)
+        })
+        .collect();
+    let expected: Vec<(String, String)> = (0..4u64)
+        .map(|n| (format!("{id}:{}", first + n * 200), (n + 1).to_string()))
+        .collect();
+    assert_eq!(got, expected);
+    stats_when(&client, |s| s["pending"] == 0).await;
+    daemon.stop().await;
+}

@@ -576,6 +576,29 @@ fn request_headers() -> impl Strategy<Value = Vec<(String, String)>> {
         prop::sample::select(vec!["Sched-Id", "sched-id"]),
         prop_oneof![3 => "[A-Za-z0-9._:-]{1,20}", 1 => any_header_value()],
     );
+    // Series headers: plausible values, hostile ones, and every name a series uses.
+    let series = prop::collection::vec(
+        (
+            prop::sample::select(vec![
+                "Sched-Cron",
+                "sched-cron",
+                "Sched-TZ",
+                "Sched-Every",
+                "Sched-Until",
+                "Sched-Count",
+            ]),
+            prop_oneof![
+                2 => prop::sample::select(vec![
+                    "*/5 * * * *", "0 0 30 2 *", "@daily", "* * * * * *", "Europe/Berlin",
+                    "Mars/Base", "../../etc/passwd", "1s", "10ms", "3", "0",
+                    "2030-01-01T00:00:00Z", "0 0 1 * +1#5",
+                ])
+                .prop_map(str::to_owned),
+                1 => any_header_value(),
+            ],
+        ),
+        0..3,
+    );
     (
         prop_oneof![
             3 => at.prop_map(|(n, v)| Some((n.to_owned(), v))),
@@ -585,9 +608,11 @@ fn request_headers() -> impl Strategy<Value = Vec<(String, String)>> {
         prop::option::of(id.prop_map(|(n, v)| (n.to_owned(), v))),
         prop::collection::vec((any_header_name(), any_header_value()), 0..4),
         any::<bool>(),
+        series,
     )
-        .prop_map(|(time, id, others, others_first)| {
-            let ours = time.into_iter().chain(id);
+        .prop_map(|(time, id, others, others_first, series)| {
+            let series = series.into_iter().map(|(n, v)| (n.to_owned(), v));
+            let ours = time.into_iter().chain(id).chain(series);
             if others_first {
                 others.into_iter().chain(ours).collect()
             } else {
@@ -640,12 +665,29 @@ proptest! {
         prop_assert!(!target.is_empty());
         prop_assert!(target.split('.').all(|t| !t.is_empty() && t != "*" && t != ">"));
         prop_assert_eq!(&schedule.subject, &target);
-        // Exactly one time header, at most one id, no unknown reserved name.
+        // Exactly one time header (or one rule, with at most a start), at most one id, no
+        // unknown reserved name.
         let count = |name: &str| held.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).count();
-        prop_assert_eq!(count(AT) + count(DELAY), 1, "{:?}", held);
+        let rules = count(protocol::CRON) + count(protocol::EVERY);
+        match rules {
+            0 => {
+                prop_assert_eq!(count(AT) + count(DELAY), 1, "{:?}", held);
+                prop_assert_eq!(&schedule.recurrence, &None);
+                let bounds = count(protocol::TZ) + count(protocol::UNTIL) + count(protocol::COUNT);
+                prop_assert_eq!(bounds, 0, "{:?}", held);
+            }
+            _ => {
+                prop_assert_eq!(rules, 1, "{:?}", held);
+                prop_assert_eq!(count(DELAY), 0);
+                prop_assert!(count(AT) <= 1);
+                prop_assert!(schedule.recurrence.is_some());
+                prop_assert!(schedule.due > now || count(AT) == 1 && schedule.due >= now);
+            }
+        }
         prop_assert!(count(ID) <= 1);
+        let known = [AT, DELAY, ID, protocol::CRON, protocol::EVERY, protocol::TZ, protocol::UNTIL, protocol::COUNT];
         prop_assert!(held.iter().all(|(n, _)| !is_reserved(n)
-            || [AT, DELAY, ID].iter().any(|k| n.eq_ignore_ascii_case(k))));
+            || known.iter().any(|k| n.eq_ignore_ascii_case(k))));
         // Everything else verbatim: per name in order, names sorted.
         let mut kept: Vec<(String, String)> =
             held.iter().filter(|(n, _)| !is_reserved(n)).cloned().collect();
@@ -656,7 +698,6 @@ proptest! {
         prop_assert_eq!(schedule.created, now);
         prop_assert!(schedule.due <= MAX_MS);
         prop_assert_eq!(schedule.delivery, Delivery::Core);
-        prop_assert_eq!(&schedule.recurrence, &None);
         // The id: the caller's, or none yet (the store writer names it).
         match held.iter().find(|(n, _)| n.eq_ignore_ascii_case(ID)) {
             Some((_, id)) => {
