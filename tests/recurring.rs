@@ -202,12 +202,14 @@ async fn cancel_ends_the_series_and_the_same_id_replaces_it() {
         &[("Sched-Every", "100ms"), ("Sched-Id", "s")],
     )
     .await;
-    let mut seen_b = 0;
+    let (mut seen_b, mut last_b) = (0, 0);
     while seen_b < 5 {
         let message = next(&mut sub).await;
         if message.subject.as_str() == "t.b" {
+            // From 1 up (a busy machine may catch up over one).
             seen_b += 1;
-            assert_eq!(seq(&message), seen_b);
+            assert!(seq(&message) > last_b && (seen_b > 1 || seq(&message) == 1));
+            last_b = seq(&message);
         } else {
             // At most the occurrence that was already being delivered.
             assert!(

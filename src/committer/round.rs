@@ -114,6 +114,8 @@ pub struct Round {
     damaged: HashSet<SegmentKey>,
     /// Requests without a reply subject that were refused.
     unanswered_errors: u64,
+    /// Series this round moves on to their next occurrence (see [`Round::advance`]).
+    advanced: HashSet<String>,
 }
 
 /// What a request's reply will say if the round commits.
@@ -418,6 +420,7 @@ impl Round {
         self.ledger.add(capacity.mask(&next.subject));
         let bucket = bucket_of(next.due);
         self.places.insert(next.id.clone(), Place::New(bucket));
+        self.advanced.insert(next.id.clone());
         self.new.entry(bucket).or_default().push(next);
     }
 
@@ -480,9 +483,12 @@ impl Round {
         }
     }
 
-    /// Stages the write of a new segment and the index entries of its caller ids.
+    /// Stages the write of a new segment and the index entries of its caller ids (but for
+    /// series moving on: their entries stay, see `Store::locate_indexed`).
     pub fn write_segment(&mut self, key: SegmentKey, schedules: &[Schedule]) {
-        self.batch.put_new_segment(key, schedules);
+        let advanced = &self.advanced;
+        self.batch
+            .put_new_segment_indexing(key, schedules, |s| !advanced.contains(s.id.as_str()));
     }
 
     /// The batch to commit and the wheel changes to send after it. The batch records the

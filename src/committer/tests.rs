@@ -46,7 +46,7 @@ impl Harness {
         for (seq, s) in existing.iter().enumerate() {
             let key = SegmentKey::fine(bucket_of(s.due), seq as u64 + 1);
             batch.put_segment(key, [s]);
-            batch.index(&s.id, key);
+            batch.index_schedule(s, key);
         }
         if !existing.is_empty() {
             batch.set_next_seq(existing.len() as u64 + 1);

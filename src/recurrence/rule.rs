@@ -108,6 +108,19 @@ impl Rule {
         (next <= time::MAX_MS).then_some(next)
     }
 
+    /// The first occurrence after instant `at` of a series that had an occurrence at
+    /// `anchor` (an interval's occurrences are `anchor` plus whole intervals).
+    pub(crate) fn next_after(&self, anchor: UnixMs, at: UnixMs) -> Option<UnixMs> {
+        match self {
+            Rule::Every(interval) if at < anchor => Some(anchor),
+            Rule::Every(interval) => {
+                let periods = ((at - anchor) / interval.max(&1)).checked_add(1)?;
+                anchor.checked_add(periods.checked_mul(*interval)?)
+            }
+            Rule::Cron(_) => self.after(at),
+        }
+    }
+
     /// The first occurrence at or after `from` (a cron rule's; an interval's first occurrence
     /// is wherever its series starts). `None` also for a cron rule matching no day within
     /// 28 years of `from`.

@@ -27,9 +27,14 @@ pub use windows::Window;
 
 use crate::protocol;
 use crate::record::{DecodeError, Schedule};
-use crate::time::UnixMs;
+use crate::recurrence::Series;
+use crate::time::{self, UnixMs};
 use segment::Salvage;
 
+/// Bytes of a segment key at the start of an index entry.
+const INDEXED_KEY_LEN: usize = 17;
+/// How many of a series' next occurrences [`Store::locate_series`] looks at.
+const SERIES_FORWARD_PROBES: usize = 4;
 /// How often [`Store::get`] follows a schedule that moved while it was being read.
 const GET_ATTEMPTS: usize = 3;
 /// How long opening waits for the store's lock (see [`Store::open`]).
@@ -302,10 +307,34 @@ impl WriteBatch {
 
     /// Writes the new segment `key` holding `schedules` and indexes their caller-chosen ids.
     pub fn put_new_segment(&mut self, key: SegmentKey, schedules: &[Schedule]) {
+        self.put_new_segment_indexing(key, schedules, |_| true);
+    }
+
+    /// [`WriteBatch::put_new_segment`], indexing only the caller ids `index` says: a series'
+    /// successor keeps the index entry of its series (see [`Store::locate_indexed`]).
+    pub fn put_new_segment_indexing(
+        &mut self,
+        key: SegmentKey,
+        schedules: &[Schedule],
+        index: impl Fn(&Schedule) -> bool,
+    ) {
         self.put_segment(key, schedules);
-        for schedule in schedules.iter().filter(|s| s.caller_id) {
-            self.index(&schedule.id, key);
+        for schedule in schedules.iter().filter(|s| s.caller_id && index(s)) {
+            self.index_schedule(schedule, key);
         }
+    }
+
+    /// Points the id of `schedule` at segment `key`; for a series, with what finds it after
+    /// it has moved on (its due and rule).
+    pub fn index_schedule(&mut self, schedule: &Schedule, key: SegmentKey) {
+        let Some(series) = schedule.recurrence.as_deref() else {
+            return self.index(&schedule.id, key);
+        };
+        let mut value = Vec::with_capacity(64);
+        value.extend_from_slice(&key.to_bytes());
+        value.extend_from_slice(&schedule.due.to_be_bytes());
+        series.encode_into(&mut value);
+        self.insert(keys::id_key(&schedule.id), value);
     }
 
     /// Writes an already encoded segment (see [`segment::without`]), or removes the segment
@@ -767,7 +796,7 @@ impl Store {
     /// bucket while any may still be pending.)
     pub fn locate(&self, id: &str) -> Result<Option<SegmentKey>, StoreError> {
         if let Some(value) = self.db()?.get(keys::id_key(id))? {
-            return Ok(SegmentKey::from_bytes(&value));
+            return self.indexed_at(id, &value);
         }
         if let Some((due, seq, _)) = protocol::far_parts(id) {
             for key in [
@@ -788,12 +817,117 @@ impl Store {
     }
 
     /// The segment the caller-chosen id `id` is indexed to, if it is pending: one lookup (a
-    /// pending caller id is always indexed).
+    /// pending caller id is always indexed), or for a series a few (see
+    /// [`Store::locate_series`]).
     pub fn locate_indexed(&self, id: &str) -> Result<Option<SegmentKey>, StoreError> {
-        Ok(self
-            .db()?
-            .get(keys::id_key(id))?
-            .and_then(|value| SegmentKey::from_bytes(&value)))
+        match self.db()?.get(keys::id_key(id))? {
+            Some(value) => self.indexed_at(id, &value),
+            None => Ok(None),
+        }
+    }
+
+    /// Where the index entry `value` of `id` says it is.
+    fn indexed_at(&self, id: &str, value: &[u8]) -> Result<Option<SegmentKey>, StoreError> {
+        let Some(key) = value
+            .get(..INDEXED_KEY_LEN)
+            .and_then(SegmentKey::from_bytes)
+        else {
+            return Ok(None);
+        };
+        match value.get(INDEXED_KEY_LEN..) {
+            Some([]) | None => Ok(Some(key)),
+            Some(series) => self.locate_series(id, key, series),
+        }
+    }
+
+    /// Finds a series. Its index entry is written when it is scheduled (or replaced, or its
+    /// far segment migrated), not each time it fires: the store writer moves it to its next
+    /// occurrence without touching the index, which at 100 000 fires a second is most of
+    /// what firing a series would cost. The entry keeps where it was stored then, its due
+    /// there and its rule, which is enough to find it:
+    ///
+    /// * where it was indexed, if it has not fired since;
+    /// * otherwise at its first occurrence after now (where the writer puts a series that
+    ///   fired: after the occurrence it published, which was at most now), or one of the
+    ///   few after that (the wall clock may have stepped back);
+    /// * otherwise it is due by now and waits to fire (or is firing): somewhere between
+    ///   where it was indexed and now, a range that only ever holds what is overdue.
+    fn locate_series(
+        &self,
+        id: &str,
+        indexed: SegmentKey,
+        rest: &[u8],
+    ) -> Result<Option<SegmentKey>, StoreError> {
+        if let Some(raw) = self.raw_segment(indexed)?
+            && segment::holds_id(raw.as_ref(), id)
+        {
+            return Ok(Some(indexed));
+        }
+        let Some((due, series)) = rest
+            .split_first_chunk::<8>()
+            .and_then(|(due, rule)| Some((u64::from_be_bytes(*due), Series::decode(rule).ok()?)))
+        else {
+            return Ok(None);
+        };
+        let now = time::now_ms();
+        let mut at = now;
+        for _ in 0..SERIES_FORWARD_PROBES {
+            let Some(next) = series.rule().next_after(due, at) else {
+                break;
+            };
+            let (fine, far) = (bucket_of(next), far_bucket_of(next));
+            let ranges = [
+                (
+                    SegmentKey::start_of(fine),
+                    SegmentKey::start_of(fine + BUCKET_MS),
+                ),
+                (
+                    SegmentKey::far(far, 0),
+                    SegmentKey::far(far + FAR_BUCKET_MS, 0),
+                ),
+            ];
+            if let Some(found) = self.search_ranges(id, ranges)? {
+                return Ok(Some(found));
+            }
+            at = next;
+        }
+        let (fine_end, far_end) = (
+            bucket_of(now) + BUCKET_MS,
+            far_bucket_of(now) + FAR_BUCKET_MS,
+        );
+        let ranges = [
+            (
+                SegmentKey::start_of(bucket_of(due)),
+                SegmentKey::start_of(fine_end),
+            ),
+            (
+                SegmentKey::far(far_bucket_of(due), 0),
+                SegmentKey::far(far_end, 0),
+            ),
+        ];
+        self.search_ranges(id, ranges)
+    }
+
+    /// The first segment in the key ranges `ranges` holding `id`.
+    fn search_ranges(
+        &self,
+        id: &str,
+        ranges: [(SegmentKey, SegmentKey); 2],
+    ) -> Result<Option<SegmentKey>, StoreError> {
+        for (from, to) in ranges {
+            if from >= to {
+                continue;
+            }
+            for item in self.db()?.range(from.to_bytes()..to.to_bytes()) {
+                let (key, value) = item?;
+                if let Some(key) = SegmentKey::from_bytes(&key)
+                    && segment::holds_id(&value, id)
+                {
+                    return Ok(Some(key));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Searches the fine bucket of `due` for the generated id `id` (store format 2's ids),

@@ -352,6 +352,17 @@ pub fn entries_salvaging(bytes: &[u8]) -> (Vec<Entry<'_>>, bool) {
     (out, damaged || walked.is_err())
 }
 
+/// Whether the readable part of the segment holds a schedule with this id, however its id is
+/// stored. Never fails: damage elsewhere in the segment does not hide it.
+pub fn holds_id(bytes: &[u8], wanted: &str) -> bool {
+    let mut found = false;
+    let _ = records(bytes, |entry, _| {
+        found |= entry.is_ok_and(|e| e.id() == wanted);
+        Ok(())
+    });
+    found
+}
+
 /// Whether the readable part of the segment holds a schedule with this id that was *not*
 /// indexed (a generated id). Never fails: damage elsewhere in the segment does not hide it.
 pub fn finds_generated_id(bytes: &[u8], wanted: &str) -> bool {

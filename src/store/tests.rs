@@ -388,3 +388,84 @@ fn format_3_stores_are_marked_4_and_newer_ones_refused() {
     });
     assert!(matches!(refused, Err(StoreError::Format { found: 5, .. })));
 }
+
+/// A series every `every` ms at its occurrence `seq`, due at `due`.
+fn series(id: &str, due: UnixMs, every: UnixMs, seq: u64) -> Schedule {
+    Schedule {
+        recurrence: Some(Box::new(Series::every(every, seq))),
+        ..schedule(id, due, true)
+    }
+}
+
+/// Moves the series `id` from `from` to a new segment of its due, as the store writer does
+/// when it fires: without touching the index.
+fn move_series(store: &Store, id: &str, from: SegmentKey, to: Schedule, seq: u64) -> SegmentKey {
+    let to_key = key(bucket_of(to.due), seq);
+    let mut batch = WriteBatch::default();
+    batch.put_raw_segment(from, None);
+    batch.put_new_segment_indexing(to_key, &[to], |s| s.id != id);
+    store.commit(batch).unwrap();
+    to_key
+}
+
+#[test]
+fn a_series_is_found_after_it_moved_on_without_its_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let now = time::now_ms();
+    // Scheduled an hour ago, every 10 s: indexed where it began.
+    let start = now - 3_600_000;
+    let first = key(bucket_of(start), 1);
+    let mut batch = WriteBatch::default();
+    batch.put_new_segment(first, &[series("s", start, 10_000, 1)]);
+    batch.put_new_segment(key(bucket_of(start), 2), &[schedule("plain", start, true)]);
+    store.commit(batch).unwrap();
+    assert_eq!(store.locate("s").unwrap(), Some(first));
+
+    // Fired on time ever since: now at its first occurrence after now.
+    let next = start + (3_600_000 / 10_000 + 1) * 10_000;
+    let moved = move_series(&store, "s", first, series("s", next, 10_000, 362), 3);
+    assert_eq!(store.locate("s").unwrap(), Some(moved));
+    assert_eq!(store.get("s").unwrap().unwrap().due, next);
+    assert_eq!(store.locate_indexed("s").unwrap(), Some(moved));
+
+    // Overdue (firing, or NATS was away): somewhere between where it began and now.
+    let overdue = start + 1_800_000;
+    let stuck = move_series(&store, "s", moved, series("s", overdue, 10_000, 181), 4);
+    assert_eq!(store.locate("s").unwrap(), Some(stuck));
+
+    // Gone (ended, or cancelled without unindexing yet): not found anywhere, and the
+    // one-shot schedules' entries are as they were.
+    let mut batch = WriteBatch::default();
+    batch.put_raw_segment(stuck, None);
+    store.commit(batch).unwrap();
+    assert_eq!(store.locate("s").unwrap(), None);
+    assert_eq!(store.get("s").unwrap(), None);
+    assert_eq!(
+        store.locate("plain").unwrap(),
+        Some(key(bucket_of(start), 2))
+    );
+}
+
+#[test]
+fn a_cron_series_is_found_at_its_next_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let now = time::now_ms();
+    let rule = crate::recurrence::Rule::cron("*/2 * * * * *", Some("Asia/Kolkata")).unwrap();
+    let started = Schedule {
+        recurrence: Some(Box::new(Series::new(rule.clone(), None, None, 1))),
+        ..schedule("c", now - 60_000 - now % 2_000, true)
+    };
+    let first = key(bucket_of(started.due), 1);
+    let mut batch = WriteBatch::default();
+    batch.put_new_segment(first, std::slice::from_ref(&started));
+    store.commit(batch).unwrap();
+    let next = rule.after(now).unwrap();
+    let moved = Schedule {
+        due: next,
+        ..started
+    };
+    let at = move_series(&store, "c", first, moved, 2);
+    assert_eq!(store.locate("c").unwrap(), Some(at));
+}
