@@ -26,9 +26,11 @@
 //! leaves the far segment in place). The loader never passes the migration cursor, so it
 //! cannot miss a schedule still waiting in a far segment.
 //!
-//! Fired schedules are removed from their segments in bulk every `FIRED_FLUSH`: deletions
-//! need no fsync of their own (a crash only means a second delivery), and batching them turns
-//! many small segment rewrites into few.
+//! Fired schedules are removed from their segments in bulk every `FIRED_FLUSH`, once their
+//! fine bucket has ended: deletions need no fsync of their own (a crash only means a second
+//! delivery), and batching them turns many small segment rewrites into few, mostly whole
+//! deletions. A fired occurrence of a recurring schedule is replaced by its successor in the
+//! same batch (see [`crate::recurrence`]).
 //!
 //! **Limits** (`limits.max_pending`, quotas) are checked here, against the pending counts
 //! the writer keeps in a [`Ledger`] and persists with every round (see [`crate::policy`]).
@@ -267,8 +269,22 @@ impl Committer {
                 || self
                     .fired_since
                     .is_some_and(|since| since.elapsed() >= FIRED_FLUSH);
+            // Fired copies of a fine bucket that is still being handed out wait for it to
+            // end: its segment then leaves whole, instead of being rewritten half-fired
+            // first (which, at 100 000 fires a second of series, is a third of what the
+            // store writes).
+            let unfinished = match flush_fired && !closed {
+                true => self.unfinished_buckets(),
+                false => Vec::new(),
+            };
             if !commands.is_empty() || flush_fired {
                 self.round(commands.drain(..), flush_fired);
+            }
+            if !unfinished.is_empty() {
+                for (key, fired) in unfinished {
+                    self.fired.entry(key).or_default().extend(fired);
+                }
+                self.fired_since.get_or_insert_with(Instant::now);
             }
             self.compact();
             if closed {
@@ -276,6 +292,14 @@ impl Committer {
             }
         }
         self.store.close()
+    }
+
+    /// Takes the fired copies out of fine segments whose bucket has not ended yet.
+    fn unfinished_buckets(&mut self) -> Vec<(SegmentKey, Vec<Fired>)> {
+        let now = time::now_ms();
+        self.fired
+            .extract_if(|key, _| key.tier == Tier::Fine && key.bucket + BUCKET_MS > now)
+            .collect()
     }
 
     /// Applies one round of commands atomically; see [`Round`].
