@@ -74,6 +74,9 @@ use round::{Fired, MAX_FAR_SEGMENT_BYTES, MAX_SEGMENT_BYTES, Round, SPARSE_BYTES
 const IDLE_TICK: Duration = Duration::from_millis(20);
 /// Most schedules loaded from disk per round, so loading never stalls group commits for long.
 const LOAD_CHUNK: usize = 16_384;
+/// A fired series whose successor is due within this is removed (and moved on) at the next
+/// flush, even if its bucket has not ended.
+const SUCCESSOR_SOON: UnixMs = 500;
 /// How long fired schedules may wait before they are removed from the store.
 const FIRED_FLUSH: Duration = Duration::from_millis(100);
 /// While the store cannot be written, loading stops once this many times
@@ -164,6 +167,8 @@ pub struct Committer {
     /// Replicated mode: counts corrected at start, recorded through the log first thing on
     /// the writer's thread (standalone, they are recorded at once).
     ledger_fix: Option<WriteBatch>,
+    /// The latest wall-clock reading committed (see `WriteBatch::set_clock_mark`).
+    clock_mark: UnixMs,
 }
 
 impl Committer {
@@ -212,6 +217,7 @@ impl Committer {
             log,
             deposed: false,
             ledger_fix,
+            clock_mark: 0,
         };
         committer.publish_ledger();
         Ok(committer)
@@ -294,11 +300,19 @@ impl Committer {
         self.store.close()
     }
 
-    /// Takes the fired copies out of fine segments whose bucket has not ended yet.
+    /// Takes the fired copies out of fine segments whose bucket has not ended yet, but for
+    /// those holding a series whose next occurrence is near (its successor must not wait).
     fn unfinished_buckets(&mut self) -> Vec<(SegmentKey, Vec<Fired>)> {
         let now = time::now_ms();
+        let soon = now + SUCCESSOR_SOON;
         self.fired
-            .extract_if(|key, _| key.tier == Tier::Fine && key.bucket + BUCKET_MS > now)
+            .extract_if(|key, fired| {
+                key.tier == Tier::Fine
+                    && key.bucket + BUCKET_MS > now
+                    && fired
+                        .iter()
+                        .all(|f| f.next.as_ref().is_none_or(|next| next.due > soon))
+            })
             .collect()
     }
 
@@ -591,6 +605,7 @@ impl Committer {
         {
             let quotas = capacity.mask(&schedule.subject);
             let caller_id = schedule.caller_id;
+            let series = schedule.recurrence.is_some();
             let (copy, next) = match successor(&schedule) {
                 // A series goes on: the schedule becomes its successor.
                 Some((series, due)) => {
@@ -614,6 +629,7 @@ impl Committer {
                 caller_id,
                 quotas,
                 next,
+                series,
             });
         }
     }
@@ -684,6 +700,10 @@ impl Committer {
             }
         }
         let (mut batch, mut wheel_commands) = round.finish(self.next_seq, &self.options.capacity);
+        // Never back: finding a series that moved on counts from it (see
+        // `Store::locate_series`).
+        self.clock_mark = self.clock_mark.max(now);
+        batch.set_clock_mark(self.clock_mark);
         if self.intake_changed {
             batch.set_intake_mark(&self.intake.encode());
         }

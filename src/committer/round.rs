@@ -83,6 +83,8 @@ pub struct Fired {
     /// A series' successor: the same schedule due at its next occurrence, stored in its place
     /// by the same batch that removes it (none when the series has ended).
     pub next: Option<Box<Schedule>>,
+    /// Whether it is a series (ended, if `next` is `None`).
+    pub series: bool,
 }
 
 /// The pending schedule a new one replaces: where it is, and the quotas it counts against.
@@ -397,15 +399,30 @@ impl Round {
                     }
                 }
             }
+            let mut ended: HashSet<&str> = HashSet::default();
             for fired in dropped {
                 self.ledger.remove(fired.quotas);
-                if let Some(next) = &fired.next {
-                    self.advance(capacity, Schedule::clone(next));
+                match &fired.next {
+                    Some(next) => self.advance(capacity, Schedule::clone(next)),
+                    // A series still where it fired from was not replaced: its index entry
+                    // is its own, wherever it points (see `Store::locate_series`).
+                    None if fired.series => {
+                        ended.insert(fired.copy.id.as_str());
+                    }
+                    None => {}
                 }
             }
             for fired in schedules {
                 let id = &fired.copy.id;
-                if fired.caller_id && self.place_of_caller(store, id)? == Place::Stored(key) {
+                let gone = match ended.contains(id.as_str()) {
+                    true => !self.places.contains_key(id),
+                    false => {
+                        fired.caller_id
+                            && !fired.series
+                            && self.place_of_caller(store, id)? == Place::Stored(key)
+                    }
+                };
+                if gone {
                     self.places.insert(id.clone(), Place::Gone);
                     self.batch.unindex(id);
                 }

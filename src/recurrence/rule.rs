@@ -112,7 +112,7 @@ impl Rule {
     /// `anchor` (an interval's occurrences are `anchor` plus whole intervals).
     pub(crate) fn next_after(&self, anchor: UnixMs, at: UnixMs) -> Option<UnixMs> {
         match self {
-            Rule::Every(interval) if at < anchor => Some(anchor),
+            Rule::Every(_) if at < anchor => Some(anchor),
             Rule::Every(interval) => {
                 let periods = ((at - anchor) / interval.max(&1)).checked_add(1)?;
                 anchor.checked_add(periods.checked_mul(*interval)?)

@@ -69,6 +69,10 @@ pub(crate) const INSTANCE_KEY: &[u8] = b"minstance";
 /// `crate::cluster`): written in the same batch as the entry's changes.
 pub(crate) const LOG_APPLIED_KEY: &[u8] = b"mlogapplied";
 
+/// Where the store writer keeps the latest wall-clock reading it committed (Unix ms; see
+/// `Store::locate_series`).
+pub(crate) const CLOCK_MARK_KEY: &[u8] = b"mclock";
+
 /// Where a replicated store keeps which log it follows (the log stream's name and creation
 /// time): a store never follows another log than the one it was filled from.
 pub(crate) const LOG_ID_KEY: &[u8] = b"mlogid";

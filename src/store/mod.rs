@@ -44,13 +44,15 @@ const PROBE_FILE: &str = "natsched.probe";
 const PROBE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The version of the store format written by this build, kept under the `mformat` key.
-/// Version 4: segments may hold recurring schedules (segment format 3); a format 3 store is
-/// marked 4 when opened (nothing else changes), so a build that knows only 3 refuses it
-/// instead of taking such segments for damage.
+/// Version 5: segments may hold recurring schedules (segment format 3), whose index entries
+/// also say where to look for them once they have moved on (see [`Store::locate_series`]); a
+/// format 3 store is marked 5 when opened (nothing else changes), so a build that knows only 3
+/// refuses it instead of taking such segments for damage. Version 4 was only ever written by
+/// development builds, so it is refused.
 /// Version 3: every id natsched generates names its segment's seq (see [`Store::locate`]).
 /// Version 2 (far segments, compact segment format 2) is upgraded in place when opened.
 /// Version 1 was only ever written by development builds, so it is refused.
-pub const STORE_FORMAT: u8 = 4;
+pub const STORE_FORMAT: u8 = 5;
 
 /// What went wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -362,6 +364,11 @@ impl WriteBatch {
         self.remove(keys::id_key(id));
     }
 
+    /// Records the latest wall-clock reading of the store writer (see `Store::locate_series`).
+    pub fn set_clock_mark(&mut self, now: UnixMs) {
+        self.insert(keys::CLOCK_MARK_KEY, now.to_be_bytes());
+    }
+
     /// Records the next free segment sequence number.
     pub fn set_next_seq(&mut self, seq: u64) {
         self.insert(keys::NEXT_SEQ_KEY, seq.to_be_bytes());
@@ -518,7 +525,7 @@ impl Store {
             Some([3]) => {
                 self.db()?.insert(keys::FORMAT_KEY, &[STORE_FORMAT])?;
                 self.db()?.flush()?;
-                tracing::info!("store marked format 4 (recurring schedules)");
+                tracing::info!("store marked format {STORE_FORMAT} (recurring schedules)");
             }
             Some([2]) => self.upgrade_from_2()?,
             Some(other) => {
@@ -847,11 +854,13 @@ impl Store {
     /// there and its rule, which is enough to find it:
     ///
     /// * where it was indexed, if it has not fired since;
+    /// * otherwise it is due by now and waits to fire (or is firing): somewhere between
+    ///   where it was indexed and now, a range that only ever holds what is overdue;
     /// * otherwise at its first occurrence after now (where the writer puts a series that
     ///   fired: after the occurrence it published, which was at most now), or one of the
-    ///   few after that (the wall clock may have stepped back);
-    /// * otherwise it is due by now and waits to fire (or is firing): somewhere between
-    ///   where it was indexed and now, a range that only ever holds what is overdue.
+    ///   few after that. "Now" is never before the latest clock reading the writer recorded
+    ///   (`mclock`, kept with every round), so a wall clock stepped back, or a new leader's
+    ///   clock behind the old one's, does not hide a series.
     fn locate_series(
         &self,
         id: &str,
@@ -869,21 +878,41 @@ impl Store {
         else {
             return Ok(None);
         };
-        let now = time::now_ms();
+        // Where a series waits only ever moves later: overdue positions first, oldest first,
+        // then its next occurrences, so a move during the search is not missed twice.
+        let now = time::now_ms().max(self.meta_u64(keys::CLOCK_MARK_KEY)?.unwrap_or(0));
+        let (fine_end, far_end) = (
+            bucket_of(now) + BUCKET_MS,
+            far_bucket_of(now) + FAR_BUCKET_MS,
+        );
+        let overdue = [
+            (
+                SegmentKey::far(far_bucket_of(due), 0),
+                SegmentKey::far(far_end, 0),
+            ),
+            (
+                SegmentKey::start_of(bucket_of(due)),
+                SegmentKey::start_of(fine_end),
+            ),
+        ];
+        if let Some(found) = self.search_ranges(id, overdue)? {
+            return Ok(Some(found));
+        }
         let mut at = now;
         for _ in 0..SERIES_FORWARD_PROBES {
             let Some(next) = series.rule().next_after(due, at) else {
                 break;
             };
             let (fine, far) = (bucket_of(next), far_bucket_of(next));
+            // Far first: a far segment's schedules move to fine ones of the same due.
             let ranges = [
-                (
-                    SegmentKey::start_of(fine),
-                    SegmentKey::start_of(fine + BUCKET_MS),
-                ),
                 (
                     SegmentKey::far(far, 0),
                     SegmentKey::far(far + FAR_BUCKET_MS, 0),
+                ),
+                (
+                    SegmentKey::start_of(fine),
+                    SegmentKey::start_of(fine + BUCKET_MS),
                 ),
             ];
             if let Some(found) = self.search_ranges(id, ranges)? {
@@ -891,21 +920,7 @@ impl Store {
             }
             at = next;
         }
-        let (fine_end, far_end) = (
-            bucket_of(now) + BUCKET_MS,
-            far_bucket_of(now) + FAR_BUCKET_MS,
-        );
-        let ranges = [
-            (
-                SegmentKey::start_of(bucket_of(due)),
-                SegmentKey::start_of(fine_end),
-            ),
-            (
-                SegmentKey::far(far_bucket_of(due), 0),
-                SegmentKey::far(far_end, 0),
-            ),
-        ];
-        self.search_ranges(id, ranges)
+        Ok(None)
     }
 
     /// The first segment in the key ranges `ranges` holding `id`.
@@ -1022,6 +1037,12 @@ impl Store {
         let mut located = self.locate(id)?;
         for _ in 0..GET_ATTEMPTS {
             let Some(key) = located else {
+                // A series can move on while it is searched for (see `locate_series`):
+                // an index entry without a schedule is looked for again.
+                if self.is_indexed(id)? {
+                    located = self.locate(id)?;
+                    continue;
+                }
                 return Ok(None);
             };
             let (schedules, damaged) = self.read_segment(key)?;

@@ -368,7 +368,7 @@ fn format_2_stores_are_upgraded_and_their_random_ids_still_found() {
 }
 
 #[test]
-fn format_3_stores_are_marked_4_and_newer_ones_refused() {
+fn format_3_stores_are_marked_5_and_others_refused() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = open(dir.path());
@@ -378,15 +378,15 @@ fn format_3_stores_are_marked_4_and_newer_ones_refused() {
     let format = |store: &Store| store.db().unwrap().get(keys::FORMAT_KEY).unwrap().unwrap();
     {
         let store = open(dir.path());
-        assert_eq!(format(&store).as_ref(), [4]);
-        store.db().unwrap().insert(keys::FORMAT_KEY, &[5]).unwrap();
+        assert_eq!(format(&store).as_ref(), [STORE_FORMAT]);
+        store.db().unwrap().insert(keys::FORMAT_KEY, &[4]).unwrap();
         store.flush().unwrap();
     }
     let refused = Store::open(&StoreOptions {
         path: dir.path().to_owned(),
         cache_capacity: 1 << 20,
     });
-    assert!(matches!(refused, Err(StoreError::Format { found: 5, .. })));
+    assert!(matches!(refused, Err(StoreError::Format { found: 4, .. })));
 }
 
 /// A series every `every` ms at its occurrence `seq`, due at `due`.
@@ -468,4 +468,25 @@ fn a_cron_series_is_found_at_its_next_match() {
     };
     let at = move_series(&store, "c", first, moved, 2);
     assert_eq!(store.locate("c").unwrap(), Some(at));
+}
+
+#[test]
+fn a_series_is_found_when_the_wall_clock_is_behind_the_writer_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let now = time::now_ms();
+    let start = now - 60_000;
+    let first = key(bucket_of(start), 1);
+    let mut batch = WriteBatch::default();
+    batch.put_new_segment(first, &[series("s", start, 1_000, 1)]);
+    store.commit(batch).unwrap();
+    // The writer's clock was 30 s ahead when it moved the series on (then stepped back).
+    let ahead = now + 30_000;
+    let next = start + ((ahead - start) / 1_000 + 1) * 1_000;
+    let moved = move_series(&store, "s", first, series("s", next, 1_000, 92), 2);
+    assert_eq!(store.locate("s").unwrap(), None, "30 intervals ahead of this clock");
+    let mut batch = WriteBatch::default();
+    batch.set_clock_mark(ahead);
+    store.commit(batch).unwrap();
+    assert_eq!(store.locate("s").unwrap(), Some(moved));
 }
