@@ -484,7 +484,11 @@ fn a_series_is_found_when_the_wall_clock_is_behind_the_writer_s() {
     let ahead = now + 30_000;
     let next = start + ((ahead - start) / 1_000 + 1) * 1_000;
     let moved = move_series(&store, "s", first, series("s", next, 1_000, 92), 2);
-    assert_eq!(store.locate("s").unwrap(), None, "30 intervals ahead of this clock");
+    assert_eq!(
+        store.locate("s").unwrap(),
+        None,
+        "30 intervals ahead of this clock"
+    );
     let mut batch = WriteBatch::default();
     batch.set_clock_mark(ahead);
     store.commit(batch).unwrap();
