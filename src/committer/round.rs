@@ -274,7 +274,14 @@ impl Round {
         withdraw: impl FnOnce(ScheduleRef, Tier) -> Withdrawal,
     ) -> Result<(), StoreError> {
         let outcome = match self.place_of(store, &id)? {
-            Place::Gone => Outcome::Refused(ApiError::not_found(&id)),
+            Place::Gone => {
+                // An index entry that finds nothing (a series lost to a damaged segment) is
+                // dropped, so it does not linger for good.
+                if !self.places.contains_key(&id) && store.is_indexed(&id)? {
+                    self.batch.unindex(&id);
+                }
+                Outcome::Refused(ApiError::not_found(&id))
+            }
             Place::New(bucket) => {
                 // Added earlier in this very round: it never reached the wheel. If that add
                 // replaced a stored copy, the index still points there.

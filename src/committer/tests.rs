@@ -1198,3 +1198,20 @@ fn a_cancelled_or_replaced_series_never_comes_back_from_its_firing_copy() {
     assert_eq!(h.stored(), [(now + DAY, "r".to_owned())]);
     assert_eq!(h.committer.store.get("c").unwrap(), None);
 }
+
+#[test]
+fn a_cancel_of_a_series_lost_to_damage_drops_its_index_entry() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[series("lost", now + DAY, 1_000, None)]);
+    // Its segment is gone (as if damage had lost it); the index entry is left.
+    let key = h.committer.store.locate("lost").unwrap().unwrap();
+    let mut batch = WriteBatch::default();
+    batch.put_raw_segment(key, None);
+    h.committer.store.commit(batch).unwrap();
+    assert!(h.committer.store.is_indexed("lost").unwrap());
+    h.committer
+        .round(std::iter::once(cancel_command("lost")), false);
+    let acks = h.acks.try_recv().unwrap();
+    assert_eq!(acks[0].result.as_ref().unwrap_err().code, 404);
+    assert!(!h.committer.store.is_indexed("lost").unwrap());
+}
