@@ -205,6 +205,12 @@ pub async fn get(connection: &Connection, id: &str) -> Result<String, ClientErro
     }
     let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let mut out = String::new();
+    let field = |out: &mut String, key: &str, field: &serde_json::Value| {
+        out.push_str(&format!(
+            "{key:>12}: {}\n",
+            field.to_string().trim_matches('"')
+        ));
+    };
     for key in [
         "id",
         "subject",
@@ -213,21 +219,15 @@ pub async fn get(connection: &Connection, id: &str) -> Result<String, ClientErro
         "payload_size",
         "attempts",
     ] {
-        out.push_str(&format!(
-            "{key:>12}: {}\n",
-            value[key].to_string().trim_matches('"')
-        ));
+        field(&mut out, key, &value[key]);
     }
     if let Some(error) = value["last_error"].as_str() {
         out.push_str(&format!("{:>12}: {error}\n", "last_error"));
     }
     if let Some(recurring) = value["recurring"].as_object() {
         for key in ["cron", "tz", "every", "next_seq", "fired", "until", "count"] {
-            if let Some(field) = recurring.get(key) {
-                out.push_str(&format!(
-                    "{key:>12}: {}\n",
-                    field.to_string().trim_matches('"')
-                ));
+            if let Some(value) = recurring.get(key) {
+                field(&mut out, key, value);
             }
         }
     }

@@ -218,7 +218,8 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, n: u64) {
     ));
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+/// Appends `s` as a varint length and its bytes.
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     put_varint(out, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
 }

@@ -13,17 +13,12 @@
 
 use super::rule::Rule;
 use super::series::Series;
-use crate::record::{DecodeError, Reader, put_varint};
+use crate::record::{DecodeError, Reader, put_str, put_varint};
 
 const RULE_CRON: u8 = 1;
 const RULE_EVERY: u8 = 2;
 const HAS_UNTIL: u8 = 1;
 const HAS_COUNT: u8 = 2;
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    put_varint(out, s.len() as u64);
-    out.extend_from_slice(s.as_bytes());
-}
 
 impl Series {
     /// Appends the stored form to `out`.
