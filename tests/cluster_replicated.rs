@@ -74,11 +74,7 @@ impl Instances {
         loop {
             let leading: Vec<usize> = (0..self.daemons.len())
                 .filter(|i| !former.contains(i))
-                .filter(|&i| {
-                    self.daemons[i]
-                        .as_ref()
-                        .is_some_and(|d| d.log().contains("leading: appended the lead entry"))
-                })
+                .filter(|&i| self.daemons[i].as_ref().is_some_and(|d| leads(&d.log())))
                 .collect();
             if let [one] = leading[..] {
                 return one;
@@ -88,6 +84,22 @@ impl Instances {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Whether the instance that wrote `log` leads now: it appended a lead entry and has not
+/// stopped serving since. (Leadership may pass between survivors during a failover: two of
+/// them can take the lease in the same instant on nats-server 2.9, whose KV `create` is not
+/// atomic across a cluster; the log's compare-and-set fences the one that lost, which then
+/// stops at its next renewal.)
+fn leads(log: &str) -> bool {
+    let Some(led) = log.rfind("leading: appended the lead entry") else {
+        return false;
+    };
+    let stopped = ["stopping to serve", "could not take over"]
+        .iter()
+        .filter_map(|line| log.rfind(line))
+        .max();
+    stopped.is_none_or(|stopped| stopped < led)
 }
 
 /// Makes the R3 target stream `name` capturing `subjects`, with a duplicate window.
