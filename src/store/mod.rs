@@ -127,16 +127,6 @@ pub struct StoreOptions {
     pub cache_capacity: u64,
 }
 
-/// How often sled's background thread wakes (default 500 ms). Durability does not depend on
-/// it (the writer flushes what it acknowledges), but sled cleans its log only there, for at
-/// most half of each period: a page that lives long (an id index entry) sits in a log
-/// segment among short-lived ones, and that segment is reused only once the cleaner has moved
-/// the page. Under steady firing, at 500 ms the log file settled at about 28 times its live
-/// data with 100 000 long-lived keys (a raw sled test of natsched's write pattern), and
-/// natsched's store grew for minutes (100 000 series fires a second); at 20 ms both stay
-/// flat.
-const SLED_FLUSH_EVERY_MS: u64 = 20;
-
 /// The open database.
 #[derive(Clone)]
 pub struct Store {
@@ -176,8 +166,7 @@ fn open_db(options: &StoreOptions) -> Result<sled::Db, StoreError> {
     std::fs::create_dir_all(&options.path).map_err(|e| open_err(e.into()))?;
     let config = sled::Config::new()
         .path(&options.path)
-        .cache_capacity(options.cache_capacity)
-        .flush_every_ms(Some(SLED_FLUSH_EVERY_MS));
+        .cache_capacity(options.cache_capacity);
     let started = Instant::now();
     loop {
         match config.open() {

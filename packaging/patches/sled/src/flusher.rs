@@ -5,6 +5,9 @@ use parking_lot::{Condvar, Mutex};
 
 use super::*;
 
+/// natsched patch: how often the log cleaner runs (see `run`).
+const CLEAN_EVERY_MS: u64 = 20;
+
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum ShutdownState {
     Running,
@@ -60,44 +63,57 @@ fn run(
     flush_every_ms: u64,
 ) {
     let flush_every = Duration::from_millis(flush_every_ms);
+    // natsched patch: the log cleaner runs every `clean_every` (at most half of that
+    // time), the flush (write out and fsync) every `flush_every` as configured. Unpatched,
+    // the cleaner ran only once per flush period, so under steady writes with long-lived
+    // pages among short-lived ones the file grew to tens of times its live data (far over
+    // MAX_SPACE_AMPLIFICATION) before segments came free as fast as they were filled;
+    // running the flush that often instead costs its fsyncs.
+    let clean_every = flush_every.min(Duration::from_millis(CLEAN_EVERY_MS));
     let mut shutdown = shutdown.lock();
+    let mut flushed_at: Option<std::time::Instant> = None;
     let mut wrote_data = false;
     while shutdown.is_running() || wrote_data {
         let before = std::time::Instant::now();
-        let cc = concurrency_control::read();
-        match pagecache.log.roll_iobuf() {
-            Ok(0) => {
-                wrote_data = false;
-                if !shutdown.is_running() {
-                    break;
+        let flush_now = !shutdown.is_running()
+            || flushed_at.map_or(true, |at| before.duration_since(at) >= flush_every);
+        if flush_now {
+            flushed_at = Some(before);
+            let cc = concurrency_control::read();
+            match pagecache.log.roll_iobuf() {
+                Ok(0) => {
+                    wrote_data = false;
+                    if !shutdown.is_running() {
+                        break;
+                    }
+                }
+                Ok(_) => {
+                    wrote_data = true;
+                    if !shutdown.is_running() {
+                        // loop right away if we're in
+                        // shutdown mode, to flush data
+                        // more quickly.
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    error!("failed to flush from periodic flush thread: {}", e);
+
+                    #[cfg(feature = "failpoints")]
+                    pagecache.set_failpoint(e);
+
+                    *shutdown = ShutdownState::ShutDown;
+
+                    // having held the mutex makes this linearized
+                    // with the notify below.
+                    drop(shutdown);
+
+                    let _notified = sc.notify_all();
+                    return;
                 }
             }
-            Ok(_) => {
-                wrote_data = true;
-                if !shutdown.is_running() {
-                    // loop right away if we're in
-                    // shutdown mode, to flush data
-                    // more quickly.
-                    continue;
-                }
-            }
-            Err(e) => {
-                error!("failed to flush from periodic flush thread: {}", e);
-
-                #[cfg(feature = "failpoints")]
-                pagecache.set_failpoint(e);
-
-                *shutdown = ShutdownState::ShutDown;
-
-                // having held the mutex makes this linearized
-                // with the notify below.
-                drop(shutdown);
-
-                let _notified = sc.notify_all();
-                return;
-            }
+            drop(cc);
         }
-        drop(cc);
 
         // so we can spend a little effort
         // cleaning up the segments. try not to
@@ -131,14 +147,16 @@ fn run(
             };
             made_progress
                 && shutdown.is_running()
-                && before.elapsed() < flush_every / 2
+                && before.elapsed() < clean_every / 2
         } {}
 
-        if let Err(e) = pagecache.config.file.sync_all() {
-            error!("failed to fsync from periodic flush thread: {}", e);
+        if flush_now {
+            if let Err(e) = pagecache.config.file.sync_all() {
+                error!("failed to fsync from periodic flush thread: {}", e);
+            }
         }
 
-        let sleep_duration = flush_every
+        let sleep_duration = clean_every
             .checked_sub(before.elapsed())
             .unwrap_or_else(|| Duration::from_millis(1));
 
