@@ -14,7 +14,7 @@
 use serde::Deserialize;
 
 use crate::protocol::ApiError;
-use crate::record::Schedule;
+use crate::record::{DecodeError, Schedule};
 use crate::store::{Store, StoreError, segment};
 use crate::time::UnixMs;
 
@@ -111,8 +111,8 @@ pub fn page(
         for (key, raw) in &window.segments {
             // A damaged segment's readable schedules are listed; the writer repairs it
             // (keeping the rest aside) once it touches it.
-            let (segment_entries, damaged) = segment::entries_salvaging(raw.as_ref());
-            if damaged {
+            let (segment_entries, damage) = segment::entries_salvaging(raw.as_ref());
+            if damage.is_some() {
                 store.report_damage(*key, "listed what is readable");
             }
             entries.extend(segment_entries.into_iter().map(|entry| (key, entry)));
@@ -128,7 +128,21 @@ pub fn page(
             {
                 continue;
             }
-            let Ok(subject) = entry.subject() else {
+            // A thin record's subject is in its series' body, read with it. A body gone since
+            // the segment was read is a series that ended or was cancelled meanwhile.
+            let thin = match entry.is_thin() {
+                true => match store.series_body(entry.id())? {
+                    Some(body) => Some(entry.decode_thin(body)),
+                    None => continue,
+                },
+                false => None,
+            };
+            let subject = match &thin {
+                Some(Ok(schedule)) => Ok(schedule.subject.as_str()),
+                Some(Err(error)) => Err(error.clone()),
+                None => entry.subject().unwrap_or(Err(DecodeError::NoBody)),
+            };
+            let Ok(subject) = subject else {
                 store.report_damage(key, "a record's value is unreadable; not listed");
                 continue;
             };
@@ -142,7 +156,7 @@ pub fn page(
                     };
                     return Ok((items, Some(cursor.encode())));
                 }
-                match entry.decode() {
+                match thin.unwrap_or_else(|| entry.decode(&segment::NoBodies)) {
                     Ok(schedule) => items.push(schedule),
                     Err(_) => {
                         store.report_damage(key, "a record's value is unreadable; not listed")

@@ -61,7 +61,7 @@ pub struct Schedule {
 }
 
 /// Why a stored value could not be read back.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("segment format version {0} is not supported by this build")]
     UnknownVersion(u8),
@@ -77,6 +77,8 @@ pub enum DecodeError {
     BadVarint,
     #[error("record holds an unusable recurrence rule: {0}")]
     Rule(String),
+    #[error("a recurring schedule's record whose body (kept in its index entry) is missing")]
+    NoBody,
 }
 
 const KIND_DELIVERY: u8 = 0b0011;

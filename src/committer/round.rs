@@ -35,6 +35,9 @@ pub fn approximate_size(schedule: &Schedule) -> usize {
         .iter()
         .map(|(n, v)| 6 + n.len() + v.len())
         .sum();
+    if segment::is_thin(schedule) {
+        return 16 + schedule.id.len();
+    }
     let series = schedule
         .recurrence
         .as_deref()
@@ -159,6 +162,11 @@ impl Round {
         reply: Option<Reply>,
     ) -> Result<(), StoreError> {
         let quotas = capacity.mask(&schedule.subject);
+        // A new series' body goes to its index entry, written with its segment (see
+        // `Round::write_segment`): its records are thin from the start.
+        if let Some(series) = schedule.recurrence.as_deref_mut() {
+            series.body_indexed = true;
+        }
         // A generated id is new by construction; only a caller's id can already be pending.
         let replaced = match schedule.caller_id {
             true => self.pending_copy(store, capacity, &schedule.id)?,

@@ -1155,6 +1155,50 @@ fn a_fired_series_is_replaced_by_its_successor_in_one_batch() {
 }
 
 #[test]
+fn a_series_scheduled_now_is_stored_thin_and_fires_on_with_its_body() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[]);
+    let scheduled = Schedule {
+        payload: Bytes::from(vec![b'x'; 4_000]),
+        ..series("s", now - 10, 1_000, Some(3))
+    };
+    h.add(scheduled.clone());
+    h.advance();
+    let [first] = h.inserted().try_into().expect("s was loaded");
+    assert_eq!(first.schedule.payload, scheduled.payload);
+    h.fire(vec![first]);
+    // Its successor's record holds its due and seq; the 4 000 bytes are in its index entry.
+    let store = &h.committer.store;
+    let key = store.locate("s").unwrap().unwrap();
+    let record = store.raw_segment(key).unwrap().unwrap().as_ref().len();
+    assert!(record < 64, "{record} bytes");
+    let stored = store.get("s").unwrap().unwrap();
+    assert_eq!(
+        (stored.due, stored.recurrence.as_ref().unwrap().seq),
+        (now + 990, 2)
+    );
+    assert_eq!(stored.payload, scheduled.payload);
+    assert_eq!(stored.subject, scheduled.subject);
+    let [second] = h.inserted().try_into().unwrap();
+    assert_eq!(second.schedule.payload, scheduled.payload);
+    // After a restart it loads whole from its thin record and its body, and goes on.
+    let mut h = h.restart(Capacity::unlimited());
+    h.advance();
+    let [loaded] = h.inserted().try_into().expect("s was loaded again");
+    assert_eq!(*loaded.schedule, stored);
+    h.fire(vec![loaded]);
+    let [third] = h.inserted().try_into().unwrap();
+    assert_eq!(third.schedule.recurrence.as_ref().unwrap().seq, 3);
+    assert_eq!(third.schedule.payload, scheduled.payload);
+    h.fire(vec![third]);
+    assert!(h.stored().is_empty());
+    assert!(
+        !h.committer.store.is_indexed("s").unwrap(),
+        "ended: body gone"
+    );
+}
+
+#[test]
 fn a_caught_up_fire_advances_from_the_occurrence_it_published() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[series("s", now - 10_500, 1_000, None)]);

@@ -22,6 +22,11 @@ pub struct Series {
     /// Set by firing, never stored: the occurrence the attempt under way publishes (see
     /// [`Series::catch_up`]), which the store writer advances from once it is confirmed.
     pub(crate) publishing: Option<Occurrence>,
+    /// Never stored: whether the store keeps the series' body (everything but its due and
+    /// seq) in its index entry, so its segment records hold only due and seq (*thin*
+    /// records, see `crate::store::segment`). Set for series this build scheduled and kept
+    /// as they move on; a series stored by an earlier build keeps whole records.
+    pub(crate) body_indexed: bool,
 }
 
 /// One occurrence of a series: when, and its 1-based number.
@@ -48,6 +53,7 @@ impl Series {
             count,
             seq,
             publishing: None,
+            body_indexed: false,
         }
     }
 
@@ -156,7 +162,11 @@ impl Series {
     /// store with it, or `None` when the series has ended.
     pub(crate) fn advanced(&self, fired: Occurrence) -> Option<(Series, UnixMs)> {
         let next = self.next(fired)?;
-        let series = Series::new(self.rule.clone(), self.until, self.count, next.seq);
+        let series = Series {
+            seq: next.seq,
+            publishing: None,
+            ..self.clone()
+        };
         Some((series, next.due))
     }
 

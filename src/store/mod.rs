@@ -14,6 +14,7 @@
 
 mod keys;
 pub mod segment;
+mod series_index;
 mod watermark;
 mod windows;
 
@@ -27,12 +28,10 @@ pub use windows::Window;
 
 use crate::protocol;
 use crate::record::{DecodeError, Schedule};
-use crate::recurrence::Series;
 use crate::time::{self, UnixMs};
 use segment::Salvage;
+use series_index::INDEXED_KEY_LEN;
 
-/// Bytes of a segment key at the start of an index entry.
-const INDEXED_KEY_LEN: usize = 17;
 /// How many of a series' next occurrences [`Store::locate_series`] looks at.
 const SERIES_FORWARD_PROBES: usize = 4;
 /// How often [`Store::get`] follows a schedule that moved while it was being read.
@@ -44,6 +43,10 @@ const PROBE_FILE: &str = "natsched.probe";
 const PROBE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The version of the store format written by this build, kept under the `mformat` key.
+/// Version 6: a recurring schedule's body is kept in its index entry, and its segment
+/// records are thin (see `series_index.rs`); a format 5 (or 3) store is marked 6 when opened
+/// (what it holds stays readable as it is), so a build that knows only 5 refuses it instead
+/// of taking thin records for damage.
 /// Version 5: segments may hold recurring schedules (segment format 3), whose index entries
 /// also say where to look for them once they have moved on (see [`Store::locate_series`]); a
 /// format 3 store is marked 5 when opened (nothing else changes), so a build that knows only 3
@@ -52,7 +55,7 @@ const PROBE_BYTES: usize = 4 * 1024 * 1024;
 /// Version 3: every id natsched generates names its segment's seq (see [`Store::locate`]).
 /// Version 2 (far segments, compact segment format 2) is upgraded in place when opened.
 /// Version 1 was only ever written by development builds, so it is refused.
-pub const STORE_FORMAT: u8 = 5;
+pub const STORE_FORMAT: u8 = 6;
 
 /// What went wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -202,15 +205,13 @@ pub struct Damaged {
     pub key: SegmentKey,
     pub raw: sled::IVec,
     pub lost: Option<u32>,
+    error: DecodeError,
 }
 
 impl Damaged {
-    /// Why it is damaged (decoded again: the error is not kept).
+    /// Why it is damaged.
     pub fn error(&self) -> DecodeError {
-        match segment::decode_salvaging(&self.raw) {
-            Err(salvage) => salvage.error,
-            Ok(_) => DecodeError::Truncated,
-        }
+        self.error.clone()
     }
 }
 
@@ -329,14 +330,13 @@ impl WriteBatch {
     /// Points the id of `schedule` at segment `key`; for a series, with what finds it after
     /// it has moved on (its due and rule).
     pub fn index_schedule(&mut self, schedule: &Schedule, key: SegmentKey) {
-        let Some(series) = schedule.recurrence.as_deref() else {
-            return self.index(&schedule.id, key);
-        };
-        let mut value = Vec::with_capacity(64);
-        value.extend_from_slice(&key.to_bytes());
-        value.extend_from_slice(&schedule.due.to_be_bytes());
-        series.encode_into(&mut value);
-        self.insert(keys::id_key(&schedule.id), value);
+        match schedule.recurrence {
+            None => self.index(&schedule.id, key),
+            Some(_) => {
+                let value = series_index::encode(schedule, key);
+                self.insert(keys::id_key(&schedule.id), value);
+            }
+        }
     }
 
     /// Writes an already encoded segment (see [`segment::without`]), or removes the segment
@@ -522,10 +522,10 @@ impl Store {
     fn check_format(&mut self, path: &Path) -> Result<(), StoreError> {
         match self.db()?.get(keys::FORMAT_KEY)?.as_deref() {
             Some([STORE_FORMAT]) => {}
-            Some([3]) => {
+            Some([from @ (3 | 5)]) => {
                 self.db()?.insert(keys::FORMAT_KEY, &[STORE_FORMAT])?;
                 self.db()?.flush()?;
-                tracing::info!("store marked format {STORE_FORMAT} (recurring schedules)");
+                tracing::info!("store marked format {STORE_FORMAT} (was {from}; thin records)");
             }
             Some([2]) => self.upgrade_from_2()?,
             Some(other) => {
@@ -722,7 +722,10 @@ impl Store {
             };
             for item in db.range(from.to_bytes()..=to.to_bytes()) {
                 let (key, value) = item?;
-                let schedules = match segment::decode_salvaging(&value) {
+                let bodies = self.bodies();
+                let decoded = segment::decode_salvaging(&value, &bodies);
+                bodies.check()?;
+                let schedules = match decoded {
                     Ok(schedules) => schedules,
                     Err(salvage) => {
                         if let Some(key) = SegmentKey::from_bytes(&key) {
@@ -872,10 +875,7 @@ impl Store {
         {
             return Ok(Some(indexed));
         }
-        let Some((due, series)) = rest
-            .split_first_chunk::<8>()
-            .and_then(|(due, rule)| Some((u64::from_be_bytes(*due), Series::decode(rule).ok()?)))
-        else {
+        let Some((due, series, _)) = series_index::decode(id, rest) else {
             return Ok(None);
         };
         // Where a series waits only ever moves later: overdue positions first, oldest first,
@@ -984,7 +984,10 @@ impl Store {
         let Some(value) = self.db()?.get(key.to_bytes())? else {
             return Ok((Vec::new(), None));
         };
-        match segment::decode_salvaging(&value) {
+        let bodies = self.bodies();
+        let decoded = segment::decode_salvaging(&value, &bodies);
+        bodies.check()?;
+        match decoded {
             Ok(schedules) => Ok((schedules, None)),
             Err(salvage) => {
                 self.damage.report(key, &salvage);
@@ -992,6 +995,7 @@ impl Store {
                     key,
                     raw: value,
                     lost: salvage.lost,
+                    error: salvage.error,
                 };
                 Ok((salvage.schedules, Some(damaged)))
             }
@@ -1045,24 +1049,48 @@ impl Store {
                 }
                 return Ok(None);
             };
-            let (schedules, damaged) = self.read_segment(key)?;
-            if let Some(schedule) = schedules.into_iter().find(|s| s.id == id) {
-                return Ok(Some(schedule));
-            }
+            let damage = match self.read_one(key, id)? {
+                Ok(Some(schedule)) => return Ok(Some(schedule)),
+                Ok(None) => None,
+                Err(damage) => Some(damage),
+            };
             let again = self.locate(id)?;
             if again == located {
                 // Where it should be, the segment is damaged: say so rather than "unknown".
-                return match damaged {
-                    Some(damaged) => Err(StoreError::Corrupt {
-                        key,
-                        source: damaged.error(),
-                    }),
+                // (A series' body that went missing while it was read would have moved it:
+                // its index entry goes with the body.)
+                return match damage {
+                    Some(source) => {
+                        self.damage
+                            .note(key, &format!("get found it unreadable: {source}"));
+                        Err(StoreError::Corrupt { key, source })
+                    }
                     None => Ok(None),
                 };
             }
             located = again;
         }
         Ok(None)
+    }
+
+    /// The schedule `id` in segment `key`, decoding nothing else: `Ok(None)` if it is not
+    /// there, an error if it is unreadable, or not found in a damaged segment.
+    fn read_one(
+        &self,
+        key: SegmentKey,
+        id: &str,
+    ) -> Result<Result<Option<Schedule>, DecodeError>, StoreError> {
+        let Some(raw) = self.raw_segment(key)? else {
+            return Ok(Ok(None));
+        };
+        let (entries, damage) = segment::entries_salvaging(raw.as_ref());
+        let Some(entry) = entries.into_iter().find(|entry| entry.id() == id) else {
+            return Ok(damage.map_or(Ok(None), Err));
+        };
+        let bodies = self.bodies();
+        let decoded = entry.decode(&bodies);
+        bodies.check()?;
+        Ok(decoded.map(Some))
     }
 
     /// Whole segments of `from`'s tier with keys in `from..` and buckets starting before
@@ -1100,7 +1128,10 @@ impl Store {
                     break;
                 }
             }
-            let schedules = match segment::decode_salvaging(&value) {
+            let bodies = self.bodies();
+            let decoded = segment::decode_salvaging(&value, &bodies);
+            bodies.check()?;
+            let schedules = match decoded {
                 Ok(schedules) => schedules,
                 // One damaged value must not stop anything else: its readable schedules stay
                 // (rewritten in place, so their ids still find them), the original bytes are

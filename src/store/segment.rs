@@ -1,11 +1,11 @@
 //! A segment: the schedules of one commit round that are due in one time bucket, stored as one
 //! value.
 //!
-//! Layout, format version 2 or 3 (fixed-size integers big-endian, varints unsigned LEB128).
-//! Version 3 is version 2 whose records may hold a recurring schedule's series; it is
-//! written only for segments that hold one, so a build that knows only version 2 refuses
-//! them (rather than firing a series once as if it were a one-shot schedule) and still reads
-//! every other segment:
+//! Layout, format version 2, 3 or 4 (fixed-size integers big-endian, varints unsigned LEB128).
+//! Version 3 is version 2 whose records may hold a recurring schedule's series; version 4
+//! is version 3 whose records may be *thin* (below). Each is written only for segments that
+//! need it, so a build that knows only an earlier version refuses them (rather than firing
+//! a series once as if it were a one-shot schedule) and still reads every other segment:
 //!
 //! | field    | encoding                                                              |
 //! |----------|-----------------------------------------------------------------------|
@@ -16,7 +16,11 @@
 //! | far seq  | varint: the seq of the far segment whose ids the records may carry (see below), 0 if none |
 //! | records  | per schedule: `u8` flags, varint due − base, the id, varint value length + [record value](crate::record) |
 //!
-//! Flags: bit 0, the id was given by the caller (and is indexed). How the id is stored:
+//! Flags: bit 0, the id was given by the caller (and is indexed). Bit 3: a *thin* record, a
+//! recurring schedule's state only: its value is varint seq (the number of the occurrence
+//! due), and everything else (subject, headers, payload, rule) is its *body*, kept once in
+//! the series' index entry (see `Store::series_body`) instead of in every segment the
+//! series moves through as it fires. How the id is stored:
 //! * bit 2 set: a [far id](crate::protocol::far_id) of the header's far seq, stored as its
 //!   varint index (the due is the record's);
 //! * bit 1 set: a *compact* id, a ULID natsched generated whose timestamp is the due instant,
@@ -37,9 +41,37 @@ use crate::record::{DecodeError, Reader, Schedule, put_varint};
 const SEGMENT_FORMAT: u8 = 2;
 /// [`SEGMENT_FORMAT`] for a segment holding a recurring schedule.
 const SEGMENT_FORMAT_SERIES: u8 = 3;
+/// [`SEGMENT_FORMAT`] for a segment holding a thin record.
+const SEGMENT_FORMAT_THIN: u8 = 4;
 const FLAG_CALLER_ID: u8 = 1;
 const FLAG_COMPACT_ID: u8 = 2;
 const FLAG_FAR_ID: u8 = 4;
+const FLAG_THIN: u8 = 8;
+
+/// Where the bodies of thin records are (the series' index entries): what decoding a
+/// segment needs besides its bytes.
+pub trait Bodies {
+    /// The body of the series `id` (a schedule whose due and seq are not this record's), or
+    /// `None` if it has none.
+    fn body(&self, id: &str) -> Option<Schedule>;
+}
+
+/// For segments known to hold no thin record (and tests): no bodies.
+pub struct NoBodies;
+
+impl Bodies for NoBodies {
+    fn body(&self, _: &str) -> Option<Schedule> {
+        None
+    }
+}
+
+/// Whether `schedule` is stored as a thin record.
+pub fn is_thin(schedule: &Schedule) -> bool {
+    schedule
+        .recurrence
+        .as_deref()
+        .is_some_and(|series| series.body_indexed)
+}
 /// Bytes of a compact id: a ULID's random part.
 const COMPACT_ID_LEN: usize = 10;
 const ULID_LEN: usize = ulid::ULID_LEN;
@@ -63,9 +95,11 @@ pub fn encode<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> Vec<u8> 
         .unwrap_or(0);
     let mut out = Vec::with_capacity(32 + 128 * schedules.len());
     let series = schedules.iter().any(|s| s.recurrence.is_some());
-    out.push(match series {
-        true => SEGMENT_FORMAT_SERIES,
-        false => SEGMENT_FORMAT,
+    let thin = schedules.iter().any(|s| is_thin(s));
+    out.push(match (thin, series) {
+        (true, _) => SEGMENT_FORMAT_THIN,
+        (false, true) => SEGMENT_FORMAT_SERIES,
+        (false, false) => SEGMENT_FORMAT,
     });
     out.extend_from_slice(&(schedules.len() as u32).to_be_bytes());
     out.extend_from_slice(&base.to_be_bytes());
@@ -73,11 +107,8 @@ pub fn encode<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> Vec<u8> 
     put_varint(&mut out, far_seq);
     let mut value = Vec::new();
     for (schedule, ulid) in schedules.into_iter().zip(generated) {
-        let caller = if schedule.caller_id {
-            FLAG_CALLER_ID
-        } else {
-            0
-        };
+        let thin = is_thin(schedule);
+        let caller = u8::from(schedule.caller_id) * FLAG_CALLER_ID + u8::from(thin) * FLAG_THIN;
         let far_index = ulid
             .and_then(protocol::far_layout)
             .filter(|(seq, _)| far_seq != 0 && *seq == far_seq);
@@ -100,7 +131,10 @@ pub fn encode<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> Vec<u8> 
             }
         }
         value.clear();
-        schedule.encode_value_into(&mut value, created_base);
+        match schedule.recurrence.as_deref() {
+            Some(series) if thin => put_varint(&mut value, series.seq),
+            _ => schedule.encode_value_into(&mut value, created_base),
+        }
         put_varint(&mut out, value.len() as u64);
         out.extend_from_slice(&value);
     }
@@ -117,10 +151,10 @@ fn generated_ulid(schedule: &Schedule) -> Option<Ulid> {
 }
 
 /// Decodes every schedule of a segment.
-pub fn decode(bytes: &[u8]) -> Result<Vec<Schedule>, DecodeError> {
+pub fn decode(bytes: &[u8], bodies: &impl Bodies) -> Result<Vec<Schedule>, DecodeError> {
     let mut out = Vec::new();
     for_each(bytes, |entry, _| {
-        out.push(entry.decode()?);
+        out.push(entry.decode(bodies)?);
         Ok(())
     })?;
     Ok(out)
@@ -190,8 +224,12 @@ impl Entry<'_> {
         }
     }
 
-    /// Decodes the whole schedule.
-    pub fn decode(&self) -> Result<Schedule, DecodeError> {
+    /// Decodes the whole schedule; a thin record's body comes from `bodies`.
+    pub fn decode(&self, bodies: &impl Bodies) -> Result<Schedule, DecodeError> {
+        if self.is_thin() {
+            let body = bodies.body(self.id()).ok_or(DecodeError::NoBody)?;
+            return self.decode_thin(body);
+        }
         let mut schedule = Schedule::decode(
             self.id().to_owned(),
             self.due,
@@ -202,9 +240,36 @@ impl Entry<'_> {
         Ok(schedule)
     }
 
-    /// The target subject, read without decoding the rest.
-    pub fn subject(&self) -> Result<&str, DecodeError> {
-        Schedule::peek_subject(self.value)
+    /// Decodes a thin record whose body is `body`.
+    pub fn decode_thin(&self, mut body: Schedule) -> Result<Schedule, DecodeError> {
+        let seq = self.thin_seq()?;
+        let series = body.recurrence.as_deref_mut().ok_or(DecodeError::NoBody)?;
+        series.seq = seq;
+        series.publishing = None;
+        series.body_indexed = true;
+        body.due = self.due;
+        body.caller_id = self.flags & FLAG_CALLER_ID != 0;
+        Ok(body)
+    }
+
+    /// Whether this is a thin record: its body is elsewhere (see [`Bodies`]).
+    pub fn is_thin(&self) -> bool {
+        self.flags & FLAG_THIN != 0
+    }
+
+    fn thin_seq(&self) -> Result<u64, DecodeError> {
+        let mut r = Reader(self.value);
+        let seq = r.varint()?;
+        match r.0.len() {
+            0 => Ok(seq),
+            trailing => Err(DecodeError::TrailingBytes(trailing)),
+        }
+    }
+
+    /// The target subject, read without decoding the rest; `None` for a thin record (its
+    /// subject is in its body).
+    pub fn subject(&self) -> Option<Result<&str, DecodeError>> {
+        (!self.is_thin()).then(|| Schedule::peek_subject(self.value))
     }
 }
 
@@ -235,7 +300,7 @@ fn records<'a>(
 ) -> Result<u32, DecodeError> {
     let mut r = Reader(bytes);
     let version = r.u8()?;
-    if version != SEGMENT_FORMAT && version != SEGMENT_FORMAT_SERIES {
+    if ![SEGMENT_FORMAT, SEGMENT_FORMAT_SERIES, SEGMENT_FORMAT_THIN].contains(&version) {
         return Err(DecodeError::UnknownVersion(version));
     }
     let count = u32::from_be_bytes(r.array()?);
@@ -273,6 +338,12 @@ fn records<'a>(
         let len = r.length()?;
         let value = r.take(len)?;
         let record = &record_start[..record_start.len() - r.0.len()];
+        // A thin record in a segment that does not say it may hold one is damage, not a
+        // record of an earlier format.
+        let id = match flags & FLAG_THIN != 0 && version != SEGMENT_FORMAT_THIN {
+            true => Err(DecodeError::UnknownVersion(version)),
+            false => id,
+        };
         let entry = id.map(|id| Entry {
             due,
             id,
@@ -303,11 +374,11 @@ pub struct Salvage {
 /// Decodes a segment, keeping what is readable if it is damaged: a record whose id or value
 /// does not decode is skipped (its length says where the next one starts), and damage to the
 /// framing ends the reading there. `Ok` if nothing is damaged.
-pub fn decode_salvaging(bytes: &[u8]) -> Result<Vec<Schedule>, Salvage> {
+pub fn decode_salvaging(bytes: &[u8], bodies: &impl Bodies) -> Result<Vec<Schedule>, Salvage> {
     let mut schedules = Vec::new();
     let mut first_error = None;
     let walked = records(bytes, |entry, _| {
-        match entry.and_then(|entry| entry.decode()) {
+        match entry.and_then(|entry| entry.decode(bodies)) {
             Ok(schedule) => schedules.push(schedule),
             Err(error) => {
                 first_error.get_or_insert(error);
@@ -333,23 +404,32 @@ pub fn decode_salvaging(bytes: &[u8]) -> Result<Vec<Schedule>, Salvage> {
 /// The record count of a segment's header, if the header is readable.
 fn header_count(bytes: &[u8]) -> Option<u32> {
     let mut r = Reader(bytes);
-    matches!(r.u8().ok()?, SEGMENT_FORMAT | SEGMENT_FORMAT_SERIES).then_some(())?;
+    matches!(
+        r.u8().ok()?,
+        SEGMENT_FORMAT | SEGMENT_FORMAT_SERIES | SEGMENT_FORMAT_THIN
+    )
+    .then_some(())?;
     Some(u32::from_be_bytes(r.array().ok()?))
 }
 
-/// The readable entries of a segment, and whether anything was unreadable (see
+/// The readable entries of a segment, and the first thing found unreadable, if anything (see
 /// [`decode_salvaging`]; an entry's value is not checked here).
-pub fn entries_salvaging(bytes: &[u8]) -> (Vec<Entry<'_>>, bool) {
+pub fn entries_salvaging(bytes: &[u8]) -> (Vec<Entry<'_>>, Option<DecodeError>) {
     let mut out = Vec::new();
-    let mut damaged = false;
+    let mut damage = None;
     let walked = records(bytes, |entry, _| {
         match entry {
             Ok(entry) => out.push(entry),
-            Err(_) => damaged = true,
+            Err(error) => {
+                damage.get_or_insert(error);
+            }
         }
         Ok(())
     });
-    (out, damaged || walked.is_err())
+    if let Err(error) = walked {
+        damage.get_or_insert(error);
+    }
+    (out, damage)
 }
 
 /// Whether the readable part of the segment holds a schedule with this id, however its id is
@@ -379,6 +459,11 @@ mod tests {
     use super::*;
     use crate::record::Delivery;
     use bytes::Bytes;
+
+    /// Decodes a segment without thin records.
+    fn decode(bytes: &[u8]) -> Result<Vec<Schedule>, DecodeError> {
+        super::decode(bytes, &NoBodies)
+    }
 
     fn schedule(id: &str, due: u64, caller_id: bool) -> Schedule {
         Schedule {
@@ -468,6 +553,75 @@ mod tests {
         assert!(without(&bytes[..bytes.len() - 1], |_| false).is_err());
     }
 
+    /// Bodies kept in a map, as the index keeps them.
+    struct Indexed(std::collections::HashMap<String, Schedule>);
+
+    impl Bodies for Indexed {
+        fn body(&self, id: &str) -> Option<Schedule> {
+            self.0.get(id).cloned()
+        }
+    }
+
+    fn thin_series(id: &str, due: u64, seq: u64) -> Schedule {
+        let mut series = crate::recurrence::Series::every(1_000, seq);
+        series.body_indexed = true;
+        Schedule {
+            payload: Bytes::from(vec![b'x'; 2_000]),
+            recurrence: Some(Box::new(series)),
+            ..schedule(id, due, true)
+        }
+    }
+
+    #[test]
+    fn a_thin_record_holds_due_and_seq_and_takes_its_body_from_the_index() {
+        let fired = thin_series("s", 5_000, 5);
+        let plain = schedule("p", 5_010, true);
+        let bytes = encode([&fired, &plain]);
+        assert!(
+            bytes.len() < encode([&plain]).len() + 16,
+            "the series' 2 000 bytes are not in its record ({} bytes)",
+            bytes.len()
+        );
+        // The index keeps the body as it was scheduled: another due and seq.
+        let body = Schedule {
+            recurrence: Some(Box::new(crate::recurrence::Series::every(1_000, 1))),
+            ..thin_series("s", 1_000, 1)
+        };
+        let bodies = Indexed([("s".to_owned(), body)].into());
+        assert_eq!(
+            super::decode(&bytes, &bodies).unwrap(),
+            [fired.clone(), plain.clone()]
+        );
+        // A series scheduled by an earlier build keeps its whole record.
+        let mut whole = fired.clone();
+        whole.recurrence.as_deref_mut().unwrap().body_indexed = false;
+        let whole_bytes = encode([&whole]);
+        assert!(whole_bytes.len() > 2_000);
+        assert_eq!(whole_bytes[0], SEGMENT_FORMAT_SERIES);
+        assert_eq!(decode(&whole_bytes).unwrap(), [whole]);
+        // Without its body the record is lost, and only it.
+        let salvage = decode_salvaging(&bytes, &NoBodies).unwrap_err();
+        assert_eq!(salvage.schedules, [plain]);
+        assert_eq!(
+            (salvage.lost, salvage.error),
+            (Some(1), DecodeError::NoBody)
+        );
+        // A body that is not a series' is no body for it.
+        let one_shot = Indexed([("s".to_owned(), schedule("s", 1, true))].into());
+        assert!(super::decode(&bytes, &one_shot).is_err());
+        // A thin record in a segment of an earlier format is damage.
+        let mut older = bytes.clone();
+        older[0] = SEGMENT_FORMAT_SERIES;
+        assert_eq!(
+            super::decode(&older, &bodies),
+            Err(DecodeError::UnknownVersion(SEGMENT_FORMAT_SERIES))
+        );
+        // Records are dropped from it as from any segment.
+        let (kept, dropped) = without(&bytes, |id| id == "p").unwrap();
+        assert_eq!(dropped, 1);
+        assert_eq!(super::decode(&kept.unwrap(), &bodies).unwrap(), [fired]);
+    }
+
     #[test]
     fn refuses_damage() {
         let bytes = encode(&[schedule("a", 10, true)]);
@@ -488,6 +642,11 @@ mod proptests {
     use super::*;
     use crate::record::test_schedule;
     use proptest::prelude::*;
+
+    /// Decodes a segment without thin records.
+    fn decode(bytes: &[u8]) -> Result<Vec<Schedule>, DecodeError> {
+        super::decode(bytes, &NoBodies)
+    }
 
     /// A schedule with an id of any kind the store sees: caller-chosen, generated, a far id
     /// (of one of two segments), or a ULID-looking id that is not the due's.

@@ -1,4 +1,5 @@
 use super::*;
+use crate::recurrence::Series;
 
 fn schedule(id: &str, due: UnixMs, caller_id: bool) -> Schedule {
     crate::record::test_schedule(id, due, caller_id)
@@ -179,7 +180,7 @@ fn a_damaged_segment_keeps_its_readable_schedules_in_place() {
     // Damage the middle record's value only: its subject's bytes stop being UTF-8.
     let entries = segment::entries(&raw).unwrap();
     let subject_at = |n: usize| {
-        let value = entries[n].subject().unwrap().as_ptr() as usize;
+        let value = entries[n].subject().unwrap().unwrap().as_ptr() as usize;
         value - raw.as_ptr() as usize
     };
     let at = subject_at(1);
@@ -271,7 +272,7 @@ fn windows_merge_far_buckets_with_the_fine_buckets_they_span() {
             let mut ids: Vec<String> = w
                 .segments
                 .iter()
-                .flat_map(|(_, raw)| segment::decode(raw.as_ref()).unwrap())
+                .flat_map(|(_, raw)| segment::decode(raw.as_ref(), &segment::NoBodies).unwrap())
                 .map(|s| s.id)
                 .collect();
             ids.sort();
@@ -445,6 +446,37 @@ fn a_series_is_found_after_it_moved_on_without_its_index() {
         store.locate("plain").unwrap(),
         Some(key(bucket_of(start), 2))
     );
+}
+
+/// A store of format 5 indexed a series without its body (key · due · stored series) and kept
+/// its whole record in every segment: it is still found and read, and stays whole.
+#[test]
+fn a_series_indexed_by_store_format_5_is_still_found_and_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let now = time::now_ms();
+    let start = now - 60_000;
+    let first = key(bucket_of(start), 1);
+    let old = series("old", start, 1_000, 1);
+    let mut value = first.to_bytes().to_vec();
+    value.extend_from_slice(&start.to_be_bytes());
+    old.recurrence.as_deref().unwrap().encode_into(&mut value);
+    let mut batch = WriteBatch::default();
+    batch.put_segment(first, [&old]);
+    batch.insert(keys::id_key("old"), value);
+    store.commit(batch).unwrap();
+    assert_eq!(
+        store.series_body("old").unwrap(),
+        None,
+        "no body in its entry"
+    );
+    assert_eq!(store.get("old").unwrap(), Some(old.clone()));
+    // Moved on as the writer moves it (whole: it has no body to be thin with).
+    let next = start + 61_000;
+    let moved = move_series(&store, "old", first, series("old", next, 1_000, 62), 2);
+    assert_eq!(store.locate("old").unwrap(), Some(moved));
+    let read = store.get("old").unwrap().unwrap();
+    assert_eq!((read.due, read.recurrence.unwrap().seq), (next, 62));
 }
 
 #[test]
