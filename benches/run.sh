@@ -42,6 +42,8 @@ NATS_PID=$!
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
 
 now_ms() { date +%s%3N; }
+# CPU seconds a process has used so far (user + system), from /proc.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / hz }' "/proc/$1/stat"; }
 json() { python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, d))" "$1" "$2"; }
 
 start_natsched() { # start_natsched STORE_DIR [MORE_TOML]
@@ -252,15 +254,18 @@ if [ "$MODE" = full ] || [ "$MODE" = recurring ]; then
   BENCH=$!
   sleep $(( lead + 5 ))
   sizes=()
+  cpu0=$(cpu_s "$NATSCHED_PID"); ncpu0=$(cpu_s "$NATS_PID"); t0=$(now_ms)
   for _ in $(seq $(( FOR / 10 ))); do
     sizes+=($(( $(du -sb "$WORK/store11" | cut -f1) / 1048576 )))
     sleep 10
   done
+  # Cores each server process used while the series fired (the load generator has the rest).
+  cores=$(python3 -c "t=($(now_ms)-$t0)/1000; print('natsched %.2f, nats-server %.2f' % (($(cpu_s "$NATSCHED_PID")-$cpu0)/t, ($(cpu_s "$NATS_PID")-$ncpu0)/t))")
   wait $BENCH
   r=$(cat "$WORK/recurring.json")
   p99=$(json "$r" 'lateness_ms["p99"]')
   missing=$(json "$r" 'missing'); dups=$(json "$r" 'duplicates'); early=$(json "$r" 'early')
-  row "11. $SERIES series of Sched-Every: 1s for $FOR s: fires/s, p50 / p99 / p99.9 (ms), store MiB every 10 s" "$(json "$r" 'round(fire_per_sec or 0)') fires/s, $(json "$r" 'lateness_ms["p50"]') / $p99 / $(json "$r" 'lateness_ms["p999"]') (fired $(json "$r" 'fired') of $(json "$r" 'expected'), missing $missing, duplicates $dups, early $early; peak RSS $(json "$r" 'round(peak_rss_mib or 0)') MiB); store ${sizes[*]}" "≥ $SERIES fires/s, p99 ≤ 25 ms, store flat" "$(verdict "$p99 <= 25 and $missing == 0 and $early == 0 and ${sizes[-1]} <= ${sizes[0]} * 3 // 2 + 8")"
+  row "11. $SERIES series of Sched-Every: 1s for $FOR s: fires/s, p50 / p99 / p99.9 (ms), store MiB every 10 s" "$(json "$r" 'round(fire_per_sec or 0)') fires/s, $(json "$r" 'lateness_ms["p50"]') / $p99 / $(json "$r" 'lateness_ms["p999"]') (fired $(json "$r" 'fired') of $(json "$r" 'expected'), missing $missing, duplicates $dups, early $early; peak RSS $(json "$r" 'round(peak_rss_mib or 0)') MiB; cores used: $cores); store ${sizes[*]}" "≥ $SERIES fires/s, p99 ≤ 25 ms, store flat" "$(verdict "$p99 <= 25 and $missing == 0 and $early == 0 and ${sizes[-1]} <= ${sizes[0]} * 3 // 2 + 8")"
   stop_natsched
 fi
 

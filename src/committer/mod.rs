@@ -394,7 +394,8 @@ impl Committer {
         };
         if flush_fired
             && failed.is_none()
-            && let Err(err) = round.remove_fired(&self.store, &self.options.capacity, &self.fired)
+            && let Err(err) =
+                round.remove_fired(&self.store, &self.options.capacity, &mut self.fired)
         {
             failed = Some(err);
         }
@@ -402,6 +403,11 @@ impl Committer {
             Some(err) => Err(err),
             None => self.commit(&mut round),
         };
+        if result.is_err() && !round.applied() {
+            // The fired copies are still stored: the next try stores their successors.
+            let left = round.take_new().into_values().flatten();
+            round.give_back_successors(left, &mut self.fired);
+        }
         if std::mem::take(&mut self.intake_changed) {
             match &result {
                 Ok(()) => self.intake_durable = self.intake.clone(),
@@ -646,7 +652,9 @@ impl Committer {
         let now = time::now_ms();
         let far_from = self.far_from(now);
         let mut far: BTreeMap<UnixMs, Vec<Schedule>> = BTreeMap::new();
-        let mut inserts = Vec::new();
+        // The new segments, and whether the wheel takes them once they are stored.
+        let mut written: Vec<(SegmentKey, Vec<Schedule>, bool)> = Vec::new();
+        let mut to_insert = 0;
         // The wheel holds nothing due from here on that it could let go of (see below).
         let mut nothing_from = UnixMs::MAX;
         for (bucket, schedules) in round.take_new() {
@@ -663,10 +671,10 @@ impl Committer {
                 round.name_generated(key, &mut schedules);
                 round.write_segment(key, &schedules);
                 if key >= self.cursor {
+                    written.push((key, schedules, false));
                     continue; // the loader will bring it in
                 }
-                let wanted =
-                    self.resident.load(Ordering::Relaxed) + inserts.len() + schedules.len();
+                let wanted = self.resident.load(Ordering::Relaxed) + to_insert + schedules.len();
                 let over = wanted.saturating_sub(self.options.max_resident);
                 let later = bucket + BUCKET_MS;
                 // Only something loaded from a later bucket can make room, and once the wheel
@@ -690,11 +698,10 @@ impl Committer {
                     // so it sits in earlier buckets and is never loaded again; the wheel
                     // ignores reloads of what it already holds.
                     self.cursor = key;
+                    written.push((key, schedules, false));
                 } else {
-                    inserts.extend(schedules.into_iter().map(|schedule| Resident {
-                        segment: key,
-                        schedule: Box::new(schedule),
-                    }));
+                    to_insert += schedules.len();
+                    written.push((key, schedules, true));
                 }
             }
         }
@@ -703,6 +710,7 @@ impl Committer {
                 let key = SegmentKey::far(far_bucket, self.take_seq());
                 round.name_generated(key, &mut schedules);
                 round.write_segment(key, &schedules);
+                written.push((key, schedules, false));
             }
         }
         let (mut batch, mut wheel_commands) = round.finish(self.next_seq, &self.options.capacity);
@@ -713,8 +721,19 @@ impl Committer {
         if self.intake_changed {
             batch.set_intake_mark(&self.intake.encode());
         }
-        self.write(batch)?;
+        if let Err(err) = self.write(batch) {
+            let left = written.into_iter().flat_map(|(_, schedules, _)| schedules);
+            round.give_back_successors(left, &mut self.fired);
+            return Err(err);
+        }
         round.mark_applied();
+        let mut inserts = Vec::with_capacity(to_insert);
+        for (key, schedules, _) in written.into_iter().filter(|(_, _, insert)| *insert) {
+            inserts.extend(schedules.into_iter().map(|schedule| Resident {
+                segment: key,
+                schedule: Box::new(schedule),
+            }));
+        }
         self.ledger = round.ledger().clone();
         self.publish_ledger();
         // The batch is in sled now whether or not the fsync succeeds, so the wheel must hear

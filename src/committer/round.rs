@@ -70,6 +70,9 @@ pub fn split(schedules: Vec<Schedule>, max_bytes: usize) -> Vec<Vec<Schedule>> {
 enum Place {
     /// In the new segment of this bucket, written at the end of the round.
     New(UnixMs),
+    /// Like `New`: a series' successor, moved out of its fired copy (which fired from
+    /// segment `from`), written without touching its index entry (see [`Round::advance`]).
+    Advanced { bucket: UnixMs, from: SegmentKey },
     /// In a stored segment.
     Stored(SegmentKey),
     /// Nowhere: removed by this round.
@@ -84,7 +87,8 @@ pub struct Fired {
     /// The quotas it counts against.
     pub quotas: QuotaMask,
     /// A series' successor: the same schedule due at its next occurrence, stored in its place
-    /// by the same batch that removes it (none when the series has ended).
+    /// by the same batch that removes it (none when the series has ended). A round moves it
+    /// out, and gives it back if it fails (see [`Round::give_back_successors`]).
     pub next: Option<Box<Schedule>>,
     /// Whether it is a series (ended, if `next` is `None`).
     pub series: bool,
@@ -119,8 +123,6 @@ pub struct Round {
     damaged: HashSet<SegmentKey>,
     /// Requests without a reply subject that were refused.
     unanswered_errors: u64,
-    /// Series this round moves on to their next occurrence (see [`Round::advance`]).
-    advanced: HashSet<String>,
 }
 
 /// What a request's reply will say if the round commits.
@@ -180,7 +182,7 @@ impl Round {
         }
         if let Some(replaced) = replaced {
             match replaced.place {
-                Place::New(bucket) => {
+                Place::New(bucket) | Place::Advanced { bucket, .. } => {
                     if let Some(schedules) = self.new.get_mut(&bucket) {
                         schedules.retain(|s| s.id != schedule.id);
                     }
@@ -233,7 +235,7 @@ impl Round {
             self.place_of_caller(store, id)?
         };
         let old = match place {
-            Place::New(bucket) => self
+            Place::New(bucket) | Place::Advanced { bucket, .. } => self
                 .new
                 .get(&bucket)
                 .and_then(|schedules| schedules.iter().find(|s| s.id == id)),
@@ -290,7 +292,7 @@ impl Round {
                 }
                 Outcome::Refused(ApiError::not_found(&id))
             }
-            Place::New(bucket) => {
+            Place::New(bucket) | Place::Advanced { bucket, .. } => {
                 // Added earlier in this very round: it never reached the wheel. If that add
                 // replaced a stored copy, the index still points there.
                 let schedules = self.new.entry(bucket).or_default();
@@ -358,32 +360,37 @@ impl Round {
     }
 
     /// Removes fired schedules from their segments, and their ids from the index unless the
-    /// id has moved on to a newer schedule. (The caller keeps `fired` until the round has
-    /// committed, so a failed round leaves them to the next try.)
+    /// id has moved on to a newer schedule; moves the successors of series out of `fired`
+    /// into the round. (The caller keeps `fired` until the round has committed, so a failed
+    /// round leaves them to the next try, once it has given their successors back: see
+    /// [`Round::give_back_successors`].)
     pub fn remove_fired(
         &mut self,
         store: &Store,
         capacity: &Capacity,
-        fired: &HashMap<SegmentKey, Vec<Fired>>,
+        fired: &mut HashMap<SegmentKey, Vec<Fired>>,
     ) -> Result<(), StoreError> {
         // Grouped by the segment that holds them: the fine keys of one unmigrated far segment
         // all lead to it, and it must be filtered once, for all of them.
-        let mut held: HashMap<SegmentKey, Vec<&Fired>> = HashMap::default();
-        for (&fired_key, schedules) in fired {
+        let mut held: HashMap<SegmentKey, Vec<&mut Fired>> = HashMap::default();
+        for (&fired_key, schedules) in fired.iter_mut() {
             let holder = self.holder_of_fired(store, fired_key)?;
-            held.entry(holder).or_default().extend(schedules);
+            held.entry(holder).or_default().extend(schedules.iter_mut());
         }
-        for (key, schedules) in held {
+        for (key, mut schedules) in held {
             // An id is unique within a segment, so the id alone names the fired copy. Only
             // what is still there leaves the counts (a replaced or cancelled copy left
             // already), and only a series whose fired copy is still there goes on.
-            let gone: HashMap<&str, &Fired> =
-                schedules.iter().map(|f| (f.copy.id.as_str(), *f)).collect();
-            let mut dropped: Vec<&Fired> = Vec::new();
+            let gone: HashMap<&str, usize> = schedules
+                .iter()
+                .enumerate()
+                .map(|(at, f)| (f.copy.id.as_str(), at))
+                .collect();
+            let mut dropped: Vec<usize> = Vec::new();
             if let Some(remaining) = self.rewrites.get_mut(&key) {
                 remaining.retain(|s| match gone.get(s.id.as_str()) {
-                    Some(&fired) => {
-                        dropped.push(fired);
+                    Some(&at) => {
+                        dropped.push(at);
                         false
                     }
                     None => true,
@@ -392,8 +399,8 @@ impl Round {
                 // The common case, on the firing hot path: filter the encoded segment without
                 // decoding its schedules; a fully fired one is removed.
                 let filtered = segment::without(raw.as_ref(), |id| match gone.get(id) {
-                    Some(&fired) => {
-                        dropped.push(fired);
+                    Some(&at) => {
+                        dropped.push(at);
                         true
                     }
                     None => false,
@@ -405,8 +412,8 @@ impl Round {
                         dropped.clear();
                         let remaining = self.rewrite(store, key)?;
                         remaining.retain(|s| match gone.get(s.id.as_str()) {
-                            Some(&fired) => {
-                                dropped.push(fired);
+                            Some(&at) => {
+                                dropped.push(at);
                                 false
                             }
                             None => true,
@@ -414,22 +421,21 @@ impl Round {
                     }
                 }
             }
-            let mut ended: HashSet<&str> = HashSet::default();
-            for fired in dropped {
+            let mut ended = vec![false; schedules.len()];
+            for at in dropped {
+                let fired = &mut *schedules[at];
                 self.ledger.remove(fired.quotas);
-                match &fired.next {
-                    Some(next) => self.advance(capacity, Schedule::clone(next)),
+                match fired.next.take() {
+                    Some(next) => self.advance(capacity, *next, fired.copy.segment),
                     // A series still where it fired from was not replaced: its index entry
                     // is its own, wherever it points (see `Store::locate_series`).
-                    None if fired.series => {
-                        ended.insert(fired.copy.id.as_str());
-                    }
+                    None if fired.series => ended[at] = true,
                     None => {}
                 }
             }
-            for fired in schedules {
+            for (fired, ended) in schedules.iter().zip(ended) {
                 let id = &fired.copy.id;
-                let gone = match ended.contains(id.as_str()) {
+                let gone = match ended {
                     true => !self.places.contains_key(id),
                     false => {
                         fired.caller_id
@@ -446,14 +452,43 @@ impl Round {
         Ok(())
     }
 
-    /// Stages a series' successor (see [`Fired::next`]): like an add, but nothing to replace
-    /// (its fired copy was just removed) and nobody to answer.
-    fn advance(&mut self, capacity: &Capacity, next: Schedule) {
+    /// Stages a series' successor (see [`Fired::next`]), moved out of its fired copy (which
+    /// fired from segment `from`): like an add, but nothing to replace (its fired copy was
+    /// just removed) and nobody to answer.
+    fn advance(&mut self, capacity: &Capacity, next: Schedule, from: SegmentKey) {
         self.ledger.add(capacity.mask(&next.subject));
         let bucket = bucket_of(next.due);
-        self.places.insert(next.id.clone(), Place::New(bucket));
-        self.advanced.insert(next.id.clone());
+        self.places
+            .insert(next.id.clone(), Place::Advanced { bucket, from });
         self.new.entry(bucket).or_default().push(next);
+    }
+
+    /// After the round failed: gives the successors it moved out of `fired` back to their
+    /// fired copies, for the next try. `schedules` are the round's new schedules still held
+    /// (its own, or given back by a commit that failed).
+    pub fn give_back_successors(
+        &self,
+        schedules: impl IntoIterator<Item = Schedule>,
+        fired: &mut HashMap<SegmentKey, Vec<Fired>>,
+    ) {
+        for schedule in schedules {
+            let Some(&Place::Advanced { from, .. }) = self.places.get(schedule.id.as_str()) else {
+                continue;
+            };
+            let copy = fired.get_mut(&from).and_then(|copies| {
+                copies
+                    .iter_mut()
+                    .find(|f| f.copy.id == schedule.id && f.series && f.next.is_none())
+            });
+            match copy {
+                Some(copy) => copy.next = Some(Box::new(schedule)),
+                // Cannot happen: a failed round's fired copies stay where they were.
+                None => tracing::error!(
+                    id = %schedule.id.escape_debug(),
+                    "a series' successor found no fired copy to go back to"
+                ),
+            }
+        }
     }
 
     /// The segment holding what fired from `key`: `key`, unless it is a fine key that a
@@ -518,9 +553,10 @@ impl Round {
     /// Stages the write of a new segment and the index entries of its caller ids (but for
     /// series moving on: their entries stay, see `Store::locate_indexed`).
     pub fn write_segment(&mut self, key: SegmentKey, schedules: &[Schedule]) {
-        let advanced = &self.advanced;
-        self.batch
-            .put_new_segment_indexing(key, schedules, |s| !advanced.contains(s.id.as_str()));
+        let places = &self.places;
+        self.batch.put_new_segment_indexing(key, schedules, |s| {
+            !matches!(places.get(s.id.as_str()), Some(Place::Advanced { .. }))
+        });
     }
 
     /// The batch to commit and the wheel changes to send after it. The batch records the

@@ -574,6 +574,38 @@ fn fired_removals_of_a_failed_round_are_retried() {
     assert!(deleted, "and only then is the wheel told");
 }
 
+#[test]
+fn a_series_fired_in_a_failed_round_moves_on_at_the_next_try() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[]);
+    h.add(series("s", now - 10, 1_000, None));
+    h.advance();
+    let [first] = h.inserted().try_into().expect("s was loaded");
+    // The round storing its successor fails: the successor goes back to its fired copy.
+    h.committer.store.fail_writes(true);
+    h.fire(vec![first]);
+    h.committer.store.fail_writes(false);
+    let stored = h.committer.store.get("s").unwrap().unwrap();
+    assert_eq!(stored.recurrence.unwrap().seq, 1, "the round failed");
+    assert!(h.inserted().is_empty(), "nothing went to the wheel");
+    h.committer.try_recover();
+    h.committer.round(std::iter::empty(), true);
+    let stored = h.committer.store.get("s").unwrap().unwrap();
+    assert_eq!(
+        (stored.due, stored.recurrence.unwrap().seq),
+        (now + 990, 2),
+        "moved on, not ended"
+    );
+    // (After reopening the store, the loader brings in what it holds again.)
+    h.advance();
+    let [second] = h
+        .inserted()
+        .try_into()
+        .expect("the successor went to the wheel");
+    assert_eq!(second.schedule.recurrence.as_ref().unwrap().seq, 2);
+    assert!(h.committer.store.is_indexed("s").unwrap());
+}
+
 fn generated(due: UnixMs) -> Schedule {
     crate::record::test_schedule(&protocol::generated_id(due), due, false)
 }
