@@ -129,9 +129,10 @@ pub fn page(
                 continue;
             }
             // A thin record's subject is in its series' body, read with it. A body gone since
-            // the segment was read is a series that ended or was cancelled meanwhile.
+            // the segment was read is a series that ended, was cancelled or was replaced
+            // meanwhile.
             let thin = match entry.is_thin() {
-                true => match store.series_body(entry.id())? {
+                true => match store.series_body_for(entry.id(), key)? {
                     Some(body) => Some(entry.decode_thin(body)),
                     None => continue,
                 },

@@ -727,6 +727,20 @@ impl Committer {
             return Err(err);
         }
         round.mark_applied();
+        // Replicated, the log's PubAck made it durable (on the log's replicas); a local fsync
+        // is a choice (`[cluster] fsync`).
+        let fsync = round.awaits_ack() && self.log.as_ref().is_none_or(Replication::fsync);
+        // Should the fsync fail, the batch may be lost when the store is reopened, and the
+        // fired copies of series with it: the next try then needs their successors again.
+        let successors: Vec<Schedule> = match fsync {
+            true => written
+                .iter()
+                .flat_map(|(_, schedules, _)| schedules)
+                .filter(|schedule| round.is_successor(schedule))
+                .cloned()
+                .collect(),
+            false => Vec::new(),
+        };
         let mut inserts = Vec::with_capacity(to_insert);
         for (key, schedules, _) in written.into_iter().filter(|(_, _, insert)| *insert) {
             inserts.extend(schedules.into_iter().map(|schedule| Resident {
@@ -745,10 +759,9 @@ impl Committer {
         for command in wheel_commands {
             let _ = self.wheel.send(command);
         }
-        // Replicated, the log's PubAck made it durable (on the log's replicas); a local fsync
-        // is a choice (`[cluster] fsync`).
-        if round.awaits_ack() && self.log.as_ref().is_none_or(Replication::fsync) {
-            self.store.flush()?;
+        if fsync && let Err(err) = self.store.flush() {
+            round.give_back_successors(successors, &mut self.fired);
+            return Err(err);
         }
         let (added, cancelled) = round.counts();
         Metrics::count(&self.metrics.scheduled_total, added);

@@ -463,6 +463,14 @@ impl Round {
         self.new.entry(bucket).or_default().push(next);
     }
 
+    /// Whether `schedule` is a series' successor this round moved out of its fired copy.
+    pub fn is_successor(&self, schedule: &Schedule) -> bool {
+        matches!(
+            self.places.get(schedule.id.as_str()),
+            Some(Place::Advanced { .. })
+        )
+    }
+
     /// After the round failed: gives the successors it moved out of `fired` back to their
     /// fired copies, for the next try. `schedules` are the round's new schedules still held
     /// (its own, or given back by a commit that failed).

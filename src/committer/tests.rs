@@ -606,6 +606,50 @@ fn a_series_fired_in_a_failed_round_moves_on_at_the_next_try() {
     assert!(h.committer.store.is_indexed("s").unwrap());
 }
 
+#[test]
+fn a_series_whose_round_was_applied_but_not_made_durable_keeps_its_successor() {
+    let now = time::now_ms();
+    let mut h = Harness::new(1000, &[]);
+    h.add(series("s", now - 10, 1_000, None));
+    h.advance();
+    let [first] = h.inserted().try_into().expect("s was loaded");
+    let fired_copy = first.schedule.as_ref().clone();
+    let fired_key = first.segment;
+    // Fired in a round that also answers an add, so it fsyncs; the fsync fails.
+    h.committer.store.fail_flushes(true);
+    let add = StoreCommand::Add {
+        schedule: schedule("other", now + DAY),
+        reply: Some(reply()),
+    };
+    h.committer
+        .round([StoreCommand::Fired(vec![first]), add].into_iter(), true);
+    h.committer.store.fail_flushes(false);
+    assert!(h.committer.outage.is_some(), "the round failed");
+    let successors: Vec<Option<u64>> = h
+        .committer
+        .fired
+        .values()
+        .flatten()
+        .map(|f| f.next.as_ref().map(|n| n.recurrence.as_ref().unwrap().seq))
+        .collect();
+    assert_eq!(successors, [Some(2)], "its successor went back to it");
+    // The batch is lost with the store (as a reopen may find): the fired copy is back, the
+    // successor gone. The next try stores the successor again.
+    let moved_to = h.committer.store.locate("s").unwrap().unwrap();
+    let mut batch = WriteBatch::default();
+    batch.put_raw_segment(moved_to, None);
+    batch.put_segment(fired_key, [&fired_copy]);
+    h.committer.store.commit(batch).unwrap();
+    h.committer.try_recover();
+    h.committer.round(std::iter::empty(), true);
+    let stored = h.committer.store.get("s").unwrap().unwrap();
+    assert_eq!(
+        (stored.due, stored.recurrence.unwrap().seq),
+        (now + 990, 2)
+    );
+    assert!(h.committer.store.is_indexed("s").unwrap());
+}
+
 fn generated(due: UnixMs) -> Schedule {
     crate::record::test_schedule(&protocol::generated_id(due), due, false)
 }

@@ -141,6 +141,9 @@ pub struct Store {
     /// Tests make writes fail with this, as a full or broken disk would.
     #[cfg(test)]
     fail_writes: Arc<std::sync::atomic::AtomicBool>,
+    /// Tests make only fsyncs fail with this: a batch applied, then not made durable.
+    #[cfg(test)]
+    fail_flushes: Arc<std::sync::atomic::AtomicBool>,
     /// Ids natsched generated before store format 3 did not name their segment; such an id
     /// due before this instant is searched for in its bucket (see [`Store::locate`]), among
     /// the segments of seqs below `legacy_seqs_below`.
@@ -429,6 +432,8 @@ impl Store {
             damage: Arc::default(),
             #[cfg(test)]
             fail_writes: Arc::default(),
+            #[cfg(test)]
+            fail_flushes: Arc::default(),
             legacy_ids_until: 0,
             legacy_seqs_below: 0,
         };
@@ -770,6 +775,11 @@ impl Store {
     /// Makes every committed change durable (fsync).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.injected_failure()?;
+        #[cfg(test)]
+        if self.fail_flushes.load(std::sync::atomic::Ordering::Relaxed) {
+            let error = std::io::Error::other("injected fsync failure");
+            return Err(StoreError::Io(sled::Error::Io(error)));
+        }
         self.db()?.flush()?;
         Ok(())
     }
@@ -778,6 +788,13 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn fail_writes(&self, fail: bool) {
         self.fail_writes
+            .store(fail, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Makes fsyncs fail (or not), leaving batches applied.
+    #[cfg(test)]
+    pub(crate) fn fail_flushes(&self, fail: bool) {
+        self.fail_flushes
             .store(fail, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -1087,10 +1104,14 @@ impl Store {
         let Some(entry) = entries.into_iter().find(|entry| entry.id() == id) else {
             return Ok(damage.map_or(Ok(None), Err));
         };
-        let bodies = self.bodies();
-        let decoded = entry.decode(&bodies);
-        bodies.check()?;
-        Ok(decoded.map(Some))
+        if !entry.is_thin() {
+            return Ok(entry.decode(&segment::NoBodies).map(Some));
+        }
+        // A body of a series that replaced this one since: it has moved (see `get`).
+        match self.series_body_for(id, key)? {
+            Some(body) => Ok(entry.decode_thin(body).map(Some)),
+            None => Ok(Ok(None)),
+        }
     }
 
     /// Whole segments of `from`'s tier with keys in `from..` and buckets starting before

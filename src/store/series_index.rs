@@ -59,16 +59,40 @@ impl Store {
     /// The body of the series `id` (see [`Bodies`]): `None` if it is not indexed, or its
     /// entry holds no readable body.
     pub(crate) fn series_body(&self, id: &str) -> Result<Option<Schedule>, StoreError> {
+        Ok(self.indexed_body(id)?.map(|(_, body)| body))
+    }
+
+    /// The body of the thin record of `id` read from segment `key` by a reader that is not
+    /// the store writer: `None` also when the body is of a newer series under the same id
+    /// (a replace since the segment was read). A series is indexed when it is scheduled,
+    /// and its records are then only ever written to segments of later seqs, so a record in
+    /// a segment older than the index entry's is a replaced series'.
+    pub(crate) fn series_body_for(
+        &self,
+        id: &str,
+        key: SegmentKey,
+    ) -> Result<Option<Schedule>, StoreError> {
+        Ok(self
+            .indexed_body(id)?
+            .filter(|(indexed, _)| key.seq >= indexed.seq)
+            .map(|(_, body)| body))
+    }
+
+    /// Where the series `id` was indexed, and its body.
+    fn indexed_body(&self, id: &str) -> Result<Option<(SegmentKey, Schedule)>, StoreError> {
         let Some(value) = self.db()?.get(keys::id_key(id))? else {
             return Ok(None);
         };
+        let indexed = value
+            .get(..INDEXED_KEY_LEN)
+            .and_then(SegmentKey::from_bytes);
         let body = value
             .get(INDEXED_KEY_LEN..)
             .and_then(|rest| decode(id, rest))
             .and_then(|(_, _, body)| body);
-        Ok(body.map(|mut body| {
+        Ok(indexed.zip(body).map(|(indexed, mut body)| {
             body.caller_id = true;
-            body
+            (indexed, body)
         }))
     }
 

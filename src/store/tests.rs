@@ -479,6 +479,44 @@ fn a_series_indexed_by_store_format_5_is_still_found_and_read() {
     assert_eq!((read.due, read.recurrence.unwrap().seq), (next, 62));
 }
 
+/// A reader that read a thin record before the writer replaced its series (same id, new
+/// body) does not join the old record to the new body.
+#[test]
+fn a_thin_record_read_before_its_series_was_replaced_gets_no_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let now = time::now_ms();
+    let mut thin = series("s", now + 1_000, 1_000, 1);
+    thin.recurrence.as_deref_mut().unwrap().body_indexed = true;
+    let first = key(bucket_of(thin.due), 1);
+    let mut batch = WriteBatch::default();
+    batch.put_new_segment(first, std::slice::from_ref(&thin));
+    store.commit(batch).unwrap();
+    // Fired and moved on to a later segment, its index untouched.
+    let next = Schedule {
+        due: now + 2_000,
+        ..thin.clone()
+    };
+    let moved = move_series(&store, "s", first, next, 2);
+    assert!(store.series_body_for("s", moved).unwrap().is_some());
+    assert_eq!(store.get("s").unwrap().unwrap().due, now + 2_000);
+    // Replaced: the new series is indexed at a newer segment, with another subject.
+    let replacement = Schedule {
+        subject: "other.subject".into(),
+        ..thin.clone()
+    };
+    let mut batch = WriteBatch::default();
+    batch.put_raw_segment(moved, None);
+    batch.put_new_segment(key(bucket_of(thin.due), 3), &[replacement]);
+    store.commit(batch).unwrap();
+    assert_eq!(
+        store.series_body_for("s", moved).unwrap(),
+        None,
+        "the record read from the older segment is not the replacement's"
+    );
+    assert_eq!(store.get("s").unwrap().unwrap().subject, "other.subject");
+}
+
 #[test]
 fn a_cron_series_is_found_at_its_next_match() {
     let dir = tempfile::tempdir().unwrap();
@@ -525,6 +563,33 @@ fn a_series_is_found_when_the_wall_clock_is_behind_the_writer_s() {
     batch.set_clock_mark(ahead);
     store.commit(batch).unwrap();
     assert_eq!(store.locate("s").unwrap(), Some(moved));
+}
+
+/// The sled patch's threadpool hunk: a task handed to sled's threadpool wakes one waiting
+/// thread, not all of them. Writers flushing at once from several threads (each flush hands
+/// the log buffers it seals to the threadpool, and waits for them to be written) all finish:
+/// no write waits for a wake-up that went to another thread.
+#[test]
+fn sled_runs_every_task_while_waking_one_thread_per_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    let (finished, done) = std::sync::mpsc::channel();
+    for writer in 0..8u64 {
+        let (db, finished) = (db.clone(), finished.clone());
+        std::thread::spawn(move || {
+            for i in 0..100u64 {
+                let key = (writer << 32 | i).to_be_bytes();
+                db.insert(key, vec![7u8; 100]).unwrap();
+                db.flush().unwrap();
+            }
+            finished.send(writer).unwrap();
+        });
+    }
+    for _ in 0..8 {
+        done.recv_timeout(Duration::from_secs(120))
+            .expect("a flush waited for ever on a log write handed to sled's threadpool");
+    }
+    assert_eq!(db.len(), 800);
 }
 
 /// The sled patch (`packaging/patches/sled`): a page stored as one blob (a leaf over a
