@@ -145,7 +145,12 @@ if [ "$MODE" = full ] || [ "$MODE" = store ]; then
     sleep 1.5 # fired schedules leave the store every 100 ms; sled flushes every 500 ms
     sizes+=($(( $(du -sb "$WORK/store5" | cut -f1) / 1048576 )))
   done
-  row "5. store size after each of 10 cycles of 1 M in and out (MiB)" "${sizes[*]}" "near its floor" "$(verdict "${sizes[9]} <= 2 * ${sizes[0]} + 64")"
+  # No growth across cycles: the largest of the last five at most twice the largest of the
+  # first five, plus 64 MiB. (Maxima, because sled truncates its file once a cycle's
+  # schedules are gone, and a sample may fall before or after that.)
+  first=$(printf '%s\n' "${sizes[@]:0:5}" | sort -n | tail -1)
+  last=$(printf '%s\n' "${sizes[@]:5:5}" | sort -n | tail -1)
+  row "5. store size after each of 10 cycles of 1 M in and out (MiB)" "${sizes[*]}" "no growth across cycles" "$(verdict "$last <= 2 * $first + 64")"
   stop_natsched
 fi
 
