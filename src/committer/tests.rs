@@ -643,10 +643,7 @@ fn a_series_whose_round_was_applied_but_not_made_durable_keeps_its_successor() {
     h.committer.try_recover();
     h.committer.round(std::iter::empty(), true);
     let stored = h.committer.store.get("s").unwrap().unwrap();
-    assert_eq!(
-        (stored.due, stored.recurrence.unwrap().seq),
-        (now + 990, 2)
-    );
+    assert_eq!((stored.due, stored.recurrence.unwrap().seq), (now + 990, 2));
     assert!(h.committer.store.is_indexed("s").unwrap());
 }
 
