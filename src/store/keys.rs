@@ -3,7 +3,7 @@
 //! | key                                          | value                                  |
 //! |----------------------------------------------|----------------------------------------|
 //! | `f` · bucket (`u64` BE Unix ms) · seq (`u64` BE) | a *far* [segment](super::segment): sparse schedules of one commit round due in that [`FAR_BUCKET_MS`] bucket |
-//! | `i` · id                                     | the segment key holding that id        |
+//! | `i` · id                                     | the segment key holding that id; for a series also its due there and its body (see `series_index.rs`) |
 //! | `m` · name                                   | metadata: format version, next segment seq, pending count (in all and per quota) |
 //! | `q` · segment key                            | the original bytes of a damaged segment, kept for inspection (see `Store::scan`) |
 //! | `s` · bucket (`u64` BE Unix ms) · seq (`u64` BE) | a *fine* [segment](super::segment): the schedules of one commit round due in that [`BUCKET_MS`] bucket |

@@ -133,3 +133,48 @@ impl Bodies for IndexedBodies<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::test_schedule;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// An entry holds the series' body as it was indexed; any other bytes after the
+        /// segment key read as no entry, never a panic.
+        #[test]
+        fn entries_round_trip_and_damage_never_panics(
+            due in 1_700_000_000_000u64..1_800_000_000_000,
+            every in 1u64..1_000_000,
+            seq in 1u64..1_000,
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            junk in proptest::collection::vec(any::<u8>(), 0..64),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let schedule = Schedule {
+                payload: payload.into(),
+                recurrence: Some(Box::new(Series::every(every, seq))),
+                ..test_schedule("s", due, true)
+            };
+            let key = SegmentKey::fine(due - due % 100, 7);
+            let value = encode(&schedule, key);
+            prop_assert_eq!(SegmentKey::from_bytes(&value[..INDEXED_KEY_LEN]), Some(key));
+            let (indexed_due, series, body) = decode("s", &value[INDEXED_KEY_LEN..]).unwrap();
+            prop_assert_eq!(indexed_due, due);
+            prop_assert_eq!(&series, schedule.recurrence.as_deref().unwrap());
+            let body = body.unwrap();
+            prop_assert_eq!(
+                (body.payload, body.due, body.subject),
+                (schedule.payload, due, schedule.subject)
+            );
+            // Cut short, or followed by junk, or junk alone: no panic.
+            let rest = &value[INDEXED_KEY_LEN..];
+            let _ = decode("s", &rest[..cut.index(rest.len())]);
+            let mut longer = rest.to_vec();
+            longer.extend_from_slice(&junk);
+            let _ = decode("s", &longer);
+            let _ = decode("s", &junk);
+        }
+    }
+}
