@@ -132,8 +132,8 @@ pub fn page(
             // the segment was read is a series that ended, was cancelled or was replaced
             // meanwhile.
             let thin = match entry.is_thin() {
-                true => match store.series_body_for(entry.id(), key)? {
-                    Some(body) => Some(entry.decode_thin(body)),
+                true => match store.read_entry(&entry, key)? {
+                    Some(decoded) => Some(decoded),
                     None => continue,
                 },
                 false => None,

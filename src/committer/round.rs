@@ -30,14 +30,14 @@ pub const SPARSE_BYTES: usize = 1024;
 
 /// Roughly what a schedule takes in a segment.
 pub fn approximate_size(schedule: &Schedule) -> usize {
+    if segment::is_thin(schedule) {
+        return 16 + schedule.id.len();
+    }
     let headers: usize = schedule
         .headers
         .iter()
         .map(|(n, v)| 6 + n.len() + v.len())
         .sum();
-    if segment::is_thin(schedule) {
-        return 16 + schedule.id.len();
-    }
     let series = schedule
         .recurrence
         .as_deref()
@@ -465,10 +465,7 @@ impl Round {
 
     /// Whether `schedule` is a series' successor this round moved out of its fired copy.
     pub fn is_successor(&self, schedule: &Schedule) -> bool {
-        matches!(
-            self.places.get(schedule.id.as_str()),
-            Some(Place::Advanced { .. })
-        )
+        advanced(&self.places, &schedule.id)
     }
 
     /// After the round failed: gives the successors it moved out of `fired` back to their
@@ -562,9 +559,8 @@ impl Round {
     /// series moving on: their entries stay, see `Store::locate_indexed`).
     pub fn write_segment(&mut self, key: SegmentKey, schedules: &[Schedule]) {
         let places = &self.places;
-        self.batch.put_new_segment_indexing(key, schedules, |s| {
-            !matches!(places.get(s.id.as_str()), Some(Place::Advanced { .. }))
-        });
+        self.batch
+            .put_new_segment_indexing(key, schedules, |s| !advanced(places, &s.id));
     }
 
     /// The batch to commit and the wheel changes to send after it. The batch records the
@@ -712,6 +708,11 @@ impl Round {
         };
         Ok((schedules, self.damaged.contains(&key)))
     }
+}
+
+/// Whether `places` says `id` is a series' successor moved on by the round.
+fn advanced(places: &HashMap<String, Place>, id: &str) -> bool {
+    matches!(places.get(id), Some(Place::Advanced { .. }))
 }
 
 /// 80 random bits for an id (see [`Round::name_generated`]).

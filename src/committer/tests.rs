@@ -154,6 +154,19 @@ impl Harness {
         self.committer.round(std::iter::once(add), false);
     }
 
+    /// Adds `schedule` in a round of its own, as a request would (so a series is stored
+    /// thin), loads it, and returns the copy the wheel got.
+    fn add_and_load(&mut self, schedule: Schedule) -> Resident {
+        let id = schedule.id.clone();
+        self.add(schedule);
+        self.advance();
+        let [loaded] = self
+            .inserted()
+            .try_into()
+            .unwrap_or_else(|got| panic!("{id} was not loaded alone: {got:?}"));
+        loaded
+    }
+
     fn fire(&mut self, residents: Vec<Resident>) {
         let fired = StoreCommand::Fired(residents);
         self.committer.round(std::iter::once(fired), true);
@@ -578,9 +591,7 @@ fn fired_removals_of_a_failed_round_are_retried() {
 fn a_series_fired_in_a_failed_round_moves_on_at_the_next_try() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[]);
-    h.add(series("s", now - 10, 1_000, None));
-    h.advance();
-    let [first] = h.inserted().try_into().expect("s was loaded");
+    let first = h.add_and_load(series("s", now - 10, 1_000, None));
     // The round storing its successor fails: the successor goes back to its fired copy.
     h.committer.store.fail_writes(true);
     h.fire(vec![first]);
@@ -610,9 +621,7 @@ fn a_series_fired_in_a_failed_round_moves_on_at_the_next_try() {
 fn a_series_whose_round_was_applied_but_not_made_durable_keeps_its_successor() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[]);
-    h.add(series("s", now - 10, 1_000, None));
-    h.advance();
-    let [first] = h.inserted().try_into().expect("s was loaded");
+    let first = h.add_and_load(series("s", now - 10, 1_000, None));
     let fired_copy = first.schedule.as_ref().clone();
     let fired_key = first.segment;
     // Fired in a round that also answers an add, so it fsyncs; the fsync fails.
@@ -1235,9 +1244,7 @@ fn a_series_scheduled_now_is_stored_thin_and_fires_on_with_its_body() {
         payload: Bytes::from(vec![b'x'; 4_000]),
         ..series("s", now - 10, 1_000, Some(3))
     };
-    h.add(scheduled.clone());
-    h.advance();
-    let [first] = h.inserted().try_into().expect("s was loaded");
+    let first = h.add_and_load(scheduled.clone());
     assert_eq!(first.schedule.payload, scheduled.payload);
     h.fire(vec![first]);
     // Its successor's record holds its due and seq; the 4 000 bytes are in its index entry.

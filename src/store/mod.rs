@@ -727,10 +727,7 @@ impl Store {
             };
             for item in db.range(from.to_bytes()..=to.to_bytes()) {
                 let (key, value) = item?;
-                let bodies = self.bodies();
-                let decoded = segment::decode_salvaging(&value, &bodies);
-                bodies.check()?;
-                let schedules = match decoded {
+                let schedules = match self.decode_segment(&value)? {
                     Ok(schedules) => schedules,
                     Err(salvage) => {
                         if let Some(key) = SegmentKey::from_bytes(&key) {
@@ -1001,10 +998,7 @@ impl Store {
         let Some(value) = self.db()?.get(key.to_bytes())? else {
             return Ok((Vec::new(), None));
         };
-        let bodies = self.bodies();
-        let decoded = segment::decode_salvaging(&value, &bodies);
-        bodies.check()?;
-        match decoded {
+        match self.decode_segment(&value)? {
             Ok(schedules) => Ok((schedules, None)),
             Err(salvage) => {
                 self.damage.report(key, &salvage);
@@ -1104,14 +1098,33 @@ impl Store {
         let Some(entry) = entries.into_iter().find(|entry| entry.id() == id) else {
             return Ok(damage.map_or(Ok(None), Err));
         };
+        // No body: the series has moved on, ended or been replaced since (see `get`).
+        Ok(self.read_entry(&entry, key)?.transpose())
+    }
+
+    /// Decodes `entry` of segment `key` for a reader that is not the store writer: `None`
+    /// for a thin record whose series ended, was cancelled or was replaced since the segment
+    /// was read (see [`Store::series_body_for`]).
+    pub(crate) fn read_entry(
+        &self,
+        entry: &segment::Entry<'_>,
+        key: SegmentKey,
+    ) -> Result<Option<Result<Schedule, DecodeError>>, StoreError> {
         if !entry.is_thin() {
-            return Ok(entry.decode(&segment::NoBodies).map(Some));
+            return Ok(Some(entry.decode(&segment::NoBodies)));
         }
-        // A body of a series that replaced this one since: it has moved (see `get`).
-        match self.series_body_for(id, key)? {
-            Some(body) => Ok(entry.decode_thin(body).map(Some)),
-            None => Ok(Ok(None)),
-        }
+        let body = self.series_body_for(entry.id(), key)?;
+        Ok(body.map(|body| entry.decode_thin(body)))
+    }
+
+    /// Decodes a segment as the store writer reads it: thin records with their bodies from
+    /// the index, damage salvaged (see [`segment::decode_salvaging`]). A failed read of a body
+    /// is an error here, never taken for damage.
+    fn decode_segment(&self, value: &[u8]) -> Result<Result<Vec<Schedule>, Salvage>, StoreError> {
+        let bodies = self.bodies();
+        let decoded = segment::decode_salvaging(value, &bodies);
+        bodies.check()?;
+        Ok(decoded)
     }
 
     /// Whole segments of `from`'s tier with keys in `from..` and buckets starting before
@@ -1149,10 +1162,7 @@ impl Store {
                     break;
                 }
             }
-            let bodies = self.bodies();
-            let decoded = segment::decode_salvaging(&value, &bodies);
-            bodies.check()?;
-            let schedules = match decoded {
+            let schedules = match self.decode_segment(&value)? {
                 Ok(schedules) => schedules,
                 // One damaged value must not stop anything else: its readable schedules stay
                 // (rewritten in place, so their ids still find them), the original bytes are

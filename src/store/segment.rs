@@ -48,6 +48,12 @@ const FLAG_COMPACT_ID: u8 = 2;
 const FLAG_FAR_ID: u8 = 4;
 const FLAG_THIN: u8 = 8;
 
+/// Bytes of a compact id: a ULID's random part.
+const COMPACT_ID_LEN: usize = 10;
+const ULID_LEN: usize = ulid::ULID_LEN;
+/// The segment formats this build reads.
+const FORMATS: [u8; 3] = [SEGMENT_FORMAT, SEGMENT_FORMAT_SERIES, SEGMENT_FORMAT_THIN];
+
 /// Where the bodies of thin records are (the series' index entries): what decoding a
 /// segment needs besides its bytes.
 pub trait Bodies {
@@ -72,9 +78,6 @@ pub fn is_thin(schedule: &Schedule) -> bool {
         .as_deref()
         .is_some_and(|series| series.body_indexed)
 }
-/// Bytes of a compact id: a ULID's random part.
-const COMPACT_ID_LEN: usize = 10;
-const ULID_LEN: usize = ulid::ULID_LEN;
 
 /// Encodes `schedules` as one segment value.
 pub fn encode<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> Vec<u8> {
@@ -300,7 +303,7 @@ fn records<'a>(
 ) -> Result<u32, DecodeError> {
     let mut r = Reader(bytes);
     let version = r.u8()?;
-    if ![SEGMENT_FORMAT, SEGMENT_FORMAT_SERIES, SEGMENT_FORMAT_THIN].contains(&version) {
+    if !FORMATS.contains(&version) {
         return Err(DecodeError::UnknownVersion(version));
     }
     let count = u32::from_be_bytes(r.array()?);
@@ -404,11 +407,7 @@ pub fn decode_salvaging(bytes: &[u8], bodies: &impl Bodies) -> Result<Vec<Schedu
 /// The record count of a segment's header, if the header is readable.
 fn header_count(bytes: &[u8]) -> Option<u32> {
     let mut r = Reader(bytes);
-    matches!(
-        r.u8().ok()?,
-        SEGMENT_FORMAT | SEGMENT_FORMAT_SERIES | SEGMENT_FORMAT_THIN
-    )
-    .then_some(())?;
+    FORMATS.contains(&r.u8().ok()?).then_some(())?;
     Some(u32::from_be_bytes(r.array().ok()?))
 }
 
