@@ -510,6 +510,13 @@ async fn a_leader_stopped_with_sigterm_hands_over_at_once() {
     let seen = record(&client, "handover.fired").await;
     let first = natsched::time::now_ms() + 4_000;
     let wanted = schedule_many(&client, "handover.fired", 2_000, first, 2000).await;
+    // What is measured is the handover, not start-up: every instance follows first (one whose
+    // first request met a forming JetStream cluster retries after its timeout).
+    for i in 0..3 {
+        instances
+            .get(i)
+            .wait_for_log("following the replicated log");
+    }
     let stopped = Instant::now();
     assert!(instances.daemons[old].take().unwrap().terminate().success());
     let new = instances.leader();

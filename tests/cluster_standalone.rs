@@ -198,3 +198,25 @@ async fn a_standalone_store_is_refused_in_replicated_mode_rather_than_lost() {
     assert_eq!(stats(&client).await["pending"], 1);
     drop(daemon);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_filled_from_a_log_refuses_the_log_made_again() {
+    let harness = ProcessHarness::with_server(NatsServer::start_jetstream());
+    let config = "[cluster]\nmode = \"replicated\"\nreplicas = 1\nlease = \"2s\"\n";
+    let daemon = harness.start_with(config).await;
+    let client = connect(&harness.server).await;
+    schedule(&client, "later.fired", &[("Sched-Delay", "1h")]).await;
+    assert!(daemon.terminate().success());
+    // Someone deletes the log; the next start makes a new, empty one.
+    let js = async_nats::jetstream::new(client.clone());
+    js.delete_stream("natsched_log_sched").await.unwrap();
+    let mut again = DaemonProcess::spawn_with(
+        &harness.server.url,
+        harness.store_path(),
+        harness.dir_path(),
+        config,
+    );
+    assert!(!again.wait_exit().success());
+    let log = again.log();
+    assert!(log.contains("filled from another log"), "{log}");
+}

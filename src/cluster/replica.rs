@@ -77,6 +77,10 @@ impl Follower {
         let applier = tokio::task::spawn_blocking(move || {
             match store.log_id()? {
                 Some(known) if known == id.as_bytes() => {}
+                // Nothing applied yet: nothing to mix, the store follows the log as it is now.
+                // (nats-server 2.9 can answer two racing creates of a new stream with different
+                // creation times, and keeps only one of them.)
+                Some(_) if store.log_applied()? == 0 => store.set_log_id(id.as_bytes())?,
                 Some(_) => return Err(FollowError::OtherLog { stream: name }),
                 None if store.replicated_after(&[], 1)?.is_some() => {
                     return Err(FollowError::StandaloneStore);
