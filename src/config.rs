@@ -74,10 +74,22 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
+/// Default address of the Prometheus `/metrics` page, once `[metrics]` is given.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// Default log filter: lifecycle events, warnings and errors; nothing per message.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// How log lines are written to stderr.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// What is logged: a level (`error`, `warn`, `info`, `debug`, `trace`) or `tracing`
+    /// filter directives (`info,natsched::cluster=debug`); absent: [`DEFAULT_LOG_LEVEL`].
+    /// `RUST_LOG` in the environment overrides it. SIGHUP reloads it.
+    pub log_level: Option<String>,
     #[serde(default)]
     pub nats: NatsConfig,
     #[serde(default)]
@@ -98,6 +110,37 @@ pub struct Config {
     pub cluster: ClusterConfig,
     #[serde(default)]
     pub recurring: RecurringConfig,
+    /// `[metrics]`: the Prometheus page; off when the section is absent.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields` (`message` and the
+    /// event's own fields).
+    Json,
+}
+
+/// `[metrics]`: Prometheus text format at `http://<listen>/metrics`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address and port to listen on. The page shows no secret, but it is not meant for the
+    /// open internet: the default listens on the loopback interface only.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: DEFAULT_METRICS_LISTEN.parse().expect("a socket address"),
+        }
+    }
 }
 
 /// `[recurring]`: recurring schedules (`Sched-Cron`, `Sched-Every`).
@@ -497,6 +540,11 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::E
 }
 
 impl Config {
+    /// The log filter directives in effect (before `RUST_LOG`).
+    pub fn log_level(&self) -> &str {
+        self.log_level.as_deref().unwrap_or(DEFAULT_LOG_LEVEL)
+    }
+
     /// Reads, parses and validates a config file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -561,6 +609,14 @@ impl Config {
         }
         if self.recurring.min_interval < Duration::from_millis(1) {
             return invalid("recurring.min_interval", "must be at least 1ms");
+        }
+        if let Some(level) = &self.log_level
+            && let Err(err) = tracing_subscriber::EnvFilter::try_new(level)
+        {
+            return Err(ConfigError::Invalid {
+                key: "log_level",
+                reason: format!("{level:?}: {err}"),
+            });
         }
         if self.wheel.max_resident < 1000 {
             return invalid("wheel.max_resident", "must be at least 1000");

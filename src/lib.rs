@@ -44,6 +44,7 @@ pub mod committer;
 pub mod config;
 pub mod connect;
 pub mod delivery;
+mod http;
 
 pub mod intake;
 pub mod listing;
@@ -58,6 +59,7 @@ pub mod retries;
 pub mod scheduler;
 pub mod service;
 pub mod store;
+mod systemd;
 pub mod time;
 pub mod wheel;
 
@@ -113,6 +115,8 @@ pub enum RunError {
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("a natsched task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
 }
 
 /// Runs the daemon until `shutdown` completes, then stops intake, finishes in-flight acks and
@@ -121,12 +125,54 @@ pub enum RunError {
 /// Schedules already overdue when it starts are fired first, oldest first.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     config.validate()?;
+    let lasting = Lasting {
+        metrics: Arc::new(Metrics::default()),
+        watchdog: Arc::new(systemd::Watchdog::from_env()),
+    };
+    // Optional servers first: a port already taken is reported before anything else starts.
+    let http = match &config.metrics {
+        Some(metrics) => Some(
+            http::HttpServer::start(http::HttpOptions {
+                listen: metrics.listen,
+                metrics: lasting.metrics.clone(),
+            })
+            .await?,
+        ),
+        None => None,
+    };
+    let feeding = CancellationToken::new();
+    let feeder = tokio::spawn({
+        let (watchdog, stop) = (lasting.watchdog.clone(), feeding.clone());
+        async move { watchdog.feed_between_timers(stop).await }
+    });
+    let result = run_until_stopped(&config, shutdown, &lasting).await;
+    feeding.cancel();
+    let _ = feeder.await;
+    if let Some(http) = http {
+        http.stop().await;
+    }
+    result
+}
+
+/// What outlives a start-over (a lost lease, a failed takeover): the counters, which the
+/// metrics page reads, and systemd's watchdog.
+struct Lasting {
+    metrics: Arc<Metrics>,
+    watchdog: Arc<systemd::Watchdog>,
+}
+
+/// Starts, serves, and starts over when the lease is lost, until `shutdown`.
+async fn run_until_stopped(
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+    lasting: &Lasting,
+) -> Result<(), RunError> {
     tokio::pin!(shutdown);
     loop {
         // Until it serves, a stop request ends start-up at whatever stage it is (waiting for
         // the store's lock, for an unreachable NATS, or for another instance's lease):
         // nothing has been accepted yet.
-        let Some(started) = until_stopped(&mut shutdown, start(&config)).await else {
+        let Some(started) = until_stopped(&mut shutdown, start(config, lasting)).await else {
             tracing::info!("stopped before serving");
             return Ok(());
         };
@@ -141,10 +187,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }
             started => started?,
         };
-        match serve(started, &config, &mut shutdown).await? {
+        match serve(started, config, lasting, &mut shutdown).await? {
             Ended::Stopped => return Ok(()),
             Ended::LeaseLost => {
-                tracing::warn!("stopped serving: the lease is lost; waiting to take it again")
+                tracing::warn!("stopped serving: the lease is lost; waiting to take it again");
+                systemd::status("the lease was lost; waiting to take it again");
             }
         }
     }
@@ -164,6 +211,7 @@ enum Ended {
 async fn serve(
     started: Started,
     config: &Config,
+    lasting: &Lasting,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Result<Ended, RunError> {
     let Started {
@@ -211,13 +259,17 @@ async fn serve(
             log: replication,
         },
     )?;
+    let mut committer = committer;
+    let loaded = committer.when_loaded();
     let runtime = tokio::runtime::Handle::current();
     let mut store_done = spawn_thread("natsched-store", move || committer.run(runtime))?;
     let scheduler = Scheduler::new(resident.clone(), retries.clone());
     let timer_stop = stop.clone();
+    let watchdog = lasting.watchdog.clone();
     let mut scheduler = spawn_thread("natsched-timer", move || {
-        scheduler.run(wheel_rx, fire_tx, timer_stop)
+        scheduler.run(wheel_rx, fire_tx, timer_stop, &watchdog)
     })?;
+    metrics.set_sources(|sources| sources.resident = Some(resident.clone()));
 
     let mut replies = tokio::spawn(replies::run(client.clone(), ack_rx, metrics.clone()));
     let outputs = FiringOutputs {
@@ -233,6 +285,18 @@ async fn serve(
         None => tokio::spawn(stop.clone().cancelled_owned()),
     };
     let mut intake = tokio::spawn(intake.run(store_tx, stop.clone()));
+    // Ready once the overdue and near schedules are in the wheel; the subscriptions exist
+    // since `start`.
+    let serving = format!(
+        "serving prefix {:?} as {}",
+        config.api.prefix,
+        metrics.cluster().role.name()
+    );
+    let told_ready = tokio::spawn(async move {
+        if loaded.await.is_ok() {
+            systemd::ready(&serving);
+        }
+    });
 
     // Until asked to stop, watch for a part that stopped by itself (a store failure, a panic):
     // the daemon then shuts down and reports it rather than running on half-dead.
@@ -263,6 +327,8 @@ async fn serve(
         result = &mut firing => Some(stopped("firing", result)),
         result = &mut replies => Some(stopped("replies", result)),
     };
+    told_ready.abort();
+    systemd::status("stopping to serve");
     match &failure {
         None if lost => tracing::info!("stopping to serve: intake stops, in-flight work finishes"),
         None => tracing::info!("shutting down: intake stops, in-flight work finishes"),
@@ -300,6 +366,7 @@ async fn serve(
         }
     };
     join_bounded("replies", &mut replies).await;
+    metrics.set_sources(|sources| sources.resident = None);
     lease.give_back().await;
     if let Some(err) = failure {
         return Err(err);
@@ -444,7 +511,7 @@ impl KeptLease {
 }
 
 /// Opens the store, connects, subscribes, and waits until NATS has the subscriptions.
-async fn start(config: &Config) -> Result<Started, RunError> {
+async fn start(config: &Config, lasting: &Lasting) -> Result<Started, RunError> {
     let store_options = StoreOptions {
         path: config.store.path.clone(),
         cache_capacity: config.store.cache_capacity,
@@ -456,7 +523,11 @@ async fn start(config: &Config) -> Result<Started, RunError> {
 
     let policy = Arc::new(Policy::new(config)?);
     let client = connect(config).await?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = lasting.metrics.clone();
+    metrics.set_sources(|sources| {
+        sources.store = Some(store.clone());
+        sources.client = Some(client.clone());
+    });
     // Nothing is subscribed before this instance holds the prefix, which needs the server.
     wait_for_nats(&client, config).await;
     let id_store = store.clone();

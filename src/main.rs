@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use natsched::client::{Connection, ScheduleArgs};
-use tracing_subscriber::EnvFilter;
+use natsched::config::{Config, LogFormat};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 /// mimalloc rather than glibc's malloc: schedules are allocated on the store thread and freed
 /// on the timer and firing threads, and glibc's arenas spent about a fifth of the daemon's CPU
@@ -80,16 +83,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The daemon logs its life at info; the client commands only speak up when something is
-    // wrong. RUST_LOG overrides both.
     let daemon = matches!(cli.command, Command::Run { .. });
-    let default_level = if daemon { "info" } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .init();
+    if !daemon {
+        // The client commands only speak up when something is wrong; RUST_LOG overrides it.
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(
+                EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+            )
+            .init();
+    }
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Bench(options) => bench(options),
@@ -113,7 +116,7 @@ fn main() -> ExitCode {
         Command::Stats { connection } => {
             client(async move { natsched::client::stats(&connection).await })
         }
-        Command::CheckConfig { file } => natsched::config::Config::from_file(&file)
+        Command::CheckConfig { file } => Config::from_file(&file)
             .map(|_| println!("{}: ok", file.display()))
             .map_err(|e| e.to_string()),
     };
@@ -130,15 +133,18 @@ fn main() -> ExitCode {
 }
 
 fn run(config_path: PathBuf) -> Result<(), String> {
-    let config = natsched::config::Config::from_file(&config_path).map_err(|e| e.to_string())?;
+    let config = Config::from_file(&config_path).map_err(|e| e.to_string())?;
+    let log_filter = init_daemon_logging(&config);
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     runtime
         .block_on(async {
             // Listening from the start: a SIGTERM while the store opens or NATS is still
-            // unreachable stops natsched cleanly instead of killing it.
+            // unreachable stops natsched cleanly instead of killing it (and a SIGHUP, which
+            // would kill it too, reloads the log level).
             let shutdown = shutdown_signal()?;
             watch_file_size_limit()?;
+            reload_on_sighup(config_path.clone(), log_filter)?;
             natsched::run(config, shutdown)
                 .await
                 .map_err(|e| e.to_string())
@@ -188,7 +194,8 @@ fn watch_file_size_limit() -> Result<(), String> {
     Ok(())
 }
 
-/// A future that completes on SIGINT or SIGTERM; the handlers are installed at once.
+/// A future that completes on SIGINT or SIGTERM (after telling systemd the daemon stops);
+/// the handlers are installed at once.
 fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term =
@@ -200,5 +207,70 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
             _ = int.recv() => {}
             _ = term.recv() => {}
         }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     })
+}
+
+/// Changes the daemon's log filter while it runs.
+type LogFilter = reload::Handle<EnvFilter, Registry>;
+
+/// Logs to stderr as the config says (`log_format`, `log_level`, or `RUST_LOG` when set).
+/// Returns the handle SIGHUP reloads `log_level` through, unless `RUST_LOG` decides.
+fn init_daemon_logging(config: &Config) -> Option<LogFilter> {
+    use std::io::IsTerminal;
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let overridden = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(config.log_level()));
+    let (filter, handle) = reload::Layer::new(filter);
+    let json = config.log_format == LogFormat::Json;
+    // Colours only for a person at a terminal, never into the journal or a file.
+    let text = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+    });
+    let json = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .init();
+    (!overridden).then_some(handle)
+}
+
+/// On SIGHUP, reads the config file again and applies its `log_level`. The rest of the file
+/// takes effect at the next start (README "Operations": why).
+fn reload_on_sighup(path: PathBuf, filter: Option<LogFilter>) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup =
+        signal(SignalKind::hangup()).map_err(|e| format!("cannot listen for SIGHUP: {e}"))?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let config = match Config::from_file(&path) {
+                Ok(config) => config,
+                Err(err) => {
+                    tracing::error!(error = %err, "SIGHUP: the config file is not valid; nothing changed");
+                    continue;
+                }
+            };
+            let Some(filter) = &filter else {
+                tracing::warn!(
+                    "SIGHUP: RUST_LOG is set and decides the log level; nothing changed"
+                );
+                continue;
+            };
+            match filter.reload(EnvFilter::new(config.log_level())) {
+                Ok(()) => tracing::info!(
+                    log_level = config.log_level(),
+                    "SIGHUP: log level reloaded (other settings change at the next start)"
+                ),
+                Err(err) => tracing::error!(error = %err, "SIGHUP: cannot change the log level"),
+            }
+        }
+    });
+    Ok(())
 }

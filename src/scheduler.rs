@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::record::Schedule;
 use crate::retries::Retries;
 use crate::store::SegmentKey;
+use crate::systemd::Watchdog;
 use crate::time::{Clock, SystemClock, UnixMs};
 use crate::wheel::{EntryKey, Wheel};
 
@@ -167,15 +168,21 @@ impl Scheduler {
     ///
     /// A thread of its own rather than a task, because a tokio timer rounds every deadline up
     /// to its 1 ms tick; a channel wait with a timeout wakes within tens of microseconds.
-    pub fn run(
+    ///
+    /// Each turn feeds systemd's `watchdog` (a turn ends within [`IDLE_WAIT`]), so a loop
+    /// that gets stuck is noticed.
+    pub(crate) fn run(
         mut self,
         commands: std::sync::mpsc::Receiver<WheelCommand>,
         fire: mpsc::UnboundedSender<Vec<Resident>>,
         shutdown: CancellationToken,
+        watchdog: &Watchdog,
     ) {
+        let _feeds = watchdog.fed_by_timer();
         let mut expired = Vec::new();
         let mut last = (self.clock.now(), Instant::now());
         loop {
+            watchdog.feed();
             let wall = self.clock.now();
             last = self.follow_clock(wall, last);
             self.wheel.poll(wall.as_millis() as UnixMs, &mut expired);
@@ -606,7 +613,7 @@ mod tests {
         let stop = CancellationToken::new();
         let timer = std::thread::spawn({
             let stop = stop.clone();
-            move || scheduler.run(received, fire, stop)
+            move || scheduler.run(received, fire, stop, &Watchdog::disabled())
         });
         let insert = |id: &str, due: UnixMs| {
             resident.fetch_add(1, Ordering::Relaxed);

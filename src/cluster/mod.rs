@@ -92,6 +92,27 @@ pub enum Role {
     Follower,
 }
 
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Starting,
+        Role::Unguarded,
+        Role::Leader,
+        Role::Standby,
+        Role::Follower,
+    ];
+
+    /// As `stats` and the metrics show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Starting => "starting",
+            Role::Unguarded => "unguarded",
+            Role::Leader => "leader",
+            Role::Standby => "standby",
+            Role::Follower => "follower",
+        }
+    }
+}
+
 /// The role and the lease holder, shared with `stats` and `$SRV` discovery.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ClusterStatus {
@@ -268,6 +289,15 @@ impl lease::Waiting for Standby<'_> {
             ),
         }
         self.last = Some(shown.to_owned());
+        match self.role {
+            // Ready once caught up (see `replica`).
+            Role::Follower => crate::systemd::status(&format!("following {shown}")),
+            // Of use as it is: it takes over when the holder goes.
+            _ => crate::systemd::ready(&format!(
+                "standby: {shown} serves prefix {:?}; waiting for its lease",
+                self.prefix
+            )),
+        }
         let log_lag = self.metrics.cluster().log_lag;
         self.metrics.set_cluster(ClusterStatus {
             role: self.role,

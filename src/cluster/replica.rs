@@ -294,6 +294,7 @@ async fn follow(
             if lag == 0 && !caught_up {
                 caught_up = true;
                 tracing::info!(log_sequence = seq, "caught up with the replicated log");
+                crate::systemd::ready("following the replicated log, caught up");
             }
         }
     }

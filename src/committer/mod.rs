@@ -172,6 +172,8 @@ pub struct Committer {
     /// Whether a flush leaves fired copies of unfinished buckets for later (not at shutdown,
     /// nor in tests that call `round` directly).
     hold_unfinished: bool,
+    /// Told once the first load is done (see [`Committer::when_loaded`]).
+    loaded: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Committer {
@@ -222,9 +224,18 @@ impl Committer {
             ledger_fix,
             clock_mark: 0,
             hold_unfinished: false,
+            loaded: None,
         };
         committer.publish_ledger();
         Ok(committer)
+    }
+
+    /// Completes once the first load has handed the wheel everything due within the
+    /// lookahead (overdue schedules first), or as much as `max_resident` allows.
+    pub fn when_loaded(&mut self) -> tokio::sync::oneshot::Receiver<()> {
+        let (loaded, when) = tokio::sync::oneshot::channel();
+        self.loaded = Some(loaded);
+        when
     }
 
     fn publish_ledger(&self) {
@@ -263,6 +274,9 @@ impl Committer {
                 self.try_recover();
             }
             let more_to_load = self.advance();
+            if !more_to_load && let Some(loaded) = self.loaded.take() {
+                let _ = loaded.send(());
+            }
             let wait = if more_to_load {
                 Duration::ZERO
             } else {
@@ -330,9 +344,12 @@ impl Committer {
             self.send_acks(&mut round, None);
             return;
         }
+        let started = Instant::now();
         let mut round = Round::new(self.ledger.clone());
         let mut failed = None;
+        let mut requests = 0;
         for command in commands {
+            requests += u64::from(!matches!(command, StoreCommand::Fired(_)));
             match command {
                 StoreCommand::Fired(residents) => self.note_fired(residents),
                 StoreCommand::Add { schedule, reply } if failed.is_none() => {
@@ -403,6 +420,9 @@ impl Committer {
             Some(err) => Err(err),
             None => self.commit(&mut round),
         };
+        if requests > 0 {
+            self.metrics.record_round(requests, started.elapsed());
+        }
         if result.is_err() && !round.applied() {
             // The fired copies are still stored: the next try stores their successors.
             let left = round.take_new().into_values().flatten();
@@ -453,7 +473,9 @@ impl Committer {
     /// Sends the round's replies, given how it ended.
     fn send_acks(&mut self, round: &mut Round, failure: Option<&StoreError>) {
         let acks = round.acks(failure);
-        Metrics::count(&self.metrics.errors_total, round.unanswered_errors());
+        for code in round.unanswered_errors() {
+            self.metrics.record_unanswered(*code);
+        }
         if !acks.is_empty() {
             let _ = self.acks.send(acks);
         }

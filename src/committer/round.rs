@@ -122,7 +122,8 @@ pub struct Round {
     /// Damaged segments this round rewrote from what was readable.
     damaged: HashSet<SegmentKey>,
     /// Requests without a reply subject that were refused.
-    unanswered_errors: u64,
+    /// The codes of the errors refused requests without a reply subject got.
+    unanswered_errors: Vec<u16>,
 }
 
 /// What a request's reply will say if the round commits.
@@ -644,7 +645,7 @@ impl Round {
                 (Some(reply), result) => acks.push(Ack { reply, result }),
                 (None, Err(error)) => {
                     // A plain publish has nobody to tell: counted and logged, like intake's.
-                    self.unanswered_errors += 1;
+                    self.unanswered_errors.push(error.code);
                     tracing::debug!(%error, "refused a request without a reply subject");
                 }
                 (None, Ok(_)) => {}
@@ -653,9 +654,10 @@ impl Round {
         acks
     }
 
-    /// How many requests without a reply subject this round refused (see [`Round::acks`]).
-    pub fn unanswered_errors(&self) -> u64 {
-        self.unanswered_errors
+    /// The error codes of the requests without a reply subject this round refused (see
+    /// [`Round::acks`]).
+    pub fn unanswered_errors(&self) -> &[u16] {
+        &self.unanswered_errors
     }
 
     /// Where the caller-chosen id `id` is: in this round, or as the index says (one lookup,

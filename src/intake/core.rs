@@ -128,7 +128,7 @@ impl Intake {
     async fn refuse(&self, message: Message, error: ApiError) {
         match Reply::to(&message, Endpoint::Add) {
             Some(reply) => replies::answer(&self.client, reply, Err(error), &self.metrics).await,
-            None => Metrics::count(&self.metrics.errors_total, 1),
+            None => self.metrics.record_unanswered(error.code),
         }
     }
 }

@@ -336,6 +336,29 @@ impl ProcessHarness {
     }
 }
 
+/// How [`DaemonProcess::spawn_as`] starts natsched.
+pub struct Spawn<'a> {
+    /// A command natsched runs under (e.g. `ip netns exec NAME`, which execs it).
+    pub wrapper: &'a [&'a str],
+    /// Top-level keys of the config file (before every section).
+    pub top: &'a str,
+    /// Environment variables besides the test's own.
+    pub env: &'a [(&'a str, &'a str)],
+    /// `RUST_LOG`, or none (the config file's `log_level` decides).
+    pub rust_log: Option<&'a str>,
+}
+
+impl Default for Spawn<'_> {
+    fn default() -> Self {
+        Spawn {
+            wrapper: &[],
+            top: "",
+            env: &[],
+            rust_log: Some("natsched=debug"),
+        }
+    }
+}
+
 impl DaemonProcess {
     /// Writes a config file into `dir` and starts the binary; waits until it answers.
     pub async fn start(server: &NatsServer, store: &Path, dir: &Path) -> DaemonProcess {
@@ -364,11 +387,32 @@ impl DaemonProcess {
         dir: &Path,
         more: &str,
     ) -> DaemonProcess {
+        let spawn = Spawn {
+            wrapper,
+            ..Spawn::default()
+        };
+        DaemonProcess::spawn_as(spawn, url, store, dir, more)
+    }
+
+    /// [`DaemonProcess::spawn_with`] as `spawn` says.
+    pub fn spawn_as(
+        spawn: Spawn<'_>,
+        url: &str,
+        store: &Path,
+        dir: &Path,
+        more: &str,
+    ) -> DaemonProcess {
+        let Spawn {
+            wrapper,
+            top,
+            env,
+            rust_log,
+        } = spawn;
         let config_path = dir.join("natsched.toml");
         std::fs::write(
             &config_path,
             format!(
-                "[nats]\nurl = \"{}\"\n[api]\nprefix = \"sched\"\n[store]\npath = \"{}\"\n{more}",
+                "{top}[nats]\nurl = \"{}\"\n[api]\nprefix = \"sched\"\n[store]\npath = \"{}\"\n{more}",
                 url,
                 store.display()
             ),
@@ -383,10 +427,13 @@ impl DaemonProcess {
             }
             None => Command::new(binary),
         };
+        command.args(["run", "--config"]).arg(&config_path);
+        match rust_log {
+            Some(filter) => command.env("RUST_LOG", filter),
+            None => command.env_remove("RUST_LOG"),
+        };
         let mut child = command
-            .args(["run", "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "natsched=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
