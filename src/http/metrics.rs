@@ -284,6 +284,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_readme_lists_every_series() {
+        let metrics = Arc::new(Metrics::default());
+        metrics.set_log_lag(3);
+        *metrics.quotas.lock().unwrap() = vec![crate::metrics::QuotaUsage {
+            subjects: "a.>".to_owned(),
+            pending: 1,
+            max_pending: 10,
+        }];
+        let text = Exporter::new(metrics).render().unwrap();
+        let readme = include_str!("../../README.md");
+        let mut names = 0;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let name = rest.split_whitespace().next().unwrap();
+            assert!(readme.contains(&format!("`{name}")), "README: no {name}");
+            names += 1;
+        }
+        assert!(names >= 20, "{text}");
+    }
+
+    #[test]
     fn per_bucket_counts_undo_the_cumulation() {
         let buckets = per_bucket(&[(1, 2), (10, 4), (100, 4), (1000, 9)], 1e-3);
         assert_eq!(buckets, [(0.001, 2), (0.01, 2), (0.1, 0), (1.0, 5)]);
