@@ -19,8 +19,9 @@
 //! * [`scheduler`] runs the pure timing [`wheel`] against the clock.
 //! * [`delivery`] publishes due messages and reports them for deletion once confirmed.
 //! * [`api`], [`listing`], [`service`] and [`metrics`] operate it: cancel, get, list, stats and
-//!   micro-service discovery. [`client`] is the command-line client, [`loadgen`] the load
-//!   generator behind `natsched bench`.
+//!   micro-service discovery; `http` serves the metrics to Prometheus (`[metrics]`), and
+//!   `systemd` tells systemd when the daemon is ready. [`client`] is the command-line client,
+//!   [`loadgen`] the load generator behind `natsched bench`.
 //!
 //! # Running in-process
 //!
