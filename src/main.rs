@@ -116,9 +116,7 @@ fn main() -> ExitCode {
         Command::Stats { connection } => {
             client(async move { natsched::client::stats(&connection).await })
         }
-        Command::CheckConfig { file } => Config::from_file(&file)
-            .map(|_| println!("{}: ok", file.display()))
-            .map_err(|e| e.to_string()),
+        Command::CheckConfig { file } => check_config(&file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,6 +148,22 @@ fn run(config_path: PathBuf) -> Result<(), String> {
                 .map_err(|e| e.to_string())
         })
         .map_err(|e| format!("{e} (config {})", config_path.display()))
+}
+
+/// `natsched check-config`: the file parses and validates, and what start-up would refuse
+/// before connecting passes too (server URLs, credentials given twice, credential files
+/// that cannot be read).
+fn check_config(file: &std::path::Path) -> Result<(), String> {
+    let config = Config::from_file(file).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let options = async_nats::ConnectOptions::new();
+    runtime
+        .block_on(natsched::connect::for_daemon(&config.nats, options))
+        .map_err(|e| format!("invalid config file {}: {e}", file.display()))?;
+    println!("{}: ok", file.display());
+    Ok(())
 }
 
 /// Runs one client command and prints its output.

@@ -141,6 +141,19 @@ async fn check_config_accepts_the_examples_and_names_a_bad_key() {
         String::from_utf8_lossy(&out.stderr).contains("paht"),
         "{out:?}"
     );
+    // What start-up would refuse before connecting is refused here too.
+    let missing = dir.path().join("missing.creds");
+    let refused = [
+        format!("[nats]\ncreds_file = \"{}\"\n", missing.display()),
+        "[nats]\nurl = \"nats://a:b@127.0.0.1:4222\"\ntoken = \"t\"\n".to_owned(),
+    ];
+    for (text, named) in refused.iter().zip(["missing.creds", "token"]) {
+        std::fs::write(&bad, text).unwrap();
+        let out = natsched(vec!["check-config".into(), bad.display().to_string()]).await;
+        assert_eq!(out.status.code(), Some(1), "{text}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains(named), "{text}: {said}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
