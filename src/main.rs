@@ -74,6 +74,17 @@ enum Command {
     },
     /// Check a configuration file; exits 1 with the reason if it is invalid.
     CheckConfig { file: PathBuf },
+    /// Write every pending schedule of a stopped natsched's store as JSON lines (a backup;
+    /// `import` schedules them again). Exits 1 if anything could not be read.
+    Export(natsched::backup::ExportArgs),
+    /// Schedule the schedules of an export through a running natsched, keeping their ids
+    /// (importing twice changes nothing). Exits 1 if any line was not imported.
+    Import {
+        #[command(flatten)]
+        args: natsched::backup::ImportArgs,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Load-test a running natsched through NATS and print one JSON line of results.
     Bench(natsched::loadgen::LoadOptions),
 }
@@ -116,6 +127,8 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => natsched::config::Config::from_file(&file)
             .map(|_| println!("{}: ok", file.display()))
             .map_err(|e| e.to_string()),
+        Command::Export(args) => export(&args),
+        Command::Import { args, connection } => import(&args, &connection),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -157,6 +170,53 @@ fn client(
     let output = runtime.block_on(command).map_err(|e| e.to_string())?;
     println!("{output}");
     Ok(())
+}
+
+fn export(args: &natsched::backup::ExportArgs) -> Result<(), String> {
+    let exported = natsched::backup::export_to(args, &mut |problem| {
+        eprintln!("natsched: {problem}");
+    })
+    .map_err(|e| e.to_string())?;
+    if let Some(output) = &args.output {
+        eprintln!(
+            "natsched: exported {} schedules to {}",
+            exported.schedules,
+            output.display()
+        );
+    }
+    match exported.unreadable {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} unreadable records or segments were left out of the export (reported above)"
+        )),
+    }
+}
+
+fn import(
+    args: &natsched::backup::ImportArgs,
+    connection: &natsched::client::Connection,
+) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let imported = runtime
+        .block_on(natsched::backup::import(args, connection, &mut |problem| {
+            eprintln!("natsched: {problem}");
+        }))
+        .map_err(|e| e.to_string())?;
+    if connection.json {
+        println!(
+            "{}",
+            serde_json::to_string(&imported).expect("summary serializes")
+        );
+    } else {
+        println!("{}", imported.summary());
+    }
+    match imported.complete() {
+        true => Ok(()),
+        false => Err("not everything was imported (reported above)".to_owned()),
+    }
 }
 
 fn bench(options: natsched::loadgen::LoadOptions) -> Result<(), String> {
