@@ -74,11 +74,15 @@ enum Command {
     },
     /// Check a configuration file; exits 1 with the reason if it is invalid.
     CheckConfig { file: PathBuf },
-    /// Write every pending schedule of a stopped natsched's store as JSON lines (a backup;
-    /// `import` schedules them again). Exits 1 if anything could not be read.
+    /// Write a stopped natsched's pending schedules as JSON lines (a backup).
+    ///
+    /// `natsched import` schedules them again. Exits 1 if anything could not be read (each
+    /// problem is reported on stderr).
     Export(natsched::backup::ExportArgs),
-    /// Schedule the schedules of an export through a running natsched, keeping their ids
-    /// (importing twice changes nothing). Exits 1 if any line was not imported.
+    /// Schedule an export's schedules through a running natsched, keeping their ids.
+    ///
+    /// Importing a file again replaces each pending schedule by itself. Exits 1 if any line
+    /// was not imported (each is reported on stderr).
     Import {
         #[command(flatten)]
         args: natsched::backup::ImportArgs,

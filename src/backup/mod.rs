@@ -2,14 +2,14 @@
 //! lines, and back in through a running natsched. The backup, the way from one store format
 //! to another, and the way between standalone and replicated mode.
 //!
-//! **Export** ([`export`]) reads a store without a daemon: [`Store::open_to_read`] refuses a
+//! **Export** ([`export()`]) reads a store without a daemon: [`Store::open_to_read`] refuses a
 //! store in use, a path without a store (creating nothing) and a format this build does not
 //! read, and natsched writes nothing to it. It walks the store in due order as `list` does
 //! (time windows across both segment tiers, a series' message read from its index entry).
 //! What it cannot read is reported with its segment key, left out, and counted in the end
 //! line; the command then exits 1.
 //!
-//! **Import** ([`import`]) reads an export and sends each schedule to `P.add.<subject>` as
+//! **Import** ([`import()`]) reads an export and sends each schedule to `P.add.<subject>` as
 //! any client would, with its id as `Sched-Id` (an import is idempotent: a second one
 //! replaces each schedule by itself), its due as `Sched-At` (a past one fires at once) and a
 //! series' progress as `Sched-Seq`, many requests in flight at once. A malformed line is
