@@ -39,6 +39,7 @@
 //! ```
 
 pub mod api;
+pub mod backup;
 pub mod client;
 pub mod cluster;
 pub mod committer;

@@ -77,6 +77,21 @@ enum Command {
     },
     /// Check a configuration file; exits 1 with the reason if it is invalid.
     CheckConfig { file: PathBuf },
+    /// Write a stopped natsched's pending schedules as JSON lines (a backup).
+    ///
+    /// `natsched import` schedules them again. Exits 1 if anything could not be read (each
+    /// problem is reported on stderr).
+    Export(natsched::backup::ExportArgs),
+    /// Schedule an export's schedules through a running natsched, keeping their ids.
+    ///
+    /// Importing a file again replaces each pending schedule by itself. Exits 1 if any line
+    /// was not imported (each is reported on stderr).
+    Import {
+        #[command(flatten)]
+        args: natsched::backup::ImportArgs,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Load-test a running natsched through NATS and print one JSON line of results.
     Bench(natsched::loadgen::LoadOptions),
 }
@@ -117,6 +132,8 @@ fn main() -> ExitCode {
             client(async move { natsched::client::stats(&connection).await })
         }
         Command::CheckConfig { file } => check_config(&file),
+        Command::Export(args) => export(&args),
+        Command::Import { args, connection } => import(&args, &connection),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -177,6 +194,53 @@ fn client(
     let output = runtime.block_on(command).map_err(|e| e.to_string())?;
     println!("{output}");
     Ok(())
+}
+
+fn export(args: &natsched::backup::ExportArgs) -> Result<(), String> {
+    let exported = natsched::backup::export_to(args, &mut |problem| {
+        eprintln!("natsched: {problem}");
+    })
+    .map_err(|e| e.to_string())?;
+    if let Some(output) = &args.output {
+        eprintln!(
+            "natsched: exported {} schedules to {}",
+            exported.schedules,
+            output.display()
+        );
+    }
+    match exported.unreadable {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} unreadable records or segments were left out of the export (reported above)"
+        )),
+    }
+}
+
+fn import(
+    args: &natsched::backup::ImportArgs,
+    connection: &natsched::client::Connection,
+) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let imported = runtime
+        .block_on(natsched::backup::import(args, connection, &mut |problem| {
+            eprintln!("natsched: {problem}");
+        }))
+        .map_err(|e| e.to_string())?;
+    if connection.json {
+        println!(
+            "{}",
+            serde_json::to_string(&imported).expect("summary serializes")
+        );
+    } else {
+        println!("{}", imported.summary());
+    }
+    match imported.complete() {
+        true => Ok(()),
+        false => Err("not everything was imported (reported above)".to_owned()),
+    }
 }
 
 fn bench(options: natsched::loadgen::LoadOptions) -> Result<(), String> {

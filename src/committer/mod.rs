@@ -70,6 +70,10 @@ use intake_mark::IntakeMark;
 use outage::Outage;
 use round::{Fired, MAX_FAR_SEGMENT_BYTES, MAX_SEGMENT_BYTES, Round, SPARSE_BYTES, split};
 
+/// Segment seqs a caller's id may reserve (see `Committer::reserve_id`): far below where
+/// generated ids stop fitting ([`protocol::FAR_SEQ_LIMIT`], and half of it for far
+/// segments), so no request can push the store there. No store writes 2^46 segments.
+const RESERVABLE_SEQS: u64 = protocol::FAR_SEQ_LIMIT / 4;
 /// How often an idle committer checks whether the horizon needs loading.
 const IDLE_TICK: Duration = Duration::from_millis(20);
 /// Most schedules loaded from disk per round, so loading never stalls group commits for long.
@@ -353,7 +357,6 @@ impl Committer {
             match command {
                 StoreCommand::Fired(residents) => self.note_fired(residents),
                 StoreCommand::Add { schedule, reply } if failed.is_none() => {
-                    let capacity = &self.options.capacity;
                     let position = stream_position(&reply);
                     if let Some((stream, sequence, floor)) = position {
                         if self.intake.is_stored(stream, sequence) {
@@ -363,9 +366,11 @@ impl Committer {
                         self.intake.forget_below(floor);
                         self.intake_changed = true;
                     }
-                    if let Some(error) = self.unissued_id(&schedule) {
+                    if let Some(error) = self.reserve_id(&schedule) {
                         round.refuse_with(reply, error);
-                    } else if let Err(err) = round.add(&self.store, capacity, schedule, reply) {
+                    } else if let Err(err) =
+                        round.add(&self.store, &self.options.capacity, schedule, reply)
+                    {
                         failed = Some(err);
                     } else if let Some((_, sequence, _)) = position
                         && round.last_was_added()
@@ -614,17 +619,25 @@ impl Committer {
         Ok((ledger, next_seq))
     }
 
-    /// Why a caller's `Sched-Id` of the form of a generated id must be refused: it names a
-    /// segment not written yet, so natsched could generate the same id later.
-    fn unissued_id(&self, schedule: &Schedule) -> Option<ApiError> {
+    /// A caller's `Sched-Id` of the form of a generated id that names a segment not written
+    /// yet: an id another store generated (`natsched import` brings such ids). natsched could
+    /// generate the same id once it writes that segment, so the segment's seq is reserved
+    /// instead: the next seq moves past it (stored with the round), and that segment is
+    /// never written. Refused (400) from [`RESERVABLE_SEQS`] on.
+    fn reserve_id(&mut self, schedule: &Schedule) -> Option<ApiError> {
         let (_, seq, _) = protocol::far_parts(&schedule.id).filter(|_| schedule.caller_id)?;
-        (seq >= self.next_seq).then(|| {
-            ApiError::bad_request(format!(
+        if seq < self.next_seq {
+            return None;
+        }
+        if seq >= RESERVABLE_SEQS {
+            return Some(ApiError::bad_request(format!(
                 "invalid Sched-Id {:?}: it has the form of an id natsched generates, for a \
                  schedule that does not exist; choose another",
                 schedule.id
-            ))
-        })
+            )));
+        }
+        self.next_seq = seq + 1;
+        None
     }
 
     fn note_fired(&mut self, residents: Vec<Resident>) {

@@ -813,18 +813,34 @@ fn a_damaged_segment_costs_only_the_requests_that_need_what_it_lost() {
 }
 
 #[test]
-fn a_sched_id_naming_a_segment_not_written_yet_is_refused() {
+fn a_sched_id_naming_a_segment_not_written_yet_reserves_it() {
     let now = time::now_ms();
     let mut h = Harness::new(1000, &[]);
-    let future = protocol::far_id(now + DAY, h.committer.next_seq + 5, 0).unwrap();
+    // An id another store generated (an import): its segment's seq is never handed out.
+    let seq = h.committer.next_seq + 5;
+    let imported = protocol::far_id(now + DAY, seq, 0).unwrap();
     let add = StoreCommand::Add {
-        schedule: schedule(&future, now + DAY),
+        schedule: schedule(&imported, now + DAY),
+        reply: Some(reply()),
+    };
+    h.committer.round(std::iter::once(add), false);
+    let acks = h.acks.try_recv().unwrap();
+    assert!(acks[0].result.is_ok(), "{:?}", acks[0].result);
+    assert_eq!(h.stored(), [(now + DAY, imported.clone())]);
+    assert!(h.segment_keys().iter().all(|key| key.seq > seq));
+    assert_eq!(h.committer.store.next_seq().unwrap(), h.committer.next_seq);
+    assert!(h.committer.next_seq > seq + 1, "past it, durably");
+    assert!(h.committer.store.get(&imported).unwrap().is_some());
+    // Beyond what may be reserved: refused.
+    let far_ahead = protocol::far_id(now + DAY, RESERVABLE_SEQS, 0).unwrap();
+    let add = StoreCommand::Add {
+        schedule: schedule(&far_ahead, now + DAY),
         reply: Some(reply()),
     };
     h.committer.round(std::iter::once(add), false);
     let acks = h.acks.try_recv().unwrap();
     assert_eq!(acks[0].result.as_ref().unwrap_err().code, 400);
-    assert!(h.stored().is_empty());
+    assert_eq!(h.stored().len(), 1);
 }
 
 fn capacity(toml: &str) -> Capacity {

@@ -45,7 +45,9 @@ pub const EVERY: &str = "Sched-Every";
 pub const UNTIL: &str = "Sched-Until";
 /// A series' number of occurrences.
 pub const COUNT: &str = "Sched-Count";
-/// Added on the delivery of a series' occurrence: its number, from 1.
+/// Added on the delivery of a series' occurrence: its number, from 1. On a series' request,
+/// with [`AT`]: the number of the occurrence due at `Sched-At`, which is kept as given (even
+/// if past): how `natsched import` continues a series where it was.
 pub const SEQ: &str = "Sched-Seq";
 /// Added on JetStream delivery: `<id>:<due in Unix ms>`, the same on every attempt.
 pub const MSG_ID: &str = "Nats-Msg-Id";
@@ -314,7 +316,7 @@ pub fn parse_add(
             return Err(ApiError::bad_request(format!(
                 "unknown header {name:?}: names starting with Sched- are reserved \
                  (known: {AT}, {DELAY}, {ID}, {DELIVER}, {CRON}, {TZ}, {EVERY}, {UNTIL}, \
-                 {COUNT})"
+                 {COUNT}, {SEQ})"
             )));
         };
         match values.as_slice() {
@@ -481,12 +483,12 @@ fn is_stream_control(name: &str) -> bool {
     name.eq_ignore_ascii_case("Nats-Rollup") || starts("Nats-Expected-")
 }
 
-fn is_reserved(name: &str) -> bool {
+pub(crate) fn is_reserved(name: &str) -> bool {
     name.len() >= RESERVED_PREFIX.len()
         && name.as_bytes()[..RESERVED_PREFIX.len()].eq_ignore_ascii_case(RESERVED_PREFIX.as_bytes())
 }
 
-fn validate_target(target: &str) -> Result<(), ApiError> {
+pub(crate) fn validate_target(target: &str) -> Result<(), ApiError> {
     if target.is_empty() {
         return Err(ApiError::bad_request("empty target subject"));
     }
@@ -508,7 +510,7 @@ fn validate_target(target: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn validate_id(id: &str) -> Result<&str, ApiError> {
+pub(crate) fn validate_id(id: &str) -> Result<&str, ApiError> {
     let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
     if id.is_empty() || id.len() > MAX_ID_LEN || !id.chars().all(valid_char) {
         return Err(ApiError::bad_request(format!(

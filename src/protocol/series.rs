@@ -3,10 +3,17 @@
 //!
 //! Valid: exactly one of `Sched-At`/`Sched-Delay` (one-shot), or one of `Sched-Cron`/
 //! `Sched-Every` with an optional `Sched-At` as the series' start; `Sched-TZ` only with
-//! `Sched-Cron`; `Sched-Until` and `Sched-Count` only with a rule. Anything else is refused
-//! with a description naming the conflict.
+//! `Sched-Cron`; `Sched-Until` and `Sched-Count` only with a rule; `Sched-Seq` only with a
+//! rule and `Sched-At`. Anything else is refused with a description naming the conflict.
+//!
+//! `Sched-Seq` continues a series rather than starting one (what `natsched import` sends):
+//! `Sched-At` is then the due instant of occurrence number `Sched-Seq`, kept as given, not
+//! searched for and not moved when it is past. A past one is overdue and fires at once, as
+//! a stored series would after a downtime (the latest occurrence due, numbered as if the
+//! skipped ones had fired: see `crate::recurrence`); `Sched-Count` counts from occurrence 1
+//! as always.
 
-use super::{AT, ApiError, COUNT, CRON, DELAY, EVERY, TZ, UNTIL, parse_at, parse_delay};
+use super::{AT, ApiError, COUNT, CRON, DELAY, EVERY, SEQ, TZ, UNTIL, parse_at, parse_delay};
 use crate::recurrence::{Rule, Series, StartError};
 use crate::time::UnixMs;
 
@@ -22,6 +29,7 @@ pub(super) struct SeriesHeaders<'a> {
     every: Option<&'a str>,
     until: Option<&'a str>,
     count: Option<&'a str>,
+    seq: Option<&'a str>,
 }
 
 impl<'a> SeriesHeaders<'a> {
@@ -34,6 +42,7 @@ impl<'a> SeriesHeaders<'a> {
             () if is(EVERY) => &mut self.every,
             () if is(UNTIL) => &mut self.until,
             () if is(COUNT) => &mut self.count,
+            () if is(SEQ) => &mut self.seq,
             () => return None,
         })
     }
@@ -77,7 +86,12 @@ impl<'a> SeriesHeaders<'a> {
 
     /// A one-shot request must not carry series headers.
     pub(super) fn refuse_bounds_alone(&self) -> Result<(), ApiError> {
-        for (name, given) in [(TZ, self.tz), (UNTIL, self.until), (COUNT, self.count)] {
+        for (name, given) in [
+            (TZ, self.tz),
+            (UNTIL, self.until),
+            (COUNT, self.count),
+            (SEQ, self.seq),
+        ] {
             if given.is_some() {
                 return Err(ApiError::bad_request(format!(
                     "{name} applies only to a recurring schedule ({CRON} or {EVERY})"
@@ -87,7 +101,8 @@ impl<'a> SeriesHeaders<'a> {
         Ok(())
     }
 
-    /// The series and its first due instant, `Sched-At` being its start.
+    /// The series and its first due instant, `Sched-At` being its start (or, with
+    /// `Sched-Seq`, the due of that occurrence).
     pub(super) fn start(
         &self,
         rule: Rule,
@@ -106,8 +121,9 @@ impl<'a> SeriesHeaders<'a> {
         let start = at.map(parse_at).transpose()?;
         let until = self.until.map(parse_until).transpose()?;
         let count = self.count.map(parse_count).transpose()?;
-        let (series, first) =
-            Series::start(rule, start, now, until, count).map_err(|e| match e {
+        let (series, first) = match self.seq {
+            Some(seq) => continued(rule, start, parse_seq(seq)?, until, count)?,
+            None => Series::start(rule, start, now, until, count).map_err(|e| match e {
                 StartError::NoOccurrence => ApiError::bad_request(format!(
                     "invalid {name}: the rule has no occurrence{}",
                     match start {
@@ -115,10 +131,9 @@ impl<'a> SeriesHeaders<'a> {
                         None => String::new(),
                     }
                 )),
-                StartError::EndsBeforeStart => {
-                    ApiError::bad_request(format!("{UNTIL} is before the series' first occurrence"))
-                }
-            })?;
+                StartError::EndsBeforeStart => ends_before_start(),
+            })?,
+        };
         if self.cron.is_some()
             && let Some(gap) = series.rule().shortest_gap(first, GAP_SAMPLE)
             && gap < min_interval
@@ -131,6 +146,45 @@ impl<'a> SeriesHeaders<'a> {
             )));
         }
         Ok((first, Some(Box::new(series))))
+    }
+}
+
+/// A series continued at occurrence `seq`, due at `start` (see the module's doc).
+fn continued(
+    rule: Rule,
+    start: Option<UnixMs>,
+    seq: u64,
+    until: Option<UnixMs>,
+    count: Option<u64>,
+) -> Result<(Series, UnixMs), ApiError> {
+    let Some(due) = start else {
+        return Err(ApiError::bad_request(format!(
+            "{SEQ} needs {AT}: the due instant of occurrence number {SEQ}"
+        )));
+    };
+    if let Some(count) = count
+        && seq > count
+    {
+        return Err(ApiError::bad_request(format!(
+            "{SEQ} {seq} is past the series' last occurrence ({COUNT} {count})"
+        )));
+    }
+    if until.is_some_and(|until| due > until) {
+        return Err(ends_before_start());
+    }
+    Ok((Series::new(rule, until, count, seq), due))
+}
+
+fn ends_before_start() -> ApiError {
+    ApiError::bad_request(format!("{UNTIL} is before the series' first occurrence"))
+}
+
+fn parse_seq(value: &str) -> Result<u64, ApiError> {
+    match value.trim().parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(ApiError::bad_request(format!(
+            "invalid {SEQ} {value:?}: expected an occurrence number, at least 1"
+        ))),
     }
 }
 

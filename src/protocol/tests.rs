@@ -442,3 +442,76 @@ fn a_cron_rule_finer_than_min_interval_is_refused_and_a_past_start_starts_now() 
     let s = add("t", &[(CRON, "@hourly"), (AT, "2001-01-01T00:00:00Z")]).unwrap();
     assert_eq!(s.due, NOW + 3_600_000);
 }
+
+#[test]
+fn sched_seq_continues_a_series_at_its_occurrence_even_when_past() {
+    // NOW is 2026-11-30T18:00:00Z. Sched-At is occurrence Sched-Seq's due, as given.
+    let s = add(
+        "t",
+        &[
+            (EVERY, "7s"),
+            (AT, "2026-11-30T17:00:00.250Z"),
+            (SEQ, "7"),
+            (COUNT, "10"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        s.due,
+        NOW - 3_600_000 + 250,
+        "overdue, not moved after receipt"
+    );
+    let series = s.recurrence.as_deref().unwrap();
+    assert_eq!((series.seq, series.count), (7, Some(10)));
+    let s = add(
+        "t",
+        &[
+            (CRON, "0 6 * * *"),
+            (TZ, "Europe/Berlin"),
+            (AT, "2026-12-01T05:00:00Z"),
+            (SEQ, "3"),
+            (UNTIL, "2026-12-31T05:00:00Z"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(s.due, NOW + 11 * 3_600_000);
+    let series = s.recurrence.as_deref().unwrap();
+    assert_eq!(
+        (series.seq, series.rule().zone(), series.until),
+        (3, Some("Europe/Berlin"), Some(1_798_693_200_000))
+    );
+    let at = (AT, "2026-11-30T19:00:00Z");
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[(EVERY, "1s"), (SEQ, "2")], "Sched-Seq needs Sched-At"),
+        (
+            &[at, (SEQ, "2")],
+            "Sched-Seq applies only to a recurring schedule",
+        ),
+        (&[(EVERY, "1s"), at, (SEQ, "0")], "invalid Sched-Seq \"0\""),
+        (&[(EVERY, "1s"), at, (SEQ, "x")], "invalid Sched-Seq \"x\""),
+        (
+            &[(EVERY, "1s"), at, (SEQ, "4"), (COUNT, "3")],
+            "Sched-Seq 4 is past the series' last occurrence (Sched-Count 3)",
+        ),
+        (
+            &[
+                (EVERY, "1s"),
+                at,
+                (SEQ, "2"),
+                (UNTIL, "2026-11-30T18:30:00Z"),
+            ],
+            "Sched-Until is before the series' first occurrence",
+        ),
+        (
+            &[(EVERY, "1s"), at, (SEQ, "2"), (SEQ, "3")],
+            "given more than once",
+        ),
+    ];
+    for (pairs, expected) in cases {
+        let description = refusal(pairs);
+        assert!(
+            description.contains(expected),
+            "{pairs:?}: {description:?} lacks {expected:?}"
+        );
+    }
+}

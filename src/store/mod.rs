@@ -62,6 +62,12 @@ pub const STORE_FORMAT: u8 = 6;
 pub enum StoreError {
     #[error("cannot open the store at {path} (is another natsched using it?): {source}")]
     Open { path: PathBuf, source: sled::Error },
+    /// [`Store::open_to_read`]: the path holds no store (nothing is created there).
+    #[error("no natsched store at {path}: {reason}")]
+    Missing { path: PathBuf, reason: &'static str },
+    /// [`Store::open_to_read`]: a process (a running natsched) holds the store's lock.
+    #[error("the store at {path} is in use (a running natsched holds its lock); stop it first")]
+    Locked { path: PathBuf },
     #[error("store at {path} has format version {found}; this build reads version {STORE_FORMAT}")]
     Format { path: PathBuf, found: u8 },
     #[error(
@@ -444,8 +450,73 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens an existing store only to read it (`natsched export`). Nothing is created, and
+    /// natsched writes nothing: no format mark or upgrade (stores of formats 2, 3 and 5 are
+    /// read as they are), no watermark, no instance id, and sled's flush thread (which also
+    /// cleans its log) is not started. Refused: a path without a store
+    /// ([`StoreError::Missing`]), a store whose lock another process holds
+    /// ([`StoreError::Locked`], at once), a format this build does not read
+    /// ([`StoreError::Format`]). The watermark is not checked here (see
+    /// [`Store::check_rollback`]): what the store holds can be read even if it lost writes.
+    ///
+    /// sled itself may write when it opens a database, as at any open: after recovering its
+    /// log it may write a newer snapshot file (and drop a torn write at the log's end, or a
+    /// blob file no page refers to). The keys and values it holds stay as they were.
+    pub fn open_to_read(options: &StoreOptions) -> Result<Store, StoreError> {
+        let path = &options.path;
+        let missing = |reason| StoreError::Missing {
+            path: path.clone(),
+            reason,
+        };
+        if !path.is_dir() {
+            return Err(missing(match path.exists() {
+                true => "not a directory",
+                false => "the directory does not exist",
+            }));
+        }
+        // What sled creates first; without them it would make a new database here.
+        if !path.join("db").is_file() || !path.join("conf").is_file() {
+            return Err(missing("the directory holds no database"));
+        }
+        let config = sled::Config::new()
+            .path(path)
+            .cache_capacity(options.cache_capacity)
+            .flush_every_ms(None);
+        let db = config.open().map_err(|source| match source {
+            sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
+                StoreError::Locked { path: path.clone() }
+            }
+            source => StoreError::Open {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        match db.get(keys::FORMAT_KEY)?.as_deref() {
+            Some([2 | 3 | 5 | STORE_FORMAT]) => {}
+            Some(other) => {
+                return Err(StoreError::Format {
+                    path: path.clone(),
+                    found: other.first().copied().unwrap_or(0),
+                });
+            }
+            None => return Err(missing("the database has no natsched format mark")),
+        }
+        Ok(Store {
+            db: Arc::new(std::sync::RwLock::new(Some(db))),
+            options: options.clone(),
+            path: path.clone(),
+            damage: Arc::default(),
+            #[cfg(test)]
+            fail_writes: Arc::default(),
+            #[cfg(test)]
+            fail_flushes: Arc::default(),
+            legacy_ids_until: 0,
+            legacy_seqs_below: 0,
+        })
+    }
+
     /// Refuses a store that has fewer writes than the watermark says it had.
-    fn check_rollback(&self) -> Result<(), StoreError> {
+    pub fn check_rollback(&self) -> Result<(), StoreError> {
         if let Some(expected) = watermark::read(&self.path)? {
             let found = self.next_seq()?;
             if found < expected || self.db()?.get(keys::FORMAT_KEY)?.is_none() {

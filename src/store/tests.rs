@@ -622,3 +622,94 @@ fn sled_gives_back_the_blobs_of_replaced_pages() {
         "{left} blob files left after 80 rounds (at most {most} at once)"
     );
 }
+
+/// [`Store::open_to_read`], retried while the lock of a store just dropped in this process
+/// is still held by sled's background threads.
+fn open_to_read(dir: &Path) -> Result<Store, StoreError> {
+    let options = StoreOptions {
+        path: dir.to_owned(),
+        cache_capacity: 1 << 20,
+    };
+    let started = Instant::now();
+    loop {
+        match Store::open_to_read(&options) {
+            Err(StoreError::Locked { .. }) if started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            result => return result,
+        }
+    }
+}
+
+#[test]
+fn opening_to_read_creates_nothing_and_refuses_what_is_no_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let absent = dir.path().join("absent");
+    let refused = open_to_read(&absent).err().expect("no store");
+    assert!(matches!(refused, StoreError::Missing { .. }), "{refused}");
+    assert!(!absent.exists(), "nothing is created");
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let refused = open_to_read(&empty).err().expect("no store");
+    assert!(matches!(refused, StoreError::Missing { .. }), "{refused}");
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "still empty");
+
+    // A sled database natsched never opened.
+    let foreign = dir.path().join("foreign");
+    {
+        let db = sled::open(&foreign).unwrap();
+        db.insert(b"x", b"y").unwrap();
+        db.flush().unwrap();
+    }
+    let refused = open_to_read(&foreign).err().expect("not natsched's");
+    assert!(matches!(refused, StoreError::Missing { .. }), "{refused}");
+
+    // A format this build does not read.
+    let later = dir.path().join("later");
+    {
+        let store = open(&later);
+        store.db().unwrap().insert(keys::FORMAT_KEY, &[9]).unwrap();
+        store.flush().unwrap();
+    }
+    let refused = open_to_read(&later).err().expect("a later format");
+    assert!(
+        matches!(refused, StoreError::Format { found: 9, .. }),
+        "{refused}"
+    );
+}
+
+#[test]
+fn opening_to_read_writes_nothing_and_refuses_a_store_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // A format 5 store (read as it is), without a watermark or an instance id yet.
+        let store = open(dir.path());
+        let mut batch = WriteBatch::default();
+        batch.put_new_segment(key(1_000, 1), &[schedule("x", 1_050, true)]);
+        batch.set_next_seq(2);
+        store.commit(batch).unwrap();
+        store.db().unwrap().insert(keys::FORMAT_KEY, &[5]).unwrap();
+        store.flush().unwrap();
+    }
+    std::fs::remove_file(dir.path().join(watermark::FILE)).unwrap();
+    let before = open_to_read(dir.path()).unwrap().entries();
+    let store = open_to_read(dir.path()).unwrap();
+    assert_eq!(store.get("x").unwrap(), Some(schedule("x", 1_050, true)));
+    // While it is open, natsched cannot open it, nor can another reader.
+    let in_use = Store::open_to_read(&StoreOptions {
+        path: dir.path().to_owned(),
+        cache_capacity: 1 << 20,
+    });
+    assert!(matches!(in_use, Err(StoreError::Locked { .. })));
+    drop(store);
+    let after = open_to_read(dir.path()).unwrap().entries();
+    assert_eq!(after, before, "nothing written");
+    assert!(
+        after
+            .iter()
+            .any(|(k, v)| k == keys::FORMAT_KEY && v == &[5])
+    );
+    assert!(!after.iter().any(|(k, _)| k == keys::INSTANCE_KEY));
+    assert!(!dir.path().join(watermark::FILE).exists(), "no watermark");
+}
