@@ -1,6 +1,7 @@
 //! The daemon's configuration file (TOML).
 //!
-//! Every section and key is optional except where noted; unknown keys are an error, so a typo
+//! Every section and key is optional (but `subjects` and `max_pending` in each
+//! `[[limits.quotas]]` entry); unknown keys are an error, so a typo
 //! cannot silently fall back to a default. `config/natsched.toml` is the documented example.
 
 use std::path::{Path, PathBuf};
@@ -42,7 +43,7 @@ pub const DEFAULT_ALLOW_SUBJECTS: &str = ">";
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The stream natsched creates for `[intake] mode = "jetstream"`.
 pub const DEFAULT_INTAKE_STREAM: &str = "SCHED_INTAKE";
-/// Replicas of that stream (1 on a single server; 3 on a cluster).
+/// Replicas of that stream when natsched creates it (1; set 3 on a cluster).
 pub const DEFAULT_INTAKE_REPLICAS: usize = 1;
 /// How long that stream remembers a `Nats-Msg-Id` to drop a client's re-sent request.
 pub const DEFAULT_INTAKE_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
@@ -147,7 +148,8 @@ impl Default for MetricsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RecurringConfig {
-    /// Shortest `Sched-Every` accepted, e.g. `"1s"`: a series fires for as long as it is
+    /// Shortest `Sched-Every` accepted, and shortest gap among the first occurrences of a
+    /// `Sched-Cron` rule, e.g. `"1s"`: a series fires for as long as it is
     /// not cancelled, so a tiny interval is a load someone must have meant.
     #[serde(deserialize_with = "duration")]
     pub min_interval: Duration,
@@ -691,7 +693,7 @@ impl Config {
         {
             return invalid(
                 "intake.stream",
-                "must be a JetStream stream name: 1-255 characters, none of . * > / \\ or spaces"
+                "must be a JetStream stream name: 1-255 bytes, none of . * > / \\ or spaces"
                     .to_owned(),
             );
         }
@@ -712,7 +714,7 @@ impl Config {
         if cluster.log_stream.len() > 255 || !cluster.log_stream.chars().all(name_ok) {
             return invalid(
                 "cluster.log_stream",
-                "must be a JetStream stream name: at most 255 characters, none of . * > / \\ or spaces"
+                "must be a JetStream stream name: at most 255 bytes, none of . * > / \\ or spaces"
                     .to_owned(),
             );
         }

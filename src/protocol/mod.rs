@@ -205,7 +205,8 @@ pub struct AddLimits {
     pub server_max_payload: usize,
     /// How to deliver when the request has no `Sched-Deliver` (from `[delivery]`).
     pub default_delivery: Delivery,
-    /// Shortest `Sched-Every` accepted, in ms (`[recurring] min_interval`).
+    /// Shortest `Sched-Every` (and gap among a cron rule's first occurrences) accepted, in
+    /// ms (`[recurring] min_interval`).
     pub min_interval: UnixMs,
 }
 
