@@ -541,6 +541,28 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::E
     humantime::parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
+/// `log_level`: filter directives, each a level or `target=level` (`tracing`'s syntax).
+/// A bare word that is not a level would be read as a target logged at every level, and
+/// silence everything else: `"warning"` would log nothing at all.
+fn check_log_level(text: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for directive in text.split(',') {
+        let directive = directive.trim();
+        if directive.is_empty() {
+            return Err(format!("{text:?}: an empty directive"));
+        }
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{directive:?} is not a level ({}) nor a target=level directive",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map(|_| ())
+        .map_err(|err| format!("{text:?}: {err}"))
+}
+
 impl Config {
     /// The log filter directives in effect (before `RUST_LOG`).
     pub fn log_level(&self) -> &str {
@@ -613,11 +635,11 @@ impl Config {
             return invalid("recurring.min_interval", "must be at least 1ms");
         }
         if let Some(level) = &self.log_level
-            && let Err(err) = tracing_subscriber::EnvFilter::try_new(level)
+            && let Err(reason) = check_log_level(level)
         {
             return Err(ConfigError::Invalid {
                 key: "log_level",
-                reason: format!("{level:?}: {err}"),
+                reason,
             });
         }
         if self.wheel.max_resident < 1000 {

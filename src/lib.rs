@@ -145,7 +145,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let feeding = CancellationToken::new();
     let feeder = tokio::spawn({
         let (watchdog, stop) = (lasting.watchdog.clone(), feeding.clone());
-        async move { watchdog.feed_between_timers(stop).await }
+        async move {
+            tokio::join!(
+                watchdog.feed_between_timers(stop.clone()),
+                systemd::extend_start_until_ready(stop),
+            );
+        }
     });
     let result = run_until_stopped(&config, shutdown, &lasting).await;
     feeding.cancel();
@@ -514,6 +519,11 @@ impl KeptLease {
 
 /// Opens the store, connects, subscribes, and waits until NATS has the subscriptions.
 async fn start(config: &Config, lasting: &Lasting) -> Result<Started, RunError> {
+    // What a scrape read of the previous start lets go: its store must close before it can
+    // be opened again (sled locks it), and its connection is done.
+    lasting
+        .metrics
+        .set_sources(|sources| *sources = metrics::Sources::default());
     let store_options = StoreOptions {
         path: config.store.path.clone(),
         cache_capacity: config.store.cache_capacity,
@@ -560,6 +570,7 @@ async fn start(config: &Config, lasting: &Lasting) -> Result<Started, RunError> 
         }
     };
     let retries = Arc::new(Retries::new(config.delivery.max_backoff));
+    metrics.set_sources(|sources| sources.retries = Some(retries.clone()));
     let intake_options = IntakeOptions {
         client: client.clone(),
         prefix,

@@ -12,15 +12,44 @@
 //! so a stuck timer stops the keep-alives and systemd restarts natsched; while it does not
 //! serve (starting, standing by, following, stopping), a task feeds it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
+/// Whether `READY=1` was sent.
+static READY: AtomicBool = AtomicBool::new(false);
+
 /// Tells systemd the instance is ready, and what it does.
 pub(crate) fn ready(status: &str) {
+    READY.store(true, Ordering::Relaxed);
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// How often start-up asks systemd for more time, and how much.
+const EXTEND_EVERY: Duration = Duration::from_secs(10);
+const EXTEND_BY: Duration = Duration::from_secs(30);
+
+/// Until `READY=1`, asks systemd every [`EXTEND_EVERY`] to wait [`EXTEND_BY`] more
+/// (`EXTEND_TIMEOUT_USEC`): start-up may wait as long as NATS is unreachable, or a follower
+/// catches up with a long log, and systemd should not kill a process that is waiting, only
+/// one that stopped answering. Ends at `stop`.
+pub(crate) async fn extend_start_until_ready(stop: CancellationToken) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let mut ticks = tokio::time::interval(EXTEND_EVERY);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if READY.load(Ordering::Relaxed) {
+            return;
+        }
+        notify(&[NotifyState::ExtendTimeoutUsec(EXTEND_BY.as_micros() as u32)]);
+    }
 }
 
 /// Tells systemd what the instance does now.
@@ -41,8 +70,9 @@ pub(crate) struct Watchdog {
     epoch: Instant,
     /// When the last one was sent, in ms since `epoch`.
     last_ms: AtomicU64,
-    /// Set while the timer loop runs and feeds the watchdog itself.
-    fed_by_timer: AtomicBool,
+    /// How many timer loops run and feed the watchdog themselves (a count, not a flag: a
+    /// timer thread given up at shutdown may end after the next one started).
+    fed_by_timer: AtomicUsize,
 }
 
 impl Watchdog {
@@ -62,7 +92,7 @@ impl Watchdog {
             every,
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
-            fed_by_timer: AtomicBool::new(false),
+            fed_by_timer: AtomicUsize::new(0),
         }
     }
 
@@ -80,7 +110,7 @@ impl Watchdog {
     /// The timer loop feeds the watchdog until the returned guard is dropped (when the loop
     /// ends, however it ends).
     pub fn fed_by_timer(&self) -> TimerFeeds<'_> {
-        self.fed_by_timer.store(true, Ordering::Relaxed);
+        self.fed_by_timer.fetch_add(1, Ordering::Relaxed);
         TimerFeeds(self)
     }
 
@@ -94,7 +124,7 @@ impl Watchdog {
                 () = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            if !self.fed_by_timer.load(Ordering::Relaxed) {
+            if self.fed_by_timer.load(Ordering::Relaxed) == 0 {
                 self.feed();
             }
         }
@@ -106,7 +136,7 @@ pub(crate) struct TimerFeeds<'a>(&'a Watchdog);
 
 impl Drop for TimerFeeds<'_> {
     fn drop(&mut self) {
-        self.0.fed_by_timer.store(false, Ordering::Relaxed);
+        self.0.fed_by_timer.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -119,9 +149,15 @@ mod tests {
         let watchdog = Watchdog::every(None);
         watchdog.feed();
         assert_eq!(watchdog.last_ms.load(Ordering::Relaxed), 0);
-        let feeds = watchdog.fed_by_timer();
-        assert!(watchdog.fed_by_timer.load(Ordering::Relaxed));
-        drop(feeds);
-        assert!(!watchdog.fed_by_timer.load(Ordering::Relaxed));
+        let old = watchdog.fed_by_timer();
+        let new = watchdog.fed_by_timer();
+        drop(old);
+        assert_eq!(
+            watchdog.fed_by_timer.load(Ordering::Relaxed),
+            1,
+            "the new one feeds"
+        );
+        drop(new);
+        assert_eq!(watchdog.fed_by_timer.load(Ordering::Relaxed), 0);
     }
 }

@@ -127,6 +127,55 @@ async fn the_metrics_page_shows_the_counters_move() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn hostile_http_clients_cost_the_metrics_page_a_wait_and_the_daemon_nothing() {
+    let harness = ProcessHarness::new();
+    let port = free_port();
+    let daemon = harness
+        .start_with(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n"))
+        .await;
+    // Garbage, an endless header line, a request to another path: answered or closed.
+    for bytes in [
+        b"\x00\xff\r\n\r\n".to_vec(),
+        [
+            b"GET /metrics HTTP/1.1\r\nX: ".to_vec(),
+            vec![b'a'; 1 << 20],
+        ]
+        .concat(),
+        b"GET /../../etc/passwd HTTP/1.0\r\n\r\n".to_vec(),
+    ] {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let _ = stream.write_all(&bytes);
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        assert!(
+            !String::from_utf8_lossy(&answer).contains(" 200 "),
+            "{answer:?}"
+        );
+    }
+    // More slow clients than it serves at once, each sending half a request and waiting.
+    let slow: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x")
+                .unwrap();
+            stream
+        })
+        .collect();
+    // Scheduling and firing go on meanwhile, and the page answers once their headers time out.
+    let client = connect(&harness.server).await;
+    let mut fired = subscribe(&client, "slow.fired").await;
+    schedule(&client, "slow.fired", &[("Sched-Delay", "10ms")]).await;
+    next(&mut fired).await;
+    let (head, body) = scrape(port);
+    assert!(head.contains(" 200 "), "{head}");
+    assert!(body.contains("natsched_fired_total 1"), "{body}");
+    drop(slow);
+    assert!(daemon.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_metrics_port_already_taken_stops_start_up_with_the_reason() {
     let harness = ProcessHarness::new();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -139,11 +188,8 @@ async fn a_metrics_port_already_taken_stops_start_up_with_the_reason() {
         &more,
     );
     assert!(!daemon.wait_exit().success());
-    let log = daemon.log();
-    assert!(
-        log.contains(&format!("cannot listen on 127.0.0.1:{port} for [metrics]")),
-        "{log}"
-    );
+    // (Its last lines may still be on their way from the pipe.)
+    daemon.wait_for_log(&format!("cannot listen on 127.0.0.1:{port} for [metrics]"));
 }
 
 /// Starts natsched with the config's own log settings (no RUST_LOG).
@@ -351,4 +397,42 @@ async fn a_standby_instance_is_ready_and_says_whom_it_waits_for() {
     let ready = notify.wait_for("READY=1");
     assert!(ready.contains("STATUS=standby: "), "{ready}");
     assert!(ready.contains("waiting for its lease"), "{ready}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_restarted_on_a_quiet_log_is_ready_at_once() {
+    let replicated = "[cluster]\nmode = \"replicated\"\nreplicas = 1\nlease = \"2s\"\n";
+    let harness = ProcessHarness::with_server(NatsServer::start_jetstream());
+    let _leader = harness.start_with(replicated).await;
+    let client = connect(&harness.server).await;
+    schedule(&client, "quiet.later", &[("Sched-Delay", "1h")]).await;
+    let (store, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let follow = |notify: &NotifySocket| {
+        let socket = notify.path.to_str().unwrap().to_owned();
+        let env = [("NOTIFY_SOCKET", socket.as_str())];
+        let spawn = Spawn {
+            env: &env,
+            ..Spawn::default()
+        };
+        DaemonProcess::spawn_as(
+            spawn,
+            &harness.server.url,
+            store.path(),
+            dir.path(),
+            replicated,
+        )
+    };
+    let notify = NotifySocket::bind();
+    let follower = follow(&notify);
+    let ready = notify.wait_for("READY=1");
+    assert!(
+        ready.contains("STATUS=following the replicated log, caught up"),
+        "{ready}"
+    );
+    assert!(follower.terminate().success());
+    // Nothing new in the log: no entry comes to say it is caught up.
+    let notify = NotifySocket::bind();
+    let _follower = follow(&notify);
+    let ready = notify.wait_for("READY=1");
+    assert!(ready.contains("caught up"), "{ready}");
 }

@@ -247,6 +247,17 @@ async fn follow(
             tokio::time::sleep(READ_RETRY).await;
             continue;
         };
+        // A store that has applied the whole log gets no message to say so (a follower
+        // restarted while the log is quiet): ask the log where it ends.
+        if !caught_up
+            && let Ok(last) = last_sequence(&mut stream.clone()).await
+            && applier.read() >= last
+        {
+            caught_up = true;
+            metrics.set_log_lag(0);
+            tracing::info!(log_sequence = last, "caught up with the replicated log");
+            crate::systemd::ready("following the replicated log, caught up");
+        }
         loop {
             if stop_at.borrow().is_some_and(|end| applier.read() >= end) {
                 return Ok(applier);

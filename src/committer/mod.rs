@@ -202,6 +202,8 @@ impl Committer {
             store.flush()?;
         }
         let intake = IntakeMark::decode(store.intake_mark()?.as_deref());
+        // A new writer starts without an outage (the counters outlive a start-over).
+        metrics.set_store_error(None);
         let committer = Committer {
             intake_durable: intake.clone(),
             intake,

@@ -187,13 +187,11 @@ impl Collector for Counters {
         )?;
 
         if let Some(store) = &sources.store {
-            let help = "Bytes the store occupies on disk.";
-            gauge(
-                e,
-                "store_size_bytes",
-                help,
-                store.size_on_disk().unwrap_or(0),
-            )?;
+            // No sample rather than a false 0 while the store is being reopened.
+            if let Ok(bytes) = store.size_on_disk() {
+                let help = "Bytes the store occupies on disk.";
+                gauge(e, "store_size_bytes", help, bytes)?;
+            }
             let help = "Stored segments found damaged (their readable part was kept).";
             counter(e, "corrupt_segments", help, store.damaged_total())?;
         }

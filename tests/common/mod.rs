@@ -283,6 +283,8 @@ pub struct DaemonProcess {
     pub config_path: PathBuf,
     /// Everything it wrote to stderr so far (also echoed to the test's stderr).
     log: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The thread copying stderr into `log`; it ends when the process has exited.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A nats-server and a store for natsched run as its binary, started and restarted (or
@@ -441,7 +443,7 @@ impl DaemonProcess {
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -455,6 +457,7 @@ impl DaemonProcess {
             child,
             config_path,
             log,
+            reader: Some(reader),
         }
     }
 
@@ -488,6 +491,10 @@ impl DaemonProcess {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // Everything it wrote is in `log` once the reader has met the pipe's end.
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
                 return status;
             }
             assert!(start.elapsed() < WAIT, "natsched did not exit");
