@@ -109,17 +109,10 @@ async fn call(
         Ok(Err(source)) => return Err(ClientError::Request { subject, source }),
         Err(_) => return Err(ClientError::Timeout { subject }),
     };
-    let header = |name| {
-        reply
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
-    };
-    if let Some(code) = header(protocol::ERROR_CODE_HEADER) {
+    if let Some((code, description)) = protocol::reply_error(&reply) {
         return Err(ClientError::Refused {
             code: code.parse().unwrap_or(0),
-            description: header(protocol::ERROR_HEADER).unwrap_or_default(),
+            description,
         });
     }
     Ok(reply.payload)

@@ -220,9 +220,8 @@ fn import(
     args: &natsched::backup::ImportArgs,
     connection: &natsched::client::Connection,
 ) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    // Several threads: parsing a long line must not hold up the answers of those in flight.
+    let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let imported = runtime
         .block_on(natsched::backup::import(args, connection, &mut |problem| {

@@ -6,16 +6,8 @@ use std::process::Output;
 
 use common::*;
 
-/// Runs the natsched binary with `args` (off the async runtime: it blocks).
 async fn natsched(args: Vec<String>) -> Output {
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_natsched"))
-            .args(&args)
-            .output()
-            .expect("run natsched")
-    })
-    .await
-    .unwrap()
+    run_cli(args).await
 }
 
 fn args(list: &[&str], server: &NatsServer) -> Vec<String> {

@@ -5,7 +5,13 @@
 //! so requests are pipelined on the one connection: at most `--in-flight` (and about
 //! [`MAX_BYTES_IN_FLIGHT`] of payload) wait for their answers at a time, which keeps 100 000
 //! schedules from costing 100 000 round trips in series and memory bounded whatever the file
-//! holds. A request that gets no answer, or 503, is sent again (the id makes that safe).
+//! holds.
+//!
+//! A request that gets no answer, or 503, may have been stored all the same, and may even have
+//! fired since. Sending it again blindly could fire it twice (a one-shot no longer pending is
+//! stored anew; a series that moved on is put back), so first `get` asks: pending means
+//! imported; not pending and due later means it was not stored, and it is sent again; not
+//! pending and due already is reported as uncertain, not sent again.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,9 +29,10 @@ use crate::client::Connection;
 use crate::protocol;
 use crate::time;
 
-/// Longest line read; the rest of a longer one is skipped (reported as too long). A line
-/// holds a payload of at most the server's `max_payload` (64 MiB at most), in base64.
-const MAX_LINE: usize = 128 << 20;
+/// Longest line read beyond the server's `max_payload` in base64; the rest of a longer one is
+/// skipped (reported as too long). A line's payload must fit the server's `max_payload`, so
+/// anything longer could not be scheduled anyway, and a hostile file costs at most this.
+const LINE_SLACK: usize = 1 << 20;
 /// About how many payload bytes may wait for answers at once (one request always may).
 const MAX_BYTES_IN_FLIGHT: usize = 64 << 20;
 /// How long one request waits for natsched's answer.
@@ -178,6 +185,7 @@ pub async fn import(
             source,
         })?;
     probe(&client, &connection.prefix).await?;
+    let max_line = client.server_info().max_payload.saturating_mul(4) / 3 + LINE_SLACK;
     let mut run = Run {
         client,
         prefix: connection.prefix.clone(),
@@ -189,16 +197,24 @@ pub async fn import(
     };
     let mut section = Section::Before;
     let (mut line, mut buffer) = (0u64, Vec::new());
-    while let Some(too_long) = read_line(&mut reader, &mut buffer)
-        .await
-        .map_err(read_error)?
-    {
+    // An error that ends the reading once requests may be in flight: their answers are
+    // still taken (and reported) before it is returned.
+    let mut fatal = None;
+    loop {
+        let too_long = match read_line(&mut reader, &mut buffer, max_line).await {
+            Ok(Some(too_long)) => too_long,
+            Ok(None) => break,
+            Err(error) => {
+                fatal = Some(read_error(error));
+                break;
+            }
+        };
         line += 1;
         if !too_long && buffer.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         let parsed = match too_long {
-            true => Err(LineError::TooLong(MAX_LINE)),
+            true => Err(LineError::TooLong(max_line)),
             false => parse(&buffer),
         };
         match (&mut section, parsed) {
@@ -214,7 +230,10 @@ pub async fn import(
                 return Err(ImportError::NotAnExport { path, line, reason });
             }
             (_, Ok(Parsed::Mark(mark))) => {
-                check_version(&mark, &path, line)?;
+                if let Err(error) = check_version(&mark, &path, line) {
+                    fatal = Some(error);
+                    break;
+                }
                 let previous = std::mem::replace(&mut section, Section::Ended);
                 match (previous, mark.end) {
                     (Section::In { lines }, true) => {
@@ -241,6 +260,10 @@ pub async fn import(
                 run.malformed(line, error);
             }
         }
+    }
+    if let Some(error) = fatal {
+        while run.answered().await {}
+        return Err(error);
     }
     match section {
         Section::Before => {
@@ -275,16 +298,20 @@ enum Parsed {
 }
 
 fn parse(bytes: &[u8]) -> Result<Parsed, LineError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| LineError::json(&e))?;
-    if value.get("format").is_some() {
-        serde_json::from_value(value)
+    // Which kind of line, read without building anything (a hostile line of a million
+    // values costs no memory), then read into its own type, which stops at an unknown field.
+    #[derive(serde::Deserialize)]
+    struct Kind {
+        format: Option<serde::de::IgnoredAny>,
+    }
+    let kind: Kind = serde_json::from_slice(bytes).map_err(|e| LineError::json(&e))?;
+    match kind.format {
+        Some(_) => serde_json::from_slice(bytes)
             .map(Parsed::Mark)
-            .map_err(|e| LineError::json(&e))
-    } else {
-        serde_json::from_value(value)
+            .map_err(|e| LineError::json(&e)),
+        None => serde_json::from_slice(bytes)
             .map(Parsed::Schedule)
-            .map_err(|e| LineError::json(&e))
+            .map_err(|e| LineError::json(&e)),
     }
 }
 
@@ -301,10 +328,11 @@ fn check_version(mark: &Mark, path: &str, line: u64) -> Result<(), ImportError> 
 }
 
 /// Reads the next line, without its `\n`, into `line`: `None` at the end of the input,
-/// `Some(true)` for a line longer than [`MAX_LINE`] (read to its end, not kept).
+/// `Some(true)` for a line longer than `max_line` (read to its end, not kept).
 async fn read_line(
     reader: &mut (impl AsyncBufRead + Unpin + ?Sized),
     line: &mut Vec<u8>,
+    max_line: usize,
 ) -> std::io::Result<Option<bool>> {
     line.clear();
     let (mut read_any, mut too_long) = (false, false);
@@ -316,7 +344,7 @@ async fn read_line(
         read_any = true;
         let end = available.iter().position(|&b| b == b'\n');
         let chunk = &available[..end.unwrap_or(available.len())];
-        if !too_long && line.len() + chunk.len() <= MAX_LINE {
+        if !too_long && line.len() + chunk.len() <= max_line {
             line.extend_from_slice(chunk);
         } else {
             too_long = true;
@@ -384,9 +412,9 @@ impl Run<'_> {
         }
         self.bytes_in_flight += size;
         let client = self.client.clone();
-        let subject = format!("{}.add.{}", self.prefix, request.subject);
+        let prefix = self.prefix.clone();
         self.in_flight.push(tokio::spawn(async move {
-            let outcome = schedule(&client, subject, &request).await;
+            let outcome = schedule(&client, &prefix, &request).await;
             Sent {
                 line,
                 id: request.id,
@@ -462,10 +490,28 @@ impl Run<'_> {
     }
 }
 
-/// Sends one schedule request, again while there is no answer or a 503.
-async fn schedule(client: &Client, subject: String, request: &Request) -> Outcome {
+/// Sends one schedule request, again while there is no answer or a 503 and it is sure not
+/// to have been stored (see the module's doc).
+async fn schedule(client: &Client, prefix: &str, request: &Request) -> Outcome {
+    let subject = format!("{prefix}.add.{}", request.subject);
     let mut outcome = Outcome::Failed("no answer".into(), "no answer".into());
     for attempt in 1..=ATTEMPTS {
+        if attempt > 1 {
+            match is_pending(client, prefix, &request.id).await {
+                Some(true) => return Outcome::Stored,
+                Some(false) if request.due > time::now_ms() + SAFE_AHEAD_MS => {}
+                Some(false) => {
+                    let reason = "no answer, and it is not pending: it may have been stored \
+                                  and fired already, so it is not sent again (check the \
+                                  target before scheduling it by hand)";
+                    return Outcome::Failed("uncertain".into(), reason.to_owned());
+                }
+                None => {
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                    continue;
+                }
+            }
+        }
         let sent = client.request_with_headers(
             subject.clone(),
             request.headers.clone(),
@@ -496,17 +542,27 @@ async fn schedule(client: &Client, subject: String, request: &Request) -> Outcom
     outcome
 }
 
+/// A schedule due later than this is sent again when `get` does not find it: it cannot have
+/// fired (the first attempt, still on its way, would be replaced by the same schedule).
+const SAFE_AHEAD_MS: u64 = 2_000;
+
+/// Whether natsched has `id` pending (`get`); `None` when it does not say.
+async fn is_pending(client: &Client, prefix: &str, id: &str) -> Option<bool> {
+    let asked = client.request(format!("{prefix}.get"), Bytes::from(id.to_owned()));
+    let reply = tokio::time::timeout(REQUEST_TIMEOUT, asked)
+        .await
+        .ok()?
+        .ok()?;
+    match protocol::reply_error(&reply) {
+        None => Some(true),
+        Some((code, _)) if code == "404" => Some(false),
+        Some(_) => None,
+    }
+}
+
 /// What natsched's reply says, and whether to ask again.
 fn answer(reply: &Message, request: &Request) -> (Outcome, bool) {
-    let header = |name| {
-        reply
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
-    };
-    if let Some(code) = header(protocol::ERROR_CODE_HEADER) {
-        let description = header(protocol::ERROR_HEADER).unwrap_or_default();
+    if let Some((code, description)) = protocol::reply_error(reply) {
         let reason = format!(
             "refused: {} {}",
             shown_code(&code),

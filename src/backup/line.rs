@@ -149,7 +149,7 @@ impl Line {
     /// the NATS client panic (async-nats asserts on a header name or value it cannot send).
     pub(crate) fn request(self) -> Result<Request, LineError> {
         protocol::validate_id(&self.id).map_err(|_| LineError::Id(shown(&self.id)))?;
-        if self.subject.len() > protocol::MAX_NAME_LEN
+        if self.subject.len() > MAX_SUBJECT
             || self
                 .subject
                 .chars()
@@ -165,9 +165,11 @@ impl Line {
             if protocol::is_reserved(name) {
                 return Err(LineError::Reserved(shown(name)));
             }
-            let header: HeaderName = name
-                .parse()
-                .map_err(|_| LineError::HeaderName(shown(name)))?;
+            // An empty name parses, and makes a header line natsched refuses.
+            let header: HeaderName = Some(name)
+                .filter(|name| !name.is_empty())
+                .and_then(|name| name.parse().ok())
+                .ok_or_else(|| LineError::HeaderName(shown(name)))?;
             let parsed: HeaderValue = value.parse().map_err(|_| LineError::HeaderValue {
                 name: shown(name),
                 value: shown(value),
@@ -243,6 +245,11 @@ impl RuleLine {
     }
 }
 
+/// Longest target subject sent: the request's protocol line (`HPUB <prefix>.add.<subject>
+/// <inbox> <sizes>`) must fit nats-server's default `max_control_line` (4 KiB), or the server
+/// closes the connection and every request in flight with it.
+const MAX_SUBJECT: usize = 3 * 1024;
+
 /// A line checked and ready to send: `P.add.<subject>` with these headers and payload.
 #[derive(Debug)]
 pub(crate) struct Request {
@@ -305,7 +312,17 @@ pub enum LineError {
 impl LineError {
     /// A JSON parse error, its text escaped (serde quotes unknown field names as read).
     pub(crate) fn json(error: &serde_json::Error) -> LineError {
-        LineError::Json(protocol::escape_controls(error.to_string()))
+        // serde's text quotes the input (an unknown key, say): escaped and cut short.
+        let full = error.to_string();
+        let end = full
+            .char_indices()
+            .nth(4 * SHOWN)
+            .map_or(full.len(), |(end, _)| end);
+        let mut text = protocol::escape_controls(full[..end].to_owned());
+        if end < full.len() {
+            text.push('…');
+        }
+        LineError::Json(text)
     }
 }
 
@@ -428,6 +445,14 @@ mod tests {
                 r#"invalid header name "X\u{1b}[31m""#,
             ),
             (base(r#""headers":[["X:Y","v"]]"#), "invalid header name"),
+            (base(r#""headers":[["","v"]]"#), "invalid header name"),
+            (
+                format!(
+                    r#"{{"id":"a","subject":"{}","due":"2026-11-30T18:00:00Z"}}"#,
+                    "s".repeat(MAX_SUBJECT + 1)
+                ),
+                "invalid subject",
+            ),
             (base(r#""headers":[["sched-at","v"]]"#), "natsched's own"),
             (base(r#""payload":"%%%""#), "invalid payload"),
             (

@@ -149,42 +149,33 @@ impl Collector for Counters {
             }
         }
 
-        let (sum_us, count, cumulative) = m.lateness_buckets(&LATENESS_BOUNDS_US);
-        let help = "How late due schedules were published (publish time minus due time).";
-        let buckets = per_bucket(&cumulative, 1e-6);
-        histogram(
-            e,
-            "fire_lateness",
-            help,
-            Some(&Unit::Seconds),
-            sum_us as f64 * 1e-6,
-            count,
-            &buckets,
-        )?;
-        let (sum, count, cumulative) = m.round_sizes.snapshot();
-        let help = "Requests (adds and cancels) per store commit round.";
-        let buckets = per_bucket(&cumulative, 1.0);
-        histogram(
-            e,
-            "commit_round_size",
-            help,
-            None,
-            sum as f64,
-            count,
-            &buckets,
-        )?;
-        let (sum_us, count, cumulative) = m.round_micros.snapshot();
-        let help = "Duration of a store commit round, its write and fsync included.";
-        let buckets = per_bucket(&cumulative, 1e-6);
-        histogram(
-            e,
-            "commit_round_duration",
-            help,
-            Some(&Unit::Seconds),
-            sum_us as f64 * 1e-6,
-            count,
-            &buckets,
-        )?;
+        let seconds = Some(&Unit::Seconds);
+        for (name, help, unit, scale, (sum, count, cumulative)) in [
+            (
+                "fire_lateness",
+                "How late due schedules were published (publish time minus due time).",
+                seconds,
+                1e-6,
+                m.lateness_buckets(&LATENESS_BOUNDS_US),
+            ),
+            (
+                "commit_round_size",
+                "Requests (adds and cancels) per store commit round.",
+                None,
+                1.0,
+                m.round_sizes.snapshot(),
+            ),
+            (
+                "commit_round_duration",
+                "Duration of a store commit round, its write and fsync included.",
+                seconds,
+                1e-6,
+                m.round_micros.snapshot(),
+            ),
+        ] {
+            let buckets = per_bucket(&cumulative, scale);
+            histogram(e, name, help, unit, sum as f64 * scale, count, &buckets)?;
+        }
 
         if let Some(store) = &sources.store {
             // No sample rather than a false 0 while the store is being reopened.

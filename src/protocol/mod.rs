@@ -57,6 +57,20 @@ pub const RESERVED_PREFIX: &str = "sched-";
 pub const ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
 /// The error-text header of the NATS micro-service convention.
 pub const ERROR_HEADER: &str = "Nats-Service-Error";
+
+/// A reply's error, as natsched sends it: the code and the description, as they came (both
+/// text from the network: parse and escape before use). `None` for a reply that is no error.
+pub fn reply_error(reply: &async_nats::Message) -> Option<(String, String)> {
+    let header = |name| {
+        reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    let code = header(ERROR_CODE_HEADER)?;
+    Some((code, header(ERROR_HEADER).unwrap_or_default()))
+}
 /// Longest error description sent; longer ones are cut short.
 pub const MAX_DESCRIPTION: usize = 1024;
 /// Longest accepted `Sched-Id`.

@@ -277,6 +277,21 @@ pub async fn wait_ready(client: &Client, prefix: &str) {
     }
 }
 
+/// Runs the natsched binary with `args` (off the async runtime: it blocks) and returns what
+/// it printed and how it exited.
+pub async fn run_cli<S: AsRef<std::ffi::OsStr> + Send + 'static>(
+    args: Vec<S>,
+) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_natsched"))
+            .args(&args)
+            .output()
+            .expect("run natsched")
+    })
+    .await
+    .unwrap()
+}
+
 /// natsched running as its own process (for kill -9 and signal tests).
 pub struct DaemonProcess {
     child: Child,
