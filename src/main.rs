@@ -18,6 +18,20 @@ use tracing_subscriber::{EnvFilter, Registry, reload};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `println!` that lets a closed stdout end the output quietly (`natsched list | head -1`):
+/// Rust ignores SIGPIPE, and `println!` panics on the broken pipe instead.
+macro_rules! print_line {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(err) = writeln!(out, $($arg)*)
+            && err.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            eprintln!("natsched: cannot write the output: {err}");
+        }
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "natsched",
@@ -179,7 +193,7 @@ fn check_config(file: &std::path::Path) -> Result<(), String> {
     runtime
         .block_on(natsched::connect::for_daemon(&config.nats, options))
         .map_err(|e| format!("invalid config file {}: {e}", file.display()))?;
-    println!("{}: ok", file.display());
+    print_line!("{}: ok", file.display());
     Ok(())
 }
 
@@ -192,7 +206,7 @@ fn client(
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let output = runtime.block_on(command).map_err(|e| e.to_string())?;
-    println!("{output}");
+    print_line!("{output}");
     Ok(())
 }
 
@@ -229,12 +243,12 @@ fn import(
         }))
         .map_err(|e| e.to_string())?;
     if connection.json {
-        println!(
+        print_line!(
             "{}",
             serde_json::to_string(&imported).expect("summary serializes")
         );
     } else {
-        println!("{}", imported.summary());
+        print_line!("{}", imported.summary());
     }
     match imported.complete() {
         true => Ok(()),
@@ -248,7 +262,7 @@ fn bench(options: natsched::loadgen::LoadOptions) -> Result<(), String> {
     let report = runtime
         .block_on(natsched::loadgen::run(&options))
         .map_err(|e| e.to_string())?;
-    println!(
+    print_line!(
         "{}",
         serde_json::to_string(&report).expect("report serializes")
     );

@@ -223,3 +223,21 @@ async fn recurring_schedules_from_the_command_line() {
     );
     daemon.stop().await;
 }
+
+#[test]
+fn a_closed_stdout_ends_the_output_quietly() {
+    // `natsched list | head -1`: the reader has gone before natsched writes.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/natsched.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_natsched"))
+        .arg("check-config")
+        .arg(&config)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains("panicked"), "{said}");
+    assert!(out.status.success(), "{out:?}");
+}

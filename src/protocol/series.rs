@@ -172,6 +172,13 @@ fn continued(
     if until.is_some_and(|until| due > until) {
         return Err(ends_before_start());
     }
+    // What an export wrote is an occurrence of its rule; anything else would be a series
+    // that never fires on its own rule's instants again until its first catch-up.
+    if matches!(rule, Rule::Cron(_)) && rule.first_from(due) != Some(due) {
+        return Err(ApiError::bad_request(format!(
+            "with {SEQ}, {AT} must be an occurrence of {CRON}: the due of occurrence {seq}"
+        )));
+    }
     Ok((Series::new(rule, until, count, seq), due))
 }
 

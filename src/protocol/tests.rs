@@ -506,6 +506,10 @@ fn sched_seq_continues_a_series_at_its_occurrence_even_when_past() {
             &[(EVERY, "1s"), at, (SEQ, "2"), (SEQ, "3")],
             "given more than once",
         ),
+        (
+            &[(CRON, "0 6 * * *"), at, (SEQ, "2")],
+            "with Sched-Seq, Sched-At must be an occurrence of Sched-Cron",
+        ),
     ];
     for (pairs, expected) in cases {
         let description = refusal(pairs);
