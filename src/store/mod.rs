@@ -430,19 +430,7 @@ impl WriteBatch {
 impl Store {
     /// Opens (or creates) the database and checks its format version.
     pub fn open(options: &StoreOptions) -> Result<Store, StoreError> {
-        let db = open_db(options)?;
-        let mut store = Store {
-            db: Arc::new(std::sync::RwLock::new(Some(db))),
-            options: options.clone(),
-            path: options.path.clone(),
-            damage: Arc::default(),
-            #[cfg(test)]
-            fail_writes: Arc::default(),
-            #[cfg(test)]
-            fail_flushes: Arc::default(),
-            legacy_ids_until: 0,
-            legacy_seqs_below: 0,
-        };
+        let mut store = Store::over(open_db(options)?, options);
         // Checked before anything is written, so a refused store is left as it was.
         store.check_rollback()?;
         store.check_format(&options.path)?;
@@ -501,10 +489,15 @@ impl Store {
             }
             None => return Err(missing("the database has no natsched format mark")),
         }
-        Ok(Store {
+        Ok(Store::over(db, options))
+    }
+
+    /// A handle over the opened database `db`, before anything of natsched's is read.
+    fn over(db: sled::Db, options: &StoreOptions) -> Store {
+        Store {
             db: Arc::new(std::sync::RwLock::new(Some(db))),
             options: options.clone(),
-            path: path.clone(),
+            path: options.path.clone(),
             damage: Arc::default(),
             #[cfg(test)]
             fail_writes: Arc::default(),
@@ -512,7 +505,7 @@ impl Store {
             fail_flushes: Arc::default(),
             legacy_ids_until: 0,
             legacy_seqs_below: 0,
-        })
+        }
     }
 
     /// Refuses a store that has fewer writes than the watermark says it had.
