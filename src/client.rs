@@ -68,11 +68,8 @@ pub struct ScheduleArgs {
 /// Why a client command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to {url}: {source}")]
-    Connect {
-        url: String,
-        source: async_nats::ConnectError,
-    },
+    #[error(transparent)]
+    Connect(#[from] crate::connect::ToolConnectError),
     #[error("no answer from natsched on {subject}: {source}")]
     Request {
         subject: String,
@@ -84,8 +81,6 @@ pub enum ClientError {
     Refused { code: u16, description: String },
     #[error("invalid header {0:?}: use 'Name: value'")]
     Header(String),
-    #[error(transparent)]
-    ConnectSetup(#[from] crate::connect::ConnectSetupError),
 }
 
 /// Sends one request and returns the reply body, turning error replies into [`ClientError`].
@@ -95,14 +90,7 @@ async fn call(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Bytes, ClientError> {
-    let (options, urls) = crate::connect::for_urls(&connection.server)?;
-    let client: Client = options
-        .connect(urls)
-        .await
-        .map_err(|source| ClientError::Connect {
-            url: crate::connect::mask_credentials(&connection.server),
-            source,
-        })?;
+    let client: Client = crate::connect::for_tool(&connection.server).await?;
     let request = client.request_with_headers(subject.clone(), headers, body);
     let reply = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
         Ok(Ok(reply)) => reply,

@@ -107,6 +107,31 @@ pub fn split_credentials(urls: &str) -> Result<ServerUrls, ConnectSetupError> {
     })
 }
 
+/// Why a command-line tool could not connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolConnectError {
+    #[error(transparent)]
+    Setup(#[from] ConnectSetupError),
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+}
+
+/// A command-line tool's connection to `urls` (credentials in them honoured, masked in
+/// errors).
+pub async fn for_tool(urls: &str) -> Result<async_nats::Client, ToolConnectError> {
+    let (options, addresses) = for_urls(urls)?;
+    options
+        .connect(addresses)
+        .await
+        .map_err(|source| ToolConnectError::Connect {
+            url: mask_credentials(urls),
+            source,
+        })
+}
+
 /// Options for a command-line tool given only a server URL list: its credentials, if any.
 pub fn for_urls(
     urls: &str,

@@ -602,6 +602,27 @@ mod tests {
     }
 
     #[test]
+    fn the_timer_loop_itself_feeds_the_watchdog() {
+        let scheduler = Scheduler::new(Arc::default(), Arc::default());
+        let watchdog = Arc::new(Watchdog::fed_every(Duration::from_millis(1)));
+        let (_commands, received) = std::sync::mpsc::channel();
+        let (fire, _fired) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let timer = std::thread::spawn({
+            let (stop, watchdog) = (stop.clone(), watchdog.clone());
+            move || scheduler.run(received, fire, stop, &watchdog)
+        });
+        // Nobody else feeds it here: the keep-alives are the loop's (an idle turn is 50 ms).
+        let start = Instant::now();
+        while watchdog.sent() < 3 {
+            assert!(start.elapsed() < Duration::from_secs(10), "no keep-alives");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.cancel();
+        timer.join().unwrap();
+    }
+
+    #[test]
     fn a_clock_step_back_rebases_the_wheel_and_nothing_fires_early() {
         const HOUR: UnixMs = 3_600_000;
         let t0: UnixMs = 1_796_061_600_000;

@@ -24,7 +24,14 @@ static READY: AtomicBool = AtomicBool::new(false);
 /// Tells systemd the instance is ready, and what it does.
 pub(crate) fn ready(status: &str) {
     READY.store(true, Ordering::Relaxed);
-    notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+    let status = one_line(status);
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+}
+
+/// `STATUS=` text on one line: the protocol is a line per assignment, and a status may quote
+/// what came from the network (a lease holder's name), which must not add assignments.
+fn one_line(status: &str) -> String {
+    crate::protocol::escape_controls(status.to_owned())
 }
 
 /// How often start-up asks systemd for more time, and how much.
@@ -54,7 +61,7 @@ pub(crate) async fn extend_start_until_ready(stop: CancellationToken) {
 
 /// Tells systemd what the instance does now.
 pub(crate) fn status(status: &str) {
-    notify(&[NotifyState::Status(status)]);
+    notify(&[NotifyState::Status(&one_line(status))]);
 }
 
 fn notify(states: &[NotifyState]) {
@@ -70,6 +77,8 @@ pub(crate) struct Watchdog {
     epoch: Instant,
     /// When the last one was sent, in ms since `epoch`.
     last_ms: AtomicU64,
+    /// Keep-alives sent (for tests: outside systemd nothing is sent, but they are counted).
+    sent: AtomicU64,
     /// How many timer loops run and feed the watchdog themselves (a count, not a flag: a
     /// timer thread given up at shutdown may end after the next one started).
     fed_by_timer: AtomicUsize,
@@ -87,11 +96,24 @@ impl Watchdog {
         Watchdog::every(None)
     }
 
+    /// One fed every `every` (tests).
+    #[cfg(test)]
+    pub fn fed_every(every: Duration) -> Watchdog {
+        Watchdog::every(Some(every))
+    }
+
+    /// Keep-alives sent so far.
+    #[cfg(test)]
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
     fn every(every: Option<Duration>) -> Watchdog {
         Watchdog {
             every,
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
             fed_by_timer: AtomicUsize::new(0),
         }
     }
@@ -103,6 +125,7 @@ impl Watchdog {
         let now = self.epoch.elapsed().as_millis() as u64;
         if now.saturating_sub(self.last_ms.load(Ordering::Relaxed)) >= every.as_millis() as u64 {
             self.last_ms.store(now, Ordering::Relaxed);
+            self.sent.fetch_add(1, Ordering::Relaxed);
             notify(&[NotifyState::Watchdog]);
         }
     }
@@ -159,5 +182,36 @@ mod tests {
         );
         drop(new);
         assert_eq!(watchdog.fed_by_timer.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_status_stays_one_assignment() {
+        assert_eq!(one_line("standby: a\nREADY=1"), "standby: a\\nREADY=1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_task_feeds_only_while_no_timer_loop_does() {
+        let watchdog = std::sync::Arc::new(Watchdog::fed_every(Duration::from_millis(10)));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (watchdog, stop) = (watchdog.clone(), stop.clone());
+            async move { watchdog.feed_between_timers(stop).await }
+        });
+        let feeds = watchdog.fed_by_timer();
+        // Keep-alives are spaced by the real clock (a quarter period since the last): let it
+        // pass one, so a task that fed now would send.
+        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            watchdog.sent(),
+            0,
+            "a timer loop feeds it: the task must not"
+        );
+        drop(feeds);
+        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(watchdog.sent() >= 1, "no timer loop: the task feeds it");
+        stop.cancel();
+        task.await.unwrap();
     }
 }

@@ -171,6 +171,20 @@ async fn hostile_http_clients_cost_the_metrics_page_a_wait_and_the_daemon_nothin
     let (head, body) = scrape(port);
     assert!(head.contains(" 200 "), "{head}");
     assert!(body.contains("natsched_fired_total 1"), "{body}");
+    // A client that never finishes its request is closed (the header timeout), not kept.
+    let mut first = &slow[0];
+    first.set_read_timeout(Some(WAIT)).unwrap();
+    let mut rest = Vec::new();
+    match first.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(err) => assert!(
+            !matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "a slow client is still connected after {WAIT:?}"
+        ),
+    }
     drop(slow);
     assert!(daemon.terminate().success());
 }

@@ -53,13 +53,8 @@ pub struct ImportArgs {
 /// Why an import could not be made (problems with single lines are [`Problem`]s instead).
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
-    #[error("cannot connect to {url}: {source}")]
-    Connect {
-        url: String,
-        source: async_nats::ConnectError,
-    },
     #[error(transparent)]
-    ConnectSetup(#[from] crate::connect::ConnectSetupError),
+    Connect(#[from] crate::connect::ToolConnectError),
     #[error("no natsched answers on {subject} ({reason}); is it running with this prefix?")]
     NoDaemon { subject: String, reason: String },
     #[error("cannot read {path}: {source}")]
@@ -176,14 +171,7 @@ pub async fn import(
             .map_err(read_error)?;
         Box::new(tokio::io::BufReader::with_capacity(1 << 20, file))
     };
-    let (options, urls) = crate::connect::for_urls(&connection.server)?;
-    let client = options
-        .connect(urls)
-        .await
-        .map_err(|source| ImportError::Connect {
-            url: crate::connect::mask_credentials(&connection.server),
-            source,
-        })?;
+    let client = crate::connect::for_tool(&connection.server).await?;
     probe(&client, &connection.prefix).await?;
     let max_line = client.server_info().max_payload.saturating_mul(4) / 3 + LINE_SLACK;
     let mut run = Run {

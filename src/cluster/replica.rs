@@ -253,10 +253,8 @@ async fn follow(
             && let Ok(last) = last_sequence(&mut stream.clone()).await
             && applier.read() >= last
         {
-            caught_up = true;
             metrics.set_log_lag(0);
-            tracing::info!(log_sequence = last, "caught up with the replicated log");
-            crate::systemd::ready("following the replicated log, caught up");
+            caught_up = reached_the_end(last);
         }
         loop {
             if stop_at.borrow().is_some_and(|end| applier.read() >= end) {
@@ -303,12 +301,17 @@ async fn follow(
             }
             metrics.set_log_lag(lag);
             if lag == 0 && !caught_up {
-                caught_up = true;
-                tracing::info!(log_sequence = seq, "caught up with the replicated log");
-                crate::systemd::ready("following the replicated log, caught up");
+                caught_up = reached_the_end(seq);
             }
         }
     }
+}
+
+/// Says that the follower has read the log up to its end, `seq`; returns `true`.
+fn reached_the_end(seq: u64) -> bool {
+    tracing::info!(log_sequence = seq, "caught up with the replicated log");
+    crate::systemd::ready("following the replicated log, caught up");
+    true
 }
 
 /// How long a follower waits before reading the log again after NATS failed it.
